@@ -1,0 +1,420 @@
+"""Typed, frozen configuration. Every default lives here and only here.
+
+A preset (YAML) holds only what it changes, by section:
+
+    base: base.yaml          # optional: a preset to inherit from (relative path)
+    model: {num_layers: 2}
+    head: {k: 5}
+
+`load_config(path, ["head.k=3", ...])` applies overrides after the presets; each
+value is parsed as YAML and converted to the field's type. Unknown keys, wrong
+types and impossible values raise `ConfigError` naming the key and what is
+accepted. Checks that need the devices (the mesh, the batch split) live in
+`mtcot_jax.sharding.make_mesh`, so that loading a config never starts a backend.
+
+The config is hashable, so it can be a static argument of `jax.jit`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+  """A config key, type or value that is not accepted."""
+
+
+_DTYPES = ("float32", "bfloat16", "float16")
+_REMAT = ("none", "full", "dots")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+  """The main transformer (Llama family)."""
+  vocab_size: int = 1024       # V
+  d_model: int = 128           # D
+  num_layers: int = 4          # L
+  num_heads: int = 4           # H
+  num_kv_heads: int = 2        # K (grouped-query attention)
+  head_dim: int = 0            # 0: d_model // num_heads
+  mlp_dim: int = 512           # F (SwiGLU hidden width)
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-6
+  tie_embeddings: bool = True
+  init_std: float = 0.02
+  dtype: str = "float32"       # compute dtype
+  param_dtype: str = "float32"
+  scan_layers: bool = False    # nn.scan over layers (stacked parameters)
+  remat: str = "none"          # none | full | dots
+
+  @property
+  def dh(self) -> int:
+    return self.head_dim or self.d_model // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HeadConfig:
+  """The multi-token head: a small transformer over a chain of k tokens."""
+  k: int = 5                   # tokens the head writes per CoT block
+  num_layers: int = 1
+  width: int = 0               # 0: the main model's d_model
+  num_heads: int = 4
+  mlp_dim: int = 0             # 0: 4 * width
+  # Main-model layers whose output the head reads; -1 is the last layer's
+  # output (the pre-final-norm residual stream), i in [0, L) is block i's.
+  source_layers: tuple[int, ...] = (-1,)
+  loss_weight: float = 0.3
+  stop_gradient_residual: bool = False
+
+  def resolved_width(self, model: ModelConfig) -> int:
+    return self.width or model.d_model
+
+  def resolved_mlp_dim(self, model: ModelConfig) -> int:
+    return self.mlp_dim or 4 * self.resolved_width(model)
+
+
+# Logical axis -> mesh axes. Parameters: embed, heads, kv_heads, head_dim,
+# mlp, vocab, head_embed. Activations: batch, length, act_embed, act_heads,
+# act_kv_heads, act_mlp, act_vocab.
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("head_embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("layers", None),
+)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MeshConfig:
+  """Device mesh (data, fsdp, tensor); one axis may be -1 (the rest)."""
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+  rules: tuple[tuple[str, Any], ...] = DEFAULT_RULES
+
+  @property
+  def shape(self) -> tuple[int, int, int]:
+    return (self.data, self.fsdp, self.tensor)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+  """The task and input pipeline."""
+  task: str = "mult"
+  task_args: tuple[tuple[str, Any], ...] = (("digits", 3),)
+  data_dir: str = ""           # "" : $MTCOT_DATA_DIR or ~/.cache/mtcot_jax/data
+  tokenizer: str = ""          # a .model file; "" : train one on the task corpus
+  seq_len: int = 128
+  pack: bool = False
+  on_too_long: str = "skip"    # skip (and count) | error
+  train_size: int = 20000
+  eval_size: int = 500
+  seed: int = 0
+  cot: bool = True             # train with the chain of thought
+  no_cot_fraction: float = 0.0 # share of training examples given no CoT
+  num_workers: int = 0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+  """Optimisation, checkpoints and evaluation."""
+  stage: str = "sft"           # sft | rl
+  workdir: str = "runs/demo"
+  init_from: str = ""          # a workdir to start from (rl: the SFT run)
+  steps: int = 1000
+  batch_size: int = 32         # global, in sequences
+  grad_accum: int = 1
+  learning_rate: float = 1e-3
+  warmup_steps: int = 100
+  min_lr_ratio: float = 0.1
+  weight_decay: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  grad_clip: float = 1.0
+  lr_mult_main: float = 1.0
+  lr_mult_head: float = 1.0
+  freeze_main: bool = False
+  seed: int = 0
+  log_every: int = 10
+  eval_every: int = 0          # 0: only at the end
+  eval_examples: int = 200
+  checkpoint_every: int = 200
+  keep_checkpoints: int = 3
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RLConfig:
+  """GRPO."""
+  group_size: int = 8          # G rollouts per prompt
+  prompts_per_step: int = 8
+  beta: float = 0.04           # KL (k3) weight
+  epsilon: float = 0.2         # ratio clip
+  temperature: float = 1.0
+  format_reward: float = 0.0
+  train_main: bool = True
+  train_head: bool = True
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DecodeConfig:
+  """Two-phase decoding."""
+  k: int = -1                  # -1: head.k
+  max_cot_tokens: int = 256
+  max_answer_tokens: int = 32
+  temperature: float = 0.0     # 0: greedy
+  top_k: int = 0               # 0: off
+  top_p: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+  model: ModelConfig = ModelConfig()
+  head: HeadConfig = HeadConfig()
+  mesh: MeshConfig = MeshConfig()
+  data: DataConfig = DataConfig()
+  train: TrainConfig = TrainConfig()
+  rl: RLConfig = RLConfig()
+  decode: DecodeConfig = DecodeConfig()
+
+  def replace(self, **sections) -> "Config":
+    """Returns a copy with some fields changed: `cfg.replace(head={"k": 3})`."""
+    new = {}
+    for name, changes in sections.items():
+      if name not in _SECTIONS:
+        raise ConfigError(f"unknown config section {name!r}; accepted: {sorted(_SECTIONS)}")
+      section = getattr(self, name)
+      new[name] = _build_section(name, {**_as_dict(section), **changes})
+    cfg = dataclasses.replace(self, **new)
+    validate(cfg)
+    return cfg
+
+  def to_dict(self) -> dict[str, dict[str, Any]]:
+    return {name: _as_dict(getattr(self, name)) for name in _SECTIONS}
+
+
+_SECTIONS: dict[str, type] = typing.get_type_hints(Config)
+
+
+def _as_dict(section) -> dict[str, Any]:
+  return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
+
+
+def _yaml_plain(value):
+  """Tuples to lists, recursively, for writing YAML."""
+  if isinstance(value, tuple):
+    return [_yaml_plain(v) for v in value]
+  return value
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+  """Converts a YAML value to the annotated type, or raises ConfigError."""
+  origin = typing.get_origin(tp)
+  if tp is bool:
+    if isinstance(value, bool):
+      return value
+    raise ConfigError(f"{key}={value!r}: expected a bool (true or false)")
+  if tp is int:
+    if isinstance(value, int) and not isinstance(value, bool):
+      return value
+    raise ConfigError(f"{key}={value!r}: expected an int")
+  if tp is float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+      return float(value)
+    raise ConfigError(f"{key}={value!r}: expected a number")
+  if tp is str:
+    if isinstance(value, str):
+      return value
+    raise ConfigError(f"{key}={value!r}: expected a string")
+  if tp is Any:
+    return _freeze(value)
+  if origin is tuple:
+    args = typing.get_args(tp)
+    if args and args[0] is tuple or (args and typing.get_origin(args[0]) is tuple):
+      # A mapping stored as sorted (key, value) pairs: accept a dict too.
+      if isinstance(value, dict):
+        value = list(value.items()) if key.endswith("rules") else sorted(value.items())
+    if isinstance(value, int) and not isinstance(value, bool) and args[:1] == (int,):
+      value = [value]
+    if not isinstance(value, (list, tuple)):
+      raise ConfigError(f"{key}={value!r}: expected a list")
+    if len(args) == 2 and args[1] is Ellipsis:
+      return tuple(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
+    if len(args) != len(value):
+      raise ConfigError(f"{key}={value!r}: expected {len(args)} items")
+    return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+  raise ConfigError(f"{key}: unsupported field type {tp!r}")
+
+
+def _freeze(value):
+  if isinstance(value, list):
+    return tuple(_freeze(v) for v in value)
+  if isinstance(value, dict):
+    return tuple((k, _freeze(v)) for k, v in value.items())
+  return value
+
+
+def _build_section(name: str, values: dict[str, Any]):
+  cls = _SECTIONS[name]
+  hints = typing.get_type_hints(cls)
+  fields = {f.name for f in dataclasses.fields(cls)}
+  kwargs = {}
+  for key, value in values.items():
+    if key not in fields:
+      raise ConfigError(
+          f"unknown config key {name}.{key}; accepted keys of {name}: {sorted(fields)}")
+    kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+  return cls(**kwargs)
+
+
+def _check(ok: bool, key: str, value: Any, accepted: str) -> None:
+  if not ok:
+    raise ConfigError(f"{key}={value!r} is not accepted: {accepted}")
+
+
+def validate(cfg: Config) -> None:
+  """Checks values that no type can express. Raises ConfigError."""
+  m, h, d, t, r, dec = cfg.model, cfg.head, cfg.data, cfg.train, cfg.rl, cfg.decode
+  for key in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "mlp_dim"):
+    _check(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), "an int >= 1")
+  _check(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads", m.num_kv_heads,
+         f"a divisor of model.num_heads={m.num_heads}")
+  _check(m.head_dim >= 0, "model.head_dim", m.head_dim, "0 (d_model // num_heads) or an int >= 1")
+  if m.head_dim == 0:
+    _check(m.d_model % m.num_heads == 0, "model.num_heads", m.num_heads,
+           f"a divisor of model.d_model={m.d_model} (or set model.head_dim)")
+  _check(m.dh % 2 == 0, "model.head_dim", m.dh, "an even head dimension (RoPE rotates pairs)")
+  _check(m.dtype in _DTYPES, "model.dtype", m.dtype, f"one of {_DTYPES}")
+  _check(m.param_dtype in _DTYPES, "model.param_dtype", m.param_dtype, f"one of {_DTYPES}")
+  _check(m.remat in _REMAT, "model.remat", m.remat, f"one of {_REMAT}")
+  _check(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "a number > 0")
+
+  _check(h.k >= 0, "head.k", h.k, "an int >= 0 (0: no head tokens)")
+  _check(h.num_layers >= 1, "head.num_layers", h.num_layers, "an int >= 1")
+  _check(h.width >= 0, "head.width", h.width, "0 (d_model) or an int >= 1")
+  width = h.resolved_width(m)
+  _check(h.num_heads >= 1 and width % h.num_heads == 0 and (width // h.num_heads) % 2 == 0,
+         "head.num_heads", h.num_heads,
+         f"a divisor of the head width {width} leaving an even per-head dimension")
+  _check(len(h.source_layers) >= 1, "head.source_layers", h.source_layers, "at least one layer")
+  for layer in h.source_layers:
+    _check(-1 <= layer < m.num_layers, "head.source_layers", h.source_layers,
+           f"layer indices in [-1, {m.num_layers - 1}] (-1: the last layer)")
+  _check(len(set(h.source_layers)) == len(h.source_layers), "head.source_layers",
+         h.source_layers, "distinct layer indices")
+  _check(h.loss_weight >= 0, "head.loss_weight", h.loss_weight, "a number >= 0")
+
+  mesh_axes = cfg.mesh.shape
+  _check(all(a == -1 or a >= 1 for a in mesh_axes) and mesh_axes.count(-1) <= 1,
+         "mesh", dict(zip(("data", "fsdp", "tensor"), mesh_axes)),
+         "axis sizes >= 1, at most one of them -1")
+  for name, axes in cfg.mesh.rules:
+    names = axes if isinstance(axes, tuple) else (axes,)
+    for a in names:
+      _check(a in (None, "data", "fsdp", "tensor"), f"mesh.rules[{name}]", axes,
+             "mesh axes among data, fsdp, tensor (or null)")
+
+  _check(d.seq_len >= 4, "data.seq_len", d.seq_len, "an int >= 4")
+  _check(d.on_too_long in ("skip", "error"), "data.on_too_long", d.on_too_long, "skip or error")
+  _check(0.0 <= d.no_cot_fraction <= 1.0, "data.no_cot_fraction", d.no_cot_fraction, "in [0, 1]")
+
+  _check(t.stage in ("sft", "rl"), "train.stage", t.stage, "sft or rl")
+  _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "an int >= 1")
+  _check(t.grad_accum >= 1 and t.batch_size % t.grad_accum == 0, "train.grad_accum",
+         t.grad_accum, f"an int >= 1 dividing train.batch_size={t.batch_size}")
+  _check(t.steps >= 0, "train.steps", t.steps, "an int >= 0")
+  _check(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "a number > 0")
+  _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "in [0, 1]")
+
+  _check(r.group_size >= 2, "rl.group_size", r.group_size, "an int >= 2 (advantages need a group)")
+  _check(r.epsilon > 0, "rl.epsilon", r.epsilon, "a number > 0")
+  _check(r.beta >= 0, "rl.beta", r.beta, "a number >= 0")
+
+  _check(-1 <= dec.k <= h.k, "decode.k", dec.k, f"-1 (head.k) or an int in [0, head.k={h.k}]")
+  _check(dec.max_cot_tokens >= 1, "decode.max_cot_tokens", dec.max_cot_tokens, "an int >= 1")
+  _check(dec.max_answer_tokens >= 1, "decode.max_answer_tokens", dec.max_answer_tokens,
+         "an int >= 1")
+  _check(dec.temperature >= 0, "decode.temperature", dec.temperature, "a number >= 0 (0: greedy)")
+  _check(dec.top_k >= 0, "decode.top_k", dec.top_k, "an int >= 0 (0: off)")
+  _check(0 < dec.top_p <= 1, "decode.top_p", dec.top_p, "a number in (0, 1]")
+
+
+def _read_preset(path: str, seen: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
+  """Reads a preset and the presets it inherits from, merged by section."""
+  path = os.path.abspath(path)
+  if path in seen:
+    raise ConfigError(f"preset {path} inherits from itself (through {list(seen)})")
+  if not os.path.exists(path):
+    raise ConfigError(f"config file {path} does not exist")
+  with open(path) as f:
+    raw = yaml.safe_load(f) or {}
+  if not isinstance(raw, dict):
+    raise ConfigError(f"config file {path}: expected a mapping of sections, got {raw!r}")
+  merged: dict[str, dict[str, Any]] = {}
+  base = raw.pop("base", None)
+  if base is not None:
+    merged = _read_preset(os.path.join(os.path.dirname(path), base), seen + (path,))
+  for section, values in raw.items():
+    if section not in _SECTIONS:
+      raise ConfigError(f"{path}: unknown config section {section!r}; accepted: "
+                        f"{sorted(_SECTIONS)} and 'base'")
+    if not isinstance(values, dict):
+      raise ConfigError(f"{path}: section {section} must be a mapping, got {values!r}")
+    merged.setdefault(section, {}).update(values)
+  return merged
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+  """'section.key=value' -> (section, key, YAML-parsed value)."""
+  if "=" not in text or "." not in text.split("=", 1)[0]:
+    raise ConfigError(f"override {text!r}: expected section.key=value, e.g. head.k=3")
+  lhs, rhs = text.split("=", 1)
+  section, key = lhs.strip().split(".", 1)
+  if section not in _SECTIONS:
+    raise ConfigError(f"override {text!r}: unknown section {section!r}; accepted: {sorted(_SECTIONS)}")
+  try:
+    value = yaml.safe_load(rhs) if rhs.strip() else ""
+  except yaml.YAMLError as e:
+    raise ConfigError(f"override {text!r}: value is not valid YAML ({e})") from None
+  return section, key.strip(), value
+
+
+def load_config(path: str | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+  """Loads a preset (or the defaults, with path None) and applies overrides."""
+  sections = _read_preset(path) if path else {}
+  for text in overrides:
+    section, key, value = parse_override(text)
+    sections.setdefault(section, {})[key] = value
+  cfg = Config(**{name: _build_section(name, values) for name, values in sections.items()})
+  validate(cfg)
+  return cfg
+
+
+def config_from_dict(sections: dict[str, dict[str, Any]]) -> Config:
+  """Builds a Config from `Config.to_dict()` output (or a saved config.yaml)."""
+  cfg = Config(**{name: _build_section(name, values) for name, values in sections.items()})
+  validate(cfg)
+  return cfg
+
+
+def save_config(cfg: Config, path: str) -> None:
+  """Writes the full config (every field) as YAML; `load_config` reads it back."""
+  plain = {name: {k: _yaml_plain(v) for k, v in values.items()}
+           for name, values in cfg.to_dict().items()}
+  with open(path, "w") as f:
+    yaml.safe_dump(plain, f, sort_keys=False)

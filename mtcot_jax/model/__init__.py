@@ -1,0 +1,7 @@
+"""The main transformer, the multi-token head and their functional API."""
+
+from mtcot_jax.model.api import (ForwardOutput, apply, chain_tokens, extend, forward, head_logits,
+                                 init_params, param_shapes, param_shardings, param_specs,
+                                 run_head, unembed_matrix)
+from mtcot_jax.model.head import MultiTokenHead
+from mtcot_jax.model.transformer import KVCache, MainOutput, Transformer

@@ -1,0 +1,193 @@
+"""Functional entry points over the parameter pytree {"main": ..., "head": ...}."""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from mtcot_jax import sharding as shd
+from mtcot_jax.config import Config
+from mtcot_jax.model.head import MultiTokenHead
+from mtcot_jax.model.transformer import KVCache, MainOutput, Transformer
+
+PAD_ID = 0  # chain positions past the sequence's end read this token (their loss is masked)
+
+
+class ForwardOutput(NamedTuple):
+  """Teacher-forced outputs.
+
+  logits:        (B, T, V) float32, the main model's next-token logits.
+  residual:      (B, T, D) the last layer's output, before the final norm.
+  sources:       tuple of (B, T, D), the layers the head reads (head.source_layers).
+  head_features: (B, P, k, D) or None. The head's chain at source position
+                 p = head_positions[b, i] (all P = T positions by default):
+                 `head_features[b, i, j-1] @ unembed` are the logits for token
+                 x[p+1+j], j = 1..k. Kept as D-wide features, not logits, so that
+                 memory stays O(B·P·k·D); `head_logits` unembeds one slice at a
+                 time, and the training loss reduces per depth without ever
+                 materialising (B, T, k, V).
+  head_positions: (B, P) int32, the source positions of the chains.
+  """
+  logits: jax.Array
+  residual: jax.Array
+  sources: tuple[jax.Array, ...]
+  head_features: jax.Array | None
+  head_positions: jax.Array | None
+
+
+def main_module(cfg: Config, shard: shd.Sharder = shd.Sharder()) -> Transformer:
+  return Transformer(cfg.model, cfg.head.source_layers, shard)
+
+
+def head_module(cfg: Config, shard: shd.Sharder = shd.Sharder()) -> MultiTokenHead:
+  return MultiTokenHead(cfg.model, cfg.head, shard)
+
+
+def _init_boxed(cfg: Config, key: jax.Array):
+  k_main, k_head = jax.random.split(key)
+  tokens = jnp.zeros((1, 2), jnp.int32)
+  main = main_module(cfg).init(k_main, tokens)["params"]
+  D = cfg.model.d_model
+  sources = tuple(jnp.zeros((1, D), jnp.dtype(cfg.model.dtype)) for _ in cfg.head.source_layers)
+  embed = jnp.zeros((cfg.model.vocab_size, D), jnp.dtype(cfg.model.param_dtype))
+  head = head_module(cfg).init(k_head, sources, jnp.zeros((1, 1), jnp.int32), embed)["params"]
+  return {"main": main, "head": head}
+
+
+def param_specs(cfg: Config):
+  """The logical PartitionSpec of every parameter (a pytree like the params)."""
+  boxed = jax.eval_shape(functools.partial(_init_boxed, cfg), jax.random.key(0))
+  return nn.get_partition_spec(boxed)
+
+
+def param_shapes(cfg: Config):
+  """jax.ShapeDtypeStruct of every parameter, without allocating them."""
+  return nn.meta.unbox(jax.eval_shape(functools.partial(_init_boxed, cfg), jax.random.key(0)))
+
+
+def param_shardings(cfg: Config, mesh: Mesh):
+  """NamedSharding of every parameter on `mesh`, by the config's rules."""
+  specs = param_specs(cfg)
+  shd.check_divisible(param_shapes(cfg), specs, mesh, cfg.mesh.rules)
+  return shd.tree_shardings(specs, mesh, cfg.mesh.rules)
+
+
+def init_params(cfg: Config, key: jax.Array, mesh: Mesh | None = None):
+  """Random parameters {"main": ..., "head": ...}; sharded by the rules on `mesh`."""
+  init = lambda k: nn.meta.unbox(_init_boxed(cfg, k))  # noqa: E731
+  if mesh is None:
+    return jax.jit(init)(key)
+  return jax.jit(init, out_shardings=param_shardings(cfg, mesh))(key)
+
+
+def unembed_matrix(cfg: Config, params) -> jax.Array:
+  """(D, V): the main model's output projection (the embedding's transpose if tied)."""
+  main = params["main"]
+  return main["embed"].T if cfg.model.tie_embeddings else main["unembed"]
+
+
+def _shared(cfg: Config, x: jax.Array) -> jax.Array:
+  """A main-model array as the head sees it: a constant under stop_gradient_residual."""
+  return jax.lax.stop_gradient(x) if cfg.head.stop_gradient_residual else x
+
+
+def head_logits(cfg: Config, params, features: jax.Array) -> jax.Array:
+  """(..., D) head features -> (..., V) float32 logits through the shared unembedding."""
+  dt = jnp.dtype(cfg.model.dtype)
+  unembed = _shared(cfg, unembed_matrix(cfg, params))
+  return (features.astype(dt) @ unembed.astype(dt)).astype(jnp.float32)
+
+
+def chain_tokens(tokens_BxT: jax.Array, positions_BxP: jax.Array, k: int) -> jax.Array:
+  """(B, P, k): x[p+1..p+k] for each source position p, PAD past the end."""
+  T = tokens_BxT.shape[1]
+  idx_BxPxK = positions_BxP[:, :, None] + 1 + jnp.arange(k)[None, None, :]
+  gathered = jnp.take_along_axis(tokens_BxT, jnp.clip(idx_BxPxK, 0, T - 1).reshape(
+      tokens_BxT.shape[0], -1), axis=1).reshape(idx_BxPxK.shape)
+  return jnp.where(idx_BxPxK < T, gathered, PAD_ID)
+
+
+def run_head(cfg: Config, params, sources, chain_BxPxC, shard: shd.Sharder = shd.Sharder()):
+  """Head features (..., C, D) from source residuals (..., D) and chain tokens (..., C).
+
+  With head.stop_gradient_residual the head's loss gives no gradient to any main
+  parameter: the residual and the shared embedding are constants to it.
+  """
+  sources = tuple(_shared(cfg, s) for s in sources)
+  return head_module(cfg, shard).apply(
+      {"params": params["head"]}, sources, chain_BxPxC, _shared(cfg, params["main"]["embed"]))
+
+
+def apply(cfg: Config, params, tokens_BxT, *, positions=None, segment_ids=None,
+          head_positions=None, with_head: bool = True,
+          shard: shd.Sharder = shd.Sharder()) -> ForwardOutput:
+  """The teacher-forced forward (not jitted: call it inside your own jit/grad)."""
+  main: MainOutput = main_module(cfg, shard).apply(
+      {"params": params["main"]}, tokens_BxT, positions, segment_ids)
+  feats = None
+  if with_head and cfg.head.k > 0:
+    if head_positions is None:
+      B, T = tokens_BxT.shape
+      head_positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    b_idx = jnp.arange(tokens_BxT.shape[0])[:, None]
+    sources = tuple(s[b_idx, head_positions] for s in main.sources)
+    chain = chain_tokens(tokens_BxT, head_positions, cfg.head.k)
+    feats = run_head(cfg, params, sources, chain, shard)
+  return ForwardOutput(main.logits, main.residual, main.sources, feats, head_positions)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "mesh", "with_head"))
+def _forward_jit(cfg, mesh, params, tokens, positions, segment_ids, head_positions, with_head):
+  return apply(cfg, params, tokens, positions=positions, segment_ids=segment_ids,
+               head_positions=head_positions, with_head=with_head,
+               shard=shd.sharder(cfg, mesh))
+
+
+def _check_tokens(cfg: Config, tokens) -> None:
+  if tokens.ndim != 2:
+    raise ValueError(f"tokens must be (batch, length); got shape {tokens.shape}")
+  if not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise ValueError(f"tokens must be integers; got dtype {tokens.dtype}")
+  if not isinstance(tokens, jax.core.Tracer):
+    lo, hi = int(jnp.min(tokens)), int(jnp.max(tokens))
+    if lo < 0 or hi >= cfg.model.vocab_size:
+      raise ValueError(f"token ids must lie in [0, model.vocab_size={cfg.model.vocab_size}); "
+                       f"got values in [{lo}, {hi}]")
+
+
+def forward(cfg: Config, params, tokens_BxT, *, positions=None, segment_ids=None,
+            head_positions=None, with_head: bool = True,
+            mesh: Mesh | None = None) -> ForwardOutput:
+  """Teacher-forced forward of the main model and the head (jitted, cached per shape).
+
+  tokens_BxT int (B, T); positions/segment_ids (B, T) for packed sequences;
+  head_positions (B, P) int: run the head's chains only at these source
+  positions (default: all T). See `ForwardOutput` for what comes back.
+  """
+  tokens_BxT = jnp.asarray(tokens_BxT)
+  _check_tokens(cfg, tokens_BxT)
+  return _forward_jit(cfg, mesh, params, tokens_BxT.astype(jnp.int32), positions, segment_ids,
+                      head_positions, with_head)
+
+
+def extend(cfg: Config, params, cache: KVCache, tokens_BxT, num_new_B=None,
+           shard: shd.Sharder = shd.Sharder()) -> MainOutput:
+  """Cached main pass: append T tokens per sequence (the first num_new_B[b] real).
+
+  Returns logits/residual/sources of the T new positions and the new cache.
+  Raises if a concrete cache would overflow (inside jit the caller sizes it).
+  """
+  if not isinstance(cache.lengths, jax.core.Tracer):
+    T = tokens_BxT.shape[1]
+    need = int(jnp.max(cache.lengths)) + T
+    if need > cache.capacity:
+      raise ValueError(f"KV cache overflow: appending {T} tokens to lengths up to "
+                       f"{int(jnp.max(cache.lengths))} needs {need} slots; capacity is "
+                       f"{cache.capacity}. Accepted: lengths + new tokens <= capacity")
+  return main_module(cfg, shard).apply({"params": params["main"]}, tokens_BxT,
+                                       cache=cache, num_new_B=num_new_B)

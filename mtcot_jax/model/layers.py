@@ -1,0 +1,146 @@
+"""Building blocks: RMSNorm, RoPE, grouped-query attention, SwiGLU, a pre-norm block.
+
+Shapes in names: B batch, T new positions, S cache slots (or keys), D width,
+H query heads, K kv heads, G = H // K, Dh head dim, F mlp width.
+Parameters are created with logical axis names (see `config.DEFAULT_RULES`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mtcot_jax.sharding import Sharder
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockDims:
+  """What one transformer block needs: the main model's and the head's share this."""
+  d_model: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  rope_theta: float
+  norm_eps: float
+  init_std: float
+  dtype: str
+  param_dtype: str
+  embed_axis: str = "embed"   # the logical name of this block's width dimension
+
+
+def _param(module: nn.Module, name: str, shape, names, std: float, dtype):
+  init = nn.with_logical_partitioning(nn.initializers.normal(std), names)
+  return module.param(name, init, shape, jnp.dtype(dtype))
+
+
+class RMSNorm(nn.Module):
+  eps: float = 1e-6
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (None,)),
+                       (x.shape[-1],), jnp.dtype(self.param_dtype))
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * scale.astype(jnp.float32)).astype(jnp.dtype(self.dtype))
+
+
+def rope(x_BxTxNxDh: jax.Array, pos_BxT: jax.Array, theta: float) -> jax.Array:
+  """Rotary position embedding (rotate-half form), computed in float32."""
+  dh = x_BxTxNxDh.shape[-1]
+  freq = theta ** (-jnp.arange(0, dh, 2, dtype=jnp.float32) / dh)            # (Dh/2,)
+  ang_BxTx1xR = (pos_BxT.astype(jnp.float32)[..., None] * freq)[:, :, None, :]
+  sin, cos = jnp.sin(ang_BxTx1xR), jnp.cos(ang_BxTx1xR)
+  x = x_BxTxNxDh.astype(jnp.float32)
+  x1, x2 = x[..., : dh // 2], x[..., dh // 2:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxTxNxDh.dtype)
+
+
+class Attention(nn.Module):
+  """Grouped-query attention of T new tokens over themselves and, optionally, a cache.
+
+  `mask_BxTxS` is (B, T, T) without a cache. With `cache_kv = (k_BxSxKxDh,
+  v_BxSxKxDh)` it is (B, T, S + T): the first S columns mask the cache slots,
+  the last T the new tokens. Returns the output and the new tokens' (k, v),
+  which the caller writes into the cache (so the cache is never copied here).
+  """
+  dims: BlockDims
+  shard: Sharder = Sharder()
+
+  @nn.compact
+  def __call__(self, x_BxTxD, pos_BxT, mask_BxTxS, cache_kv=None):
+    d = self.dims
+    D, H, K, Dh = d.d_model, d.num_heads, d.num_kv_heads, d.head_dim
+    dt = jnp.dtype(d.dtype)
+    ax = d.embed_axis
+    wq = _param(self, "q", (D, H, Dh), (ax, "heads", "head_dim"), d.init_std, d.param_dtype)
+    wk = _param(self, "k", (D, K, Dh), (ax, "kv_heads", "head_dim"), d.init_std, d.param_dtype)
+    wv = _param(self, "v", (D, K, Dh), (ax, "kv_heads", "head_dim"), d.init_std, d.param_dtype)
+    wo = _param(self, "o", (H, Dh, D), ("heads", "head_dim", ax), d.init_std, d.param_dtype)
+
+    x = x_BxTxD.astype(dt)
+    q_BxTxHxDh = rope(jnp.einsum("btd,dhk->bthk", x, wq.astype(dt)), pos_BxT, d.rope_theta)
+    k_BxTxKxDh = rope(jnp.einsum("btd,dhk->bthk", x, wk.astype(dt)), pos_BxT, d.rope_theta)
+    v_BxTxKxDh = jnp.einsum("btd,dhk->bthk", x, wv.astype(dt))
+    q_BxTxHxDh = self.shard(q_BxTxHxDh, ("batch", "length", "act_heads", None))
+
+    B, T = q_BxTxHxDh.shape[:2]
+    G = H // K
+    q_BxTxKxGxDh = q_BxTxHxDh.reshape(B, T, K, G, Dh) * jnp.asarray(Dh ** -0.5, dt)
+    scores = lambda keys: jnp.einsum(  # noqa: E731
+        "btkgd,bskd->bkgts", q_BxTxKxGxDh, keys.astype(dt)).astype(jnp.float32)
+    logits_BxKxGxTxS = scores(k_BxTxKxDh)
+    if cache_kv is not None:
+      logits_BxKxGxTxS = jnp.concatenate([scores(cache_kv[0]), logits_BxKxGxTxS], axis=-1)
+    logits_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], logits_BxKxGxTxS, -1e30)
+    probs = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(dt)
+    mix = lambda p, vals: jnp.einsum("bkgts,bskd->btkgd", p, vals.astype(dt))  # noqa: E731
+    if cache_kv is None:
+      out_BxTxKxGxDh = mix(probs, v_BxTxKxDh)
+    else:
+      S = cache_kv[1].shape[1]
+      out_BxTxKxGxDh = mix(probs[..., :S], cache_kv[1]) + mix(probs[..., S:], v_BxTxKxDh)
+    out_BxTxD = jnp.einsum("bthk,hkd->btd", out_BxTxKxGxDh.reshape(B, T, H, Dh), wo.astype(dt))
+    return out_BxTxD, (k_BxTxKxDh, v_BxTxKxDh)
+
+
+class SwiGLU(nn.Module):
+  dims: BlockDims
+  shard: Sharder = Sharder()
+
+  @nn.compact
+  def __call__(self, x_BxTxD):
+    d = self.dims
+    dt = jnp.dtype(d.dtype)
+    ax = d.embed_axis
+    wg = _param(self, "gate", (d.d_model, d.mlp_dim), (ax, "mlp"), d.init_std, d.param_dtype)
+    wu = _param(self, "up", (d.d_model, d.mlp_dim), (ax, "mlp"), d.init_std, d.param_dtype)
+    wd = _param(self, "down", (d.mlp_dim, d.d_model), ("mlp", ax), d.init_std, d.param_dtype)
+    x = x_BxTxD.astype(dt)
+    h_BxTxF = jax.nn.silu(x @ wg.astype(dt)) * (x @ wu.astype(dt))
+    h_BxTxF = self.shard(h_BxTxF, ("batch", "length", "act_mlp"))
+    return h_BxTxF @ wd.astype(dt)
+
+
+class Block(nn.Module):
+  """Pre-RMSNorm transformer block: x + attn(norm x), then + mlp(norm x)."""
+  dims: BlockDims
+  shard: Sharder = Sharder()
+
+  @nn.compact
+  def __call__(self, x_BxTxD, pos_BxT, mask_BxTxS, cache_kv=None):
+    d = self.dims
+    norm = lambda name: RMSNorm(d.norm_eps, d.dtype, d.param_dtype, name=name)  # noqa: E731
+    h, new_kv = Attention(d, self.shard, name="attn")(
+        norm("attn_norm")(x_BxTxD), pos_BxT, mask_BxTxS, cache_kv)
+    x_BxTxD = x_BxTxD + h
+    x_BxTxD = x_BxTxD + SwiGLU(d, self.shard, name="mlp")(norm("mlp_norm")(x_BxTxD))
+    x_BxTxD = self.shard(x_BxTxD, ("batch", "length", "act_embed"))
+    return x_BxTxD, new_kv

@@ -1,0 +1,132 @@
+"""The main model: a Llama-family decoder with a KV cache of fixed capacity.
+
+Teacher-forced mode runs over a whole (possibly packed) sequence. Cached mode
+appends T new tokens per sequence at that sequence's own length; `num_new_B`
+says how many of the T are real (the rest are written past the new length,
+where later calls overwrite them). Positions in cached mode are cache slots,
+so prompts are left-aligned from slot 0.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mtcot_jax.config import ModelConfig
+from mtcot_jax.model.layers import Block, BlockDims, RMSNorm, _param
+from mtcot_jax.sharding import Sharder
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole block
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Keys and values of every layer, and each sequence's filled length."""
+  k: jax.Array        # (L, B, S, K, Dh)
+  v: jax.Array        # (L, B, S, K, Dh)
+  lengths: jax.Array  # (B,) int32
+
+  @property
+  def capacity(self) -> int:
+    return self.k.shape[2]
+
+  @classmethod
+  def empty(cls, cfg: ModelConfig, batch: int, capacity: int) -> "KVCache":
+    shape = (cfg.num_layers, batch, capacity, cfg.num_kv_heads, cfg.dh)
+    zeros = jnp.zeros(shape, jnp.dtype(cfg.dtype))
+    return cls(k=zeros, v=zeros, lengths=jnp.zeros((batch,), jnp.int32))
+
+
+class MainOutput(NamedTuple):
+  logits: jax.Array            # (B, T, V) float32
+  residual: jax.Array          # (B, T, D) the last layer's output, before the final norm
+  sources: tuple[jax.Array, ...]  # (B, T, D) per head source layer
+  cache: KVCache | None
+
+
+def block_dims(cfg: ModelConfig) -> BlockDims:
+  return BlockDims(d_model=cfg.d_model, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+                   head_dim=cfg.dh, mlp_dim=cfg.mlp_dim, rope_theta=cfg.rope_theta,
+                   norm_eps=cfg.norm_eps, init_std=cfg.init_std, dtype=cfg.dtype,
+                   param_dtype=cfg.param_dtype)
+
+
+class Transformer(nn.Module):
+  cfg: ModelConfig
+  source_layers: tuple[int, ...] = (-1,)
+  shard: Sharder = Sharder()
+
+  @nn.compact
+  def __call__(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None,
+               cache: KVCache | None = None, num_new_B=None) -> MainOutput:
+    c = self.cfg
+    B, T = tokens_BxT.shape
+    dt = jnp.dtype(c.dtype)
+    embed_VxD = _param(self, "embed", (c.vocab_size, c.d_model), ("vocab", "embed"),
+                       c.init_std, c.param_dtype)
+    x_BxTxD = jnp.take(embed_VxD, tokens_BxT, axis=0).astype(dt)
+    x_BxTxD = self.perturb("embeddings", x_BxTxD)  # a no-op unless tests pass perturbations
+    x_BxTxD = self.shard(x_BxTxD, ("batch", "length", "act_embed"))
+
+    if cache is None:
+      if positions_BxT is None:
+        positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+      idx = jnp.arange(T)
+      mask_BxTxS = jnp.broadcast_to(idx[:, None] >= idx[None, :], (B, T, T))
+      if segment_ids_BxT is not None:
+        mask_BxTxS = mask_BxTxS & (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])
+    else:
+      slots_BxT = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+      positions_BxT = slots_BxT
+      old_BxTxS = jnp.broadcast_to(
+          jnp.arange(cache.capacity)[None, None, :] < cache.lengths[:, None, None],
+          (B, T, cache.capacity))
+      idx = jnp.arange(T)
+      new_BxTxT = jnp.broadcast_to(idx[:, None] >= idx[None, :], (B, T, T))
+      mask_BxTxS = jnp.concatenate([old_BxTxS, new_BxTxT], axis=-1)
+
+    block_cls = Block
+    if c.remat != "none":
+      block_cls = nn.remat(Block, policy=_REMAT_POLICIES[c.remat], prevent_cse=True)
+    want = {(l % c.num_layers) for l in self.source_layers}
+    layer_out = {}
+    new_k, new_v = [], []
+    for i in range(c.num_layers):
+      kv = None if cache is None else (cache.k[i], cache.v[i])
+      x_BxTxD, kv = block_cls(block_dims(c), self.shard, name=f"layer_{i}")(
+          x_BxTxD, positions_BxT, mask_BxTxS, kv)
+      if cache is not None:
+        new_k.append(kv[0])
+        new_v.append(kv[1])
+      if i in want:
+        layer_out[i] = x_BxTxD
+
+    h_BxTxD = RMSNorm(c.norm_eps, c.dtype, c.param_dtype, name="final_norm")(x_BxTxD)
+    if c.tie_embeddings:
+      unembed_DxV = embed_VxD.T
+    else:
+      unembed_DxV = _param(self, "unembed", (c.d_model, c.vocab_size), ("embed", "vocab"),
+                           c.init_std, c.param_dtype)
+    logits_BxTxV = (h_BxTxD @ unembed_DxV.astype(dt)).astype(jnp.float32)
+    logits_BxTxV = self.shard(logits_BxTxV, ("batch", "length", "act_vocab"))
+
+    new_cache = None
+    if cache is not None:
+      num_new_B = jnp.full((B,), T, jnp.int32) if num_new_B is None else num_new_B
+      # One scatter for all layers; slots past the capacity are dropped, never
+      # clamped onto valid entries (callers size the cache; `extend` checks).
+      b_idx = jnp.arange(B)[:, None]
+      k_new = jnp.stack(new_k).astype(cache.k.dtype)   # (L, B, T, K, Dh)
+      v_new = jnp.stack(new_v).astype(cache.v.dtype)
+      new_cache = KVCache(k=cache.k.at[:, b_idx, slots_BxT].set(k_new, mode="drop"),
+                          v=cache.v.at[:, b_idx, slots_BxT].set(v_new, mode="drop"),
+                          lengths=cache.lengths + num_new_B.astype(jnp.int32))
+    sources = tuple(layer_out[l % c.num_layers] for l in self.source_layers)
+    return MainOutput(logits_BxTxV, x_BxTxD, sources, new_cache)
