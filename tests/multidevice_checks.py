@@ -1,0 +1,101 @@
+"""Checks that need 8 devices. Run by test_sharding.py in a subprocess with
+XLA_FLAGS=--xla_force_host_platform_device_count=8 (set before jax is imported).
+
+Each check_* function raises on failure; `python multidevice_checks.py NAME...`
+runs the named ones (all by default) and prints 'ok NAME' per passed check.
+"""
+
+import os
+import sys
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+import mtcot_jax as mt  # noqa: E402
+from conftest import TINY  # noqa: E402
+
+
+def _cfg(*extra):
+  return mt.load_config(None, TINY + ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", *extra])
+
+
+def check_forward_matches_one_device():
+  cfg = _cfg()
+  mesh = mt.make_mesh(cfg)
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}, mesh.shape
+  params = mt.init_params(cfg, jax.random.key(0), mesh=mesh)
+  tokens = jax.random.randint(jax.random.key(1), (8, 12), 1, cfg.model.vocab_size)
+  sharded = mt.forward(cfg, params, tokens, mesh=mesh)
+  local = jax.device_put(params, jax.devices()[0])
+  single = mt.forward(cfg, local, tokens)
+  np.testing.assert_allclose(sharded.logits, single.logits, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(sharded.head_features, single.head_features, atol=1e-5, rtol=1e-5)
+  # Activations keep the residual's logical sharding (batch over data x fsdp).
+  assert sharded.residual.sharding.spec[0] == ("data", "fsdp"), sharded.residual.sharding
+  assert sharded.head_features.sharding.spec[0] == ("data", "fsdp"), sharded.head_features.sharding
+
+
+def check_params_sharded_by_rules():
+  cfg = _cfg()
+  mesh = mt.make_mesh(cfg)
+  params = mt.init_params(cfg, jax.random.key(0), mesh=mesh)
+  expect = {  # logical names -> rules: embed->fsdp, heads/kv_heads/mlp/vocab->tensor
+      ("main", "embed"): P("tensor", "fsdp"),
+      ("main", "layer_0", "attn", "q"): P("fsdp", "tensor", None),
+      ("main", "layer_1", "attn", "k"): P("fsdp", "tensor", None),
+      ("main", "layer_0", "attn", "o"): P("tensor", None, "fsdp"),
+      ("main", "layer_0", "mlp", "gate"): P("fsdp", "tensor"),
+      ("main", "layer_0", "mlp", "down"): P("tensor", "fsdp"),
+      ("main", "final_norm", "scale"): P(None),
+      ("head", "w_r"): P("fsdp", None),
+      ("head", "layer_0", "mlp", "up"): P("fsdp", "tensor"),
+  }
+  for path, spec in expect.items():
+    leaf = params
+    for key in path:
+      leaf = leaf[key]
+    got = leaf.sharding.spec
+    assert tuple(got) + (None,) * (leaf.ndim - len(got)) == tuple(spec) + (None,) * (
+        leaf.ndim - len(spec)), (path, got, spec)
+    # And the data really is split: each shard holds 1/(split) of the array.
+    split = np.prod([mesh.shape[a] for a in jax.tree.leaves(tuple(spec)) if a])
+    assert leaf.addressable_shards[0].data.size * split == leaf.size, path
+
+
+def check_mesh_and_batch_errors():
+  for overrides, needle in (
+      (["mesh.data=3", "mesh.fsdp=1", "mesh.tensor=1"], "needs 3 devices but 8"),
+      (["mesh.data=-1", "mesh.fsdp=3", "mesh.tensor=1"], "does not fit 8 devices"),
+      (["mesh.data=8", "train.batch_size=12"], "train.batch_size=12 is not divisible by the 8"),
+  ):
+    cfg = mt.load_config(None, TINY + overrides)
+    try:
+      mt.make_mesh(cfg)
+    except mt.ConfigError as e:
+      assert needle in str(e), (str(e), needle)
+    else:
+      raise AssertionError(f"no error for {overrides}")
+  cfg = mt.load_config(None, TINY + ["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=8"])
+  try:
+    mt.param_shardings(cfg, mt.make_mesh(cfg))
+  except mt.ConfigError as e:
+    assert "cannot split" in str(e), str(e)
+  else:
+    raise AssertionError("4 heads split 8 ways accepted")
+
+
+def main(names):
+  assert jax.device_count() == 8, jax.devices()
+  names = names or [n[len("check_"):] for n in globals() if n.startswith("check_")]
+  for name in names:
+    globals()[f"check_{name}"]()
+    print(f"ok {name}", flush=True)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
