@@ -177,6 +177,7 @@ class DecodeConfig:
   k: int = -1                  # -1: head.k
   max_cot_tokens: int = 256
   max_answer_tokens: int = 32
+  max_len: int = 0             # cache capacity limit; 0: sized to fit every request
   temperature: float = 0.0     # 0: greedy
   top_k: int = 0               # 0: off
   top_p: float = 1.0
@@ -332,6 +333,9 @@ def validate(cfg: Config) -> None:
   _check(d.seq_len >= 4, "data.seq_len", d.seq_len, "an int >= 4")
   _check(d.on_too_long in ("skip", "error"), "data.on_too_long", d.on_too_long, "skip or error")
   _check(0.0 <= d.no_cot_fraction <= 1.0, "data.no_cot_fraction", d.no_cot_fraction, "in [0, 1]")
+  _check(d.train_size >= 1, "data.train_size", d.train_size, "an int >= 1")
+  _check(d.eval_size >= 1, "data.eval_size", d.eval_size, "an int >= 1")
+  _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "an int >= 0 (0: no worker processes)")
 
   _check(t.stage in ("sft", "rl"), "train.stage", t.stage, "sft or rl")
   _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "an int >= 1")

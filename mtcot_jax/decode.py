@@ -1,0 +1,290 @@
+"""Two-phase decoding: the k-token CoT loop, then the filtered one-token answer loop.
+
+Prefill (1 main pass) fills the KV cache and gives h, the main model's logits and
+head sources at each prompt's last position. Then:
+
+CoT loop (one `lax.while_loop` iteration = one main forward pass):
+  1. x[t+1] ~ main(h);  2. x[t+2..t+k+1] ~ head chain from h's sources;
+  3. cut the block after the first `</think>` (or EOS, which ends the sequence),
+     and at the CoT budget; 4. one main pass appends the block and gives the new h.
+  A sequence whose CoT has ended waits, masked. One that spends
+  `max_cot_tokens` without `</think>` gets `</think>` as a one-token block from
+  the main model (budget forcing).
+Answer loop (one main pass per token, the head not run) until EOS or
+`max_answer_tokens`.
+
+forward_passes = 1 + CoT blocks + (answer length - 1), per sequence (an EOS
+that ends a sequence is never fed back, in either phase).
+Both loops compile once per (batch, prompt length, limits, k, sampling settings).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from mtcot_jax import sampling
+from mtcot_jax import sharding as shd
+from mtcot_jax.config import Config
+from mtcot_jax.model import api
+from mtcot_jax.model.transformer import KVCache
+
+PAD_ID, EOS_ID, THINK_END_ID = 0, 2, 5  # the ids mtcot_jax's tokenizers use
+
+
+class GenerateResult(NamedTuple):
+  """Per sequence, the generated tokens after the prompt (padded to L)."""
+  tokens: jax.Array          # (B, L) int32, PAD past `lengths`
+  source: jax.Array          # (B, L) 0 main model, j head depth j, -1 padding
+  phase: jax.Array           # (B, L) 0 CoT (incl. </think>), 1 answer, -1 padding
+  logprobs: jax.Array        # (B, L) log-prob under the distribution sampled from
+  lengths: jax.Array         # (B,) generated tokens
+  forward_passes: jax.Array  # (B,) main-model calls, prefill included
+  finished: jax.Array        # (B,) ended with EOS (False: a length limit was hit)
+  cot_forced: jax.Array      # (B,) the CoT hit max_cot_tokens and was closed by force
+
+
+@flax.struct.dataclass
+class _State:
+  cache: KVCache
+  logits: jax.Array       # (B, V) main logits at the last processed position (h)
+  sources: tuple          # (B, D) head sources at that position
+  tokens: jax.Array       # (B, L) output buffers
+  source: jax.Array
+  phase: jax.Array
+  logprobs: jax.Array
+  n_out: jax.Array        # (B,) tokens written
+  n_think: jax.Array      # (B,) CoT tokens before </think>
+  cot_done: jax.Array     # (B,) bool
+  done: jax.Array         # (B,) bool: EOS written
+  passes: jax.Array       # (B,) main forward passes
+  forced: jax.Array       # (B,) bool
+  last: jax.Array         # (B,) the last answer token (the answer loop's next input)
+  key: jax.Array
+
+
+@functools.lru_cache(maxsize=None)
+def _static(cfg: Config, k: int, sample: sampling.Sampling, max_cot: int, max_answer: int,
+            eos_id: int, think_end_id: int, mesh: Mesh | None):
+  """The two jitted phases for one set of static settings (cached: compiled once)."""
+  shard = shd.sharder(cfg, mesh)
+  L = max_cot + 1 + k + max_answer          # output buffer; k slots of slack for cut blocks
+
+  def write(buf, idx_BxN, val_BxN):
+    rows = jnp.arange(buf.shape[0])[:, None]
+    return buf.at[rows, idx_BxN].set(val_BxN.astype(buf.dtype), mode="drop")
+
+  def take_last(x_BxTx, n_B):
+    return jnp.take_along_axis(x_BxTx, (n_B - 1)[:, None, None], axis=1)[:, 0]
+
+  def main_pass(params, cache, block_BxT, n_B):
+    out = api.extend(cfg, params, cache, block_BxT, n_B, shard)
+    return out.cache, take_last(out.logits, n_B), tuple(take_last(s, n_B) for s in out.sources)
+
+  def prefill(params, prompt_BxP, lens_B, key):
+    B, P = prompt_BxP.shape
+    capacity = P + max_cot + 1 + (k + 1) + max_answer
+    cache = KVCache.empty(cfg.model, B, capacity)
+    cache = cache.replace(k=shard(cache.k, (None, "batch", None, "act_kv_heads", None)),
+                          v=shard(cache.v, (None, "batch", None, "act_kv_heads", None)))
+    cache, logits, sources = main_pass(params, cache, prompt_BxP, lens_B)
+    last_prompt = jnp.take_along_axis(prompt_BxP, (lens_B - 1)[:, None], axis=1)[:, 0]
+    zeros = jnp.zeros((B, L), jnp.int32)
+    return _State(
+        cache=cache, logits=logits, sources=sources, tokens=zeros, source=zeros - 1,
+        phase=zeros - 1, logprobs=jnp.zeros((B, L), jnp.float32),
+        n_out=jnp.zeros((B,), jnp.int32), n_think=jnp.zeros((B,), jnp.int32),
+        cot_done=last_prompt == think_end_id, done=jnp.zeros((B,), bool),
+        passes=jnp.ones((B,), jnp.int32), forced=jnp.zeros((B,), bool),
+        last=last_prompt, key=key)
+
+  def head_block(params, st: _State, x1_B, keys):
+    """x[t+2..t+k+1] from the head, chained; returns (B, k) tokens and logprobs."""
+    B = x1_B.shape[0]
+    chain = jnp.zeros((B, k), jnp.int32).at[:, 0].set(x1_B)
+    toks, lps = [], []
+    for j in range(k):   # depth j+1 predicts x[t+2+j] from chain x[t+1..t+1+j]
+      feats_BxKxD = api.run_head(cfg, params, st.sources, chain, shard)
+      logits = api.head_logits(cfg, params, feats_BxKxD[:, j])
+      tok, lp = sampling.sample(keys[j], logits, sample)
+      if j + 1 < k:
+        chain = chain.at[:, j + 1].set(tok)
+      toks.append(tok)
+      lps.append(lp)
+    return jnp.stack(toks, 1), jnp.stack(lps, 1)
+
+  def cot_body(params, st: _State) -> _State:
+    B = st.n_out.shape[0]
+    key, step_key = jax.random.split(st.key)
+    keys = jax.random.split(step_key, k + 1)
+    active = ~st.cot_done & ~st.done
+    x1, lp1 = sampling.sample(keys[0], st.logits, sample)
+    if k > 0:
+      head_toks, head_lps = head_block(params, st, x1, keys[1:])
+      block = jnp.concatenate([x1[:, None], head_toks], 1)           # (B, k+1)
+      lps = jnp.concatenate([lp1[:, None], head_lps], 1)
+    else:
+      block, lps = x1[:, None], lp1[:, None]
+    src = jnp.broadcast_to(jnp.arange(k + 1, dtype=jnp.int32), block.shape)
+
+    # Budget forcing: a sequence with no thinking budget left gets </think>.
+    budget = max_cot - st.n_think                                    # (B,) >= 0
+    force = budget <= 0
+    forced_lp = sampling.logprobs_of(st.logits, jnp.full((B,), think_end_id), sample)
+    block = jnp.where(force[:, None], block.at[:, 0].set(think_end_id), block)
+    lps = jnp.where(force[:, None], lps.at[:, 0].set(forced_lp), lps)
+
+    # Cut after the first </think> or EOS that falls within the budget.
+    pos = jnp.arange(k + 1)
+    stop = (block == think_end_id) | (block == eos_id)
+    stop = stop & (pos[None, :] <= budget[:, None])
+    has_stop = jnp.any(stop, axis=1)
+    first = jnp.argmax(stop, axis=1)
+    n_valid = jnp.where(has_stop, first + 1, jnp.minimum(k + 1, budget))
+    n_valid = jnp.where(active, jnp.maximum(n_valid, 1), 0).astype(jnp.int32)
+    stop_tok = jnp.take_along_axis(block, first[:, None], 1)[:, 0]
+    ends_cot = active & has_stop & (stop_tok == think_end_id)
+    ends_seq = active & has_stop & (stop_tok == eos_id)
+
+    idx = jnp.where(active[:, None], st.n_out[:, None] + pos[None, :], L)
+    cache, logits, sources = main_pass(params, st.cache, block, jnp.maximum(n_valid, 1))
+    keep = lambda new, old: jnp.where(  # noqa: E731
+        active.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+    return st.replace(
+        cache=cache.replace(lengths=jnp.where(active, cache.lengths, st.cache.lengths)),
+        logits=keep(logits, st.logits), sources=tuple(map(keep, sources, st.sources)),
+        tokens=write(st.tokens, idx, block), source=write(st.source, idx, src),
+        phase=write(st.phase, idx, jnp.zeros_like(block)), logprobs=write(st.logprobs, idx, lps),
+        n_out=st.n_out + n_valid,
+        n_think=st.n_think + n_valid - (ends_cot | ends_seq).astype(jnp.int32),
+        cot_done=st.cot_done | ends_cot, done=st.done | ends_seq,
+        # A block that ends the sequence (EOS) needs no pass: nothing reads its h.
+        passes=st.passes + (active & ~ends_seq).astype(jnp.int32),
+        forced=st.forced | (active & force),
+        key=key)
+
+  def cot_cond(st: _State):
+    return jnp.any(~st.cot_done & ~st.done)
+
+  def answer_sample(st: _State, n_answer_B) -> _State:
+    key, step_key = jax.random.split(st.key)
+    active = ~st.done & (n_answer_B < max_answer)
+    tok, lp = sampling.sample(step_key, st.logits, sample)
+    idx = jnp.where(active, st.n_out, L)[:, None]
+    return st.replace(
+        tokens=write(st.tokens, idx, tok[:, None]), source=write(st.source, idx, 0 * tok[:, None]),
+        phase=write(st.phase, idx, 1 + 0 * tok[:, None]), logprobs=write(st.logprobs, idx,
+                                                                          lp[:, None]),
+        n_out=st.n_out + active, done=st.done | (active & (tok == eos_id)),
+        last=jnp.where(active, tok, st.last), key=key)
+
+  @jax.jit
+  def run_cot(params, prompt_BxP, lens_B, key):
+    st = prefill(params, prompt_BxP, lens_B, key)
+    return jax.lax.while_loop(cot_cond, functools.partial(cot_body, params), st)
+
+  @jax.jit
+  def run_answer(params, st: _State):
+    start = st.n_out
+    st = answer_sample(st, jnp.zeros_like(start))   # the first answer token: from h, no pass
+
+    def cond(s):
+      return jnp.any(~s.done & (s.n_out - start < max_answer))
+
+    def body(s):
+      needs = ~s.done & (s.n_out - start < max_answer)
+      cache, logits, sources = main_pass(params, s.cache, s.last[:, None], needs.astype(jnp.int32))
+      keep = lambda new, old: jnp.where(  # noqa: E731
+          needs.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+      s = s.replace(cache=cache, logits=keep(logits, s.logits),
+                    sources=tuple(map(keep, sources, s.sources)),
+                    passes=s.passes + needs.astype(jnp.int32))
+      return answer_sample(s, s.n_out - start)
+
+    st = jax.lax.while_loop(cond, body, st)
+    valid = jnp.arange(L)[None, :] < st.n_out[:, None]
+    return GenerateResult(
+        tokens=jnp.where(valid, st.tokens, PAD_ID), source=jnp.where(valid, st.source, -1),
+        phase=jnp.where(valid, st.phase, -1), logprobs=jnp.where(valid, st.logprobs, 0.0),
+        lengths=st.n_out, forward_passes=st.passes, finished=st.done, cot_forced=st.forced)
+
+  return run_cot, run_answer
+
+
+def _validate(cfg: Config, prompt, lens, k: int, max_cot: int, max_answer: int) -> None:
+  if prompt.ndim != 2:
+    raise ValueError(f"prompt_tokens must be (batch, length); got shape {prompt.shape}")
+  if lens.shape != (prompt.shape[0],):
+    raise ValueError(f"prompt_lengths must be ({prompt.shape[0]},); got shape {lens.shape}")
+  if prompt.shape[1] == 0 or np.any(lens < 1):
+    raise ValueError(f"empty prompt: prompt_lengths={lens.tolist()}; accepted: every "
+                     "prompt has at least one token (BOS)")
+  if np.any(lens > prompt.shape[1]):
+    raise ValueError(f"prompt_lengths={lens.tolist()} exceed the prompt array's length "
+                     f"{prompt.shape[1]}")
+  V = cfg.model.vocab_size
+  real = np.arange(prompt.shape[1])[None, :] < lens[:, None]
+  bad = real & ((prompt < 0) | (prompt >= V))
+  if np.any(bad):
+    b, t = np.argwhere(bad)[0]
+    raise ValueError(f"prompt token id {int(prompt[b, t])} at [{b}, {t}] is outside the "
+                     f"vocabulary; accepted: ids in [0, model.vocab_size={V})")
+  if not 0 <= k <= cfg.head.k:
+    raise ValueError(f"k={k} is not accepted: an int in [0, head.k={cfg.head.k}] (the head "
+                     f"was built for head.k={cfg.head.k} tokens)")
+  if max_cot < 1 or max_answer < 1:
+    raise ValueError(f"max_cot_tokens={max_cot}, max_answer_tokens={max_answer}: both must "
+                     "be >= 1")
+  limit = cfg.decode.max_len
+  need = prompt.shape[1] + max_cot + 1 + (k + 1) + max_answer
+  if limit and need > limit:
+    raise ValueError(
+        f"a prompt of length {prompt.shape[1]} does not fit the cache: prompt + "
+        f"max_cot_tokens + 1 + (k+1) + max_answer_tokens = {need} > decode.max_len={limit}; "
+        "accepted: a shorter prompt, smaller limits or a larger decode.max_len")
+
+
+def generate(cfg: Config, params, prompt_tokens, prompt_lengths, key: jax.Array, *,
+             k: int | None = None, temperature: float | None = None, top_k: int | None = None,
+             top_p: float | None = None, max_cot_tokens: int | None = None,
+             max_answer_tokens: int | None = None, eos_id: int = EOS_ID,
+             think_end_id: int = THINK_END_ID, mesh: Mesh | None = None) -> GenerateResult:
+  """Two-phase generation for a batch of left-aligned prompts.
+
+  Args:
+    prompt_tokens: (B, P) int, each row `BOS question <think>` (or, with no CoT,
+      `... <think> </think>`), padded after its length.
+    prompt_lengths: (B,) int, tokens per prompt (>= 1).
+    key: a PRNG key (split inside; never reused).
+    k: head tokens per CoT block, 0..head.k (default decode.k, -1 meaning head.k).
+    temperature/top_k/top_p, max_cot_tokens/max_answer_tokens: default from cfg.decode.
+    mesh: decode with the batch sharded over the data axes and the params as the rules say.
+  Returns:
+    GenerateResult (see its fields).
+  """
+  d = cfg.decode
+  k = (d.k if d.k >= 0 else cfg.head.k) if k is None else k
+  s = sampling.Sampling(temperature=d.temperature if temperature is None else temperature,
+                        top_k=d.top_k if top_k is None else top_k,
+                        top_p=d.top_p if top_p is None else top_p)
+  max_cot = d.max_cot_tokens if max_cot_tokens is None else max_cot_tokens
+  max_answer = d.max_answer_tokens if max_answer_tokens is None else max_answer_tokens
+  prompt = np.asarray(prompt_tokens)
+  lens = np.asarray(prompt_lengths)
+  _validate(cfg, prompt, lens, k, max_cot, max_answer)
+  run_cot, run_answer = _static(cfg, k, s, max_cot, max_answer, eos_id, think_end_id, mesh)
+  prompt = jnp.asarray(np.where(np.arange(prompt.shape[1])[None] < lens[:, None], prompt, 0),
+                       jnp.int32)
+  lens = jnp.asarray(lens, jnp.int32)
+  if mesh is not None:
+    batch = shd.sharder(cfg, mesh)
+    prompt = jax.device_put(prompt, batch.sharding(("batch", None)))
+    lens = jax.device_put(lens, batch.sharding(("batch",)))
+  st = run_cot(params, prompt, lens, key)
+  return run_answer(params, st)

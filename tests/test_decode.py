@@ -1,0 +1,234 @@
+"""Two-phase decoding against independent references (naive loops, teacher forcing)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mtcot_jax as mt
+from mtcot_jax import decode, sampling
+from mtcot_jax.model import api
+
+B, P, MAX_COT, MAX_ANS = 4, 6, 10, 4
+LENS = np.array([6, 3, 5, 2])
+
+
+@pytest.fixture(scope="module")
+def prompt(tiny_cfg):
+  p = np.random.default_rng(0).integers(6, tiny_cfg.model.vocab_size, (B, P))
+  return np.where(np.arange(P)[None] < LENS[:, None], p, 0)
+
+
+@pytest.fixture(scope="module")
+def dparams(tiny_params):
+  """Larger weights: a random model whose greedy output is diverse, not one token
+  repeated, so that the stop tokens below fall at different places."""
+  return jax.tree.map(lambda x: x * 10.0 if x.ndim > 1 else x, tiny_params)
+
+
+def _gen(cfg, params, prompt, k, key=1, **kw):
+  kw = {"max_cot_tokens": MAX_COT, "max_answer_tokens": MAX_ANS, **kw}
+  return jax.tree.map(np.asarray, decode.generate(cfg, params, prompt, LENS,
+                                                  jax.random.key(key), k=k, **kw))
+
+
+def _stop_token(res, k):
+  """A token the model writes in its CoT at different blocks in different rows (so
+  that using it as </think> ends the CoTs at different blocks), and never first."""
+  best, best_blocks = None, 0
+  for v in np.unique(res.tokens[:, 1:MAX_COT]):
+    if v in (decode.EOS_ID, decode.THINK_END_ID, decode.PAD_ID):
+      continue
+    firsts = [np.argmax(row[:MAX_COT] == v) for row in res.tokens if v in row[:MAX_COT]]
+    blocks = {f // (k + 1) for f in firsts}
+    if len(blocks) > best_blocks and 0 not in firsts:
+      best, best_blocks = int(v), len(blocks)
+  return best
+
+
+def _full_sequences(prompt, res):
+  """(B, T) prompt + generated, left-aligned; and each generated token's position."""
+  T = P + res.tokens.shape[1]
+  seq = np.zeros((B, T), np.int32)
+  for b in range(B):
+    seq[b, : LENS[b]] = prompt[b, : LENS[b]]
+    seq[b, LENS[b]: LENS[b] + res.lengths[b]] = res.tokens[b, : res.lengths[b]]
+  return seq
+
+
+def _naive_k0(cfg, params, prompt, think_end, eos):
+  """k=0 greedy by re-running the full teacher-forced forward for every token."""
+  T = P + MAX_COT + 1 + MAX_ANS
+  out = []
+  for b in range(B):
+    seq = list(prompt[b, : LENS[b]])
+    gen, phase, n_think = [], 0, 0
+    while True:
+      padded = np.zeros((1, T), np.int32)
+      padded[0, : len(seq)] = seq
+      logits = np.asarray(mt.forward(cfg, params, padded, with_head=False).logits)[0, len(seq) - 1]
+      tok = int(np.argmax(logits))
+      if phase == 0 and n_think == MAX_COT and tok != think_end:
+        tok = think_end                                   # budget forcing
+      gen.append(tok)
+      seq.append(tok)
+      if tok == eos:
+        break
+      if phase == 0:
+        if tok == think_end:
+          phase, n_ans = 1, 0
+        else:
+          n_think += 1
+      else:
+        n_ans += 1
+        if n_ans == MAX_ANS:
+          break
+    out.append(gen)
+  return out
+
+
+def test_k0_greedy_equals_naive_reference(tiny_cfg, dparams, prompt):
+  first = _gen(tiny_cfg, dparams, prompt, k=0)
+  stop = _stop_token(first, 0)
+  res = _gen(tiny_cfg, dparams, prompt, k=0, think_end_id=stop)
+  want = _naive_k0(tiny_cfg, dparams, prompt, stop, decode.EOS_ID)
+  for b in range(B):
+    assert list(res.tokens[b, : res.lengths[b]]) == want[b], b
+  assert np.all(res.source[res.phase >= 0] == 0)
+
+
+def _teacher_forced(cfg, params, prompt, res, s: sampling.Sampling, k):
+  """Rescore the output: per generated token, the module that wrote it, its
+  argmax, and its log-prob under `s` (head tokens at their block's source)."""
+  seq = _full_sequences(prompt, res)
+  out = mt.forward(cfg, params, seq)
+  main = np.asarray(out.logits)                                                  # (B, T, V)
+  head = np.asarray(mt.head_logits(cfg, params, out.head_features))              # (B, T, k, V)
+  picked = np.zeros(res.tokens.shape + (cfg.model.vocab_size,), np.float32)
+  for b in range(B):
+    for i in range(res.lengths[b]):
+      p, j = LENS[b] + i, int(res.source[b, i])   # absolute position; writer
+      # main: logits at p - 1; head depth j: the chain from source p - j - 1
+      picked[b, i] = main[b, p - 1] if j == 0 else head[b, p - j - 1, j - 1]
+  logp = np.asarray(sampling.logprobs_of(jnp.asarray(picked), jnp.asarray(res.tokens), s))
+  return picked.argmax(-1), logp
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_greedy_agrees_with_teacher_forcing(tiny_cfg, dparams, prompt, k):
+  first = _gen(tiny_cfg, dparams, prompt, k=k)
+  stop = _stop_token(first, k)
+  res = _gen(tiny_cfg, dparams, prompt, k=k, think_end_id=stop)
+  argmax, _ = _teacher_forced(tiny_cfg, dparams, prompt, res, sampling.Sampling(), k)
+  checked = 0
+  for b in range(B):
+    for i in range(res.lengths[b]):
+      forced = res.cot_forced[b] and res.phase[b, i] == 0 and res.phase[b, i + 1] != 0
+      if not forced:
+        assert res.tokens[b, i] == argmax[b, i], (b, i, res.source[b, i])
+        checked += 1
+  assert checked > B * 5
+  assert set(np.unique(res.source[res.source >= 0])) == set(range(k + 1))
+
+
+def test_logprobs_equal_teacher_forced_with_sampling(tiny_cfg, dparams, prompt):
+  s = sampling.Sampling(temperature=0.8, top_k=20, top_p=0.9)
+  res = _gen(tiny_cfg, dparams, prompt, k=3, key=7, temperature=s.temperature,
+             top_k=s.top_k, top_p=s.top_p)
+  _, logp = _teacher_forced(tiny_cfg, dparams, prompt, res, s, 3)
+  valid = res.phase >= 0
+  np.testing.assert_allclose(res.logprobs[valid], logp[valid], atol=1e-5, rtol=1e-5)
+  assert np.all(res.logprobs[valid] <= 0) and np.all(np.isfinite(res.logprobs[valid]))
+  # Reproducible from the key; another key gives another sample.
+  again = _gen(tiny_cfg, dparams, prompt, k=3, key=7, temperature=s.temperature,
+               top_k=s.top_k, top_p=s.top_p)
+  np.testing.assert_array_equal(res.tokens, again.tokens)
+  other = _gen(tiny_cfg, dparams, prompt, k=3, key=8, temperature=s.temperature,
+               top_k=s.top_k, top_p=s.top_p)
+  assert not np.array_equal(res.tokens, other.tokens)
+
+
+@pytest.mark.parametrize("k", [3])
+def test_forward_passes_formula(tiny_cfg, dparams, prompt, k):
+  first = _gen(tiny_cfg, dparams, prompt, k=k)
+  stop = _stop_token(first, k)
+  res = _gen(tiny_cfg, dparams, prompt, k=k, think_end_id=stop)
+  ended_blocks = set()
+  for b in range(B):
+    n = res.lengths[b]
+    phase, src, toks = res.phase[b, :n], res.source[b, :n], res.tokens[b, :n]
+    L_cot, L_ans = int(np.sum(phase == 0)), int(np.sum(phase == 1))
+    blocks = int(np.sum((phase == 0) & (src == 0)))
+    assert res.forward_passes[b] == 1 + blocks + L_ans - 1, b
+    # The CoT ends at its first </think> (or an EOS, which ends the sequence);
+    # nothing after it in its block survives.
+    assert toks[L_cot - 1] in (stop, decode.EOS_ID)
+    assert stop not in toks[: L_cot - 1] and decode.EOS_ID not in toks[: L_cot - 1]
+    assert (toks[L_cot - 1] == decode.EOS_ID) == (L_ans == 0 and res.finished[b])
+    assert np.all(phase[:L_cot] == 0) and np.all(phase[L_cot:] == 1)
+    if not res.cot_forced[b]:
+      assert blocks == -(-L_cot // (k + 1))
+      ended_blocks.add(blocks)
+  assert len(ended_blocks) >= 2, "the batch should end its CoT in different blocks"
+
+
+def test_no_cot_prompt_and_length_limit(tiny_cfg, dparams, prompt):
+  no_cot = prompt.copy()
+  for b in range(B):
+    no_cot[b, LENS[b] - 1] = decode.THINK_END_ID     # the prompt ends with </think>
+  res = _gen(tiny_cfg, dparams, no_cot, k=5, eos_id=63)
+  assert np.all(res.phase[res.phase >= 0] == 1), "no-CoT prompts go straight to the answer"
+  for b in range(B):
+    if not res.finished[b]:
+      assert res.lengths[b] == MAX_ANS and res.forward_passes[b] == MAX_ANS
+  assert not np.all(res.finished), "some row should hit the answer limit in this setup"
+
+
+def test_loops_compile_once(tiny_cfg, dparams, prompt):
+  kw = dict(k=3, max_cot_tokens=MAX_COT, max_answer_tokens=MAX_ANS, temperature=1.0)
+  decode.generate(tiny_cfg, dparams, prompt, LENS, jax.random.key(0), **kw)
+  run_cot, run_answer = decode._static(tiny_cfg, 3, sampling.Sampling(temperature=1.0), MAX_COT,
+                                       MAX_ANS, decode.EOS_ID, decode.THINK_END_ID, None)
+  sizes = (run_cot._cache_size(), run_answer._cache_size())
+  iters = set()
+  for seed in range(3):   # different prompts and keys: different iteration counts
+    p2 = np.random.default_rng(seed + 10).integers(6, 64, (B, P))
+    res = decode.generate(tiny_cfg, dparams, p2, LENS, jax.random.key(seed), **kw)
+    iters.add(tuple(np.asarray(res.forward_passes)))
+  assert (run_cot._cache_size(), run_answer._cache_size()) == sizes == (1, 1)
+  assert len(iters) > 1
+
+
+@pytest.mark.parametrize("change,needle", [
+    (dict(k=6), "k=6 is not accepted"),
+    (dict(prompt_lengths=np.array([6, 0, 5, 2])), "empty prompt"),
+    (dict(prompt_tokens=np.full((B, P), 64)), "outside the vocabulary"),
+    (dict(prompt_tokens=np.full((B, P), -3)), "outside the vocabulary"),
+    (dict(prompt_lengths=np.array([7, 3, 5, 2])), "exceed the prompt array's length"),
+])
+def test_bad_input(tiny_cfg, dparams, prompt, change, needle):
+  args = dict(prompt_tokens=prompt, prompt_lengths=LENS, k=3)
+  args.update(change)
+  with pytest.raises(ValueError, match=needle):
+    decode.generate(tiny_cfg, dparams, args.pop("prompt_tokens"), args.pop("prompt_lengths"),
+                    jax.random.key(0), **args)
+
+
+def test_prompt_longer_than_cache(tiny_cfg, dparams, prompt):
+  cfg = tiny_cfg.replace(decode={"max_len": 20})
+  with pytest.raises(ValueError, match="does not fit the cache"):
+    decode.generate(cfg, dparams, prompt, LENS, jax.random.key(0), k=3,
+                    max_cot_tokens=MAX_COT, max_answer_tokens=MAX_ANS)
+
+
+def test_sampling_filters():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+  lp = sampling.process_logits(logits, sampling.Sampling(temperature=1.0, top_p=0.75))
+  np.testing.assert_allclose(np.exp(lp), [[0.625, 0.375, 0, 0]], atol=1e-6)
+  lp = sampling.process_logits(logits, sampling.Sampling(temperature=1.0, top_k=3))
+  np.testing.assert_allclose(np.exp(lp), [[0.5 / .95, 0.3 / .95, 0.15 / .95, 0]], atol=1e-6)
+  lp = sampling.process_logits(logits, sampling.Sampling(temperature=0.5))
+  want = np.array([0.5, 0.3, 0.15, 0.05]) ** 2
+  np.testing.assert_allclose(np.exp(lp)[0], want / want.sum(), atol=1e-6)
+  with pytest.raises(ValueError, match="top_p=1.5"):
+    sampling.Sampling(top_p=1.5)
