@@ -49,10 +49,49 @@ def matmul_flops(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> float:
   return 2.0 * n ** 3 / t
 
 
-def xla_flops(jitted: Callable[..., Any], *args) -> float | None:
-  """XLA's own FLOP count of `jitted(*args)` from the compiled cost analysis (None if absent)."""
+def time_with_matmul_probe(fn: Callable[..., Any], *args, warmup: int = 1, repeats: int = 5,
+                           n: int = 2048) -> dict[str, Any]:
+  """Like `time_fn`, but measures the (n, n) matmul rate before and after every timed
+  call, so a rate can be divided by the matmul rate of the same moment.
+
+  Also records process CPU time: on cores shared with other processes, wall time
+  counts the time we are descheduled, CPU time does not, so a ratio of CPU-time
+  rates is the steadier estimate on a busy machine (spin-waiting threads bias it).
+
+  Returns {"median": wall seconds, "times": [wall s], "mm": [FLOP/s around each call],
+  "cpu": [CPU s], "mm_cpu": [FLOP per CPU second of the matmul around each call]}.
+  """
+  ka, kb = jax.random.split(jax.random.key(0))
+  a, b = jax.random.normal(ka, (n, n)), jax.random.normal(kb, (n, n))
+  mm = jax.jit(jnp.matmul)
+  jax.block_until_ready(mm(a, b))
+
+  def probe() -> tuple[float, float]:
+    wall, cpu = float("inf"), float("inf")
+    for _ in range(2):
+      t0, c0 = time.perf_counter(), time.process_time()
+      jax.block_until_ready(mm(a, b))
+      wall, cpu = min(wall, time.perf_counter() - t0), min(cpu, time.process_time() - c0)
+    return 2.0 * n ** 3 / wall, 2.0 * n ** 3 / cpu
+
+  for _ in range(max(warmup, 1)):
+    jax.block_until_ready(fn(*args))
+  rates, times, cpus = [probe()], [], []
+  for _ in range(repeats):
+    t0, c0 = time.perf_counter(), time.process_time()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+    cpus.append(time.process_time() - c0)
+    rates.append(probe())
+  around = lambda i: [(rates[j][i] + rates[j + 1][i]) / 2 for j in range(repeats)]  # noqa: E731
+  return {"median": statistics.median(times), "times": times, "mm": around(0),
+          "cpu": cpus, "mm_cpu": around(1)}
+
+
+def xla_flops(compiled) -> float | None:
+  """XLA's own FLOP count from a compiled executable's cost analysis (None if absent)."""
   try:
-    cost = jitted.lower(*args).compile().cost_analysis()
+    cost = compiled.cost_analysis()
   except Exception:  # noqa: BLE001 -- some backends do not implement it
     return None
   if isinstance(cost, (list, tuple)):  # older jax returned one dict per device
@@ -82,10 +121,12 @@ def _dims(text: str) -> tuple[int, ...]:
 
 
 def hlo_instructions(hlo_text: str) -> dict[str, dict[str, Any]]:
-  """name -> {opcode, op_name, dot_flops, kinds} for every instruction of a compiled module.
+  """name -> {opcode, op_name, dot_flops, kinds, shapes} for every instruction of a
+  compiled module.
 
   For a fusion, `dot_flops` sums the dots inside its fused computation
-  (2 * output elements * contracted size) and `kinds` lists the opcodes inside.
+  (2 * output elements * contracted size), `kinds` lists the opcodes inside and
+  `shapes` the shapes of its instructions.
   """
   shapes, instrs, comps, comp = {}, {}, {}, None
   for line in hlo_text.splitlines():
@@ -122,6 +163,7 @@ def hlo_instructions(hlo_text: str) -> dict[str, dict[str, Any]]:
       if not info["op_name"] and inner:
         info["op_name"] = instrs[inner[-1]]["op_name"]
     info["kinds"] = sorted({instrs[i]["opcode"] for i in inner})
+    info["shapes"] = sorted({shapes[i] for i in inner} | {shapes[name]})
     info["dot_flops"] = sum(dot_flops(i) for i in inner if instrs[i]["opcode"] == "dot")
   return instrs
 

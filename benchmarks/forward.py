@@ -22,8 +22,10 @@ and the losses' elementwise work are not counted (XLA's count includes them).
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import os
+import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -31,8 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from common import (cpu_info, hlo_instructions, matmul_flops, op_times, time_fn,  # noqa: E402
-                    xla_flops)
+from common import (cpu_info, hlo_instructions, matmul_flops, op_times,  # noqa: E402
+                    time_with_matmul_probe, xla_flops)
 
 import mtcot_jax as mt  # noqa: E402
 from mtcot_jax.model import api  # noqa: E402
@@ -143,6 +145,10 @@ class Row:
   seconds: float
   flops: dict[str, float]
   xla: float | None
+  times: list[float]
+  mm: list[float]         # the matmul rate around each timed step
+  cpu: list[float]        # CPU seconds of each timed step
+  mm_cpu: list[float]     # matmul FLOP per CPU second around each timed step
 
   @property
   def tokens_per_s(self) -> float:
@@ -152,29 +158,49 @@ class Row:
   def achieved(self) -> float:  # FLOP/s of forward+backward by the analytic count
     return 3 * self.flops["forward"] / self.seconds
 
+  @property
+  def ratio(self) -> float:  # median over steps of (achieved / the matmul rate around it)
+    return statistics.median(3 * self.flops["forward"] / t / m for t, m in zip(self.times, self.mm))
+
+  @property
+  def cpu_ratio(self) -> float:  # the same with CPU time in place of wall time
+    return statistics.median(3 * self.flops["forward"] / c / m
+                             for c, m in zip(self.cpu, self.mm_cpu))
+
 
 def bench(name: str, config: str, cfg: mt.Config, B: int, T: int, with_head: bool, repeats: int,
-          params=None) -> Row:
+          params=None, mm_n: int = 2048) -> Row:
   params = mt.init_params(cfg, jax.random.key(0)) if params is None else params
   tokens = jax.random.randint(jax.random.key(1), (B, T), 1, cfg.model.vocab_size, jnp.int32)
-  step = jax.jit(jax.value_and_grad(make_loss(cfg, with_head)))
-  xla = xla_flops(step, params, tokens)
-  t = time_fn(step, params, tokens, warmup=2, repeats=repeats)["median"]
+  step = jax.jit(jax.value_and_grad(make_loss(cfg, with_head))).lower(params, tokens).compile()
+  t = time_with_matmul_probe(step, params, tokens, warmup=1, repeats=repeats, n=mm_n)
   n = param_count(params) if with_head else param_count(params["main"])
-  return Row(name, config, n, B, T, t, flop_count(cfg, B, T, with_head), xla)
+  return Row(name, config, n, B, T, t["median"], flop_count(cfg, B, T, with_head), xla_flops(step),
+             t["times"], t["mm"], t["cpu"], t["mm_cpu"])
 
 
-def print_table(rows: list[Row], mm: float) -> None:
-  hdr = (f"{'config':<22} {'params':>8} {'B x T':>9} {'tokens/s':>9} {'step ms':>8} "
-         f"{'GFLOP/s':>8} {'XLA GFLOP/s':>11} {'XLA/ours':>8} {'ratio mm':>8} {'head %F':>7}")
+def print_table(rows: list[Row]) -> None:
+  hdr = (f"{'config':<26} {'params':>8} {'B x T':>8} {'tokens/s':>8} {'step ms':>8} "
+         f"{'GFLOP/s':>8} {'XLA GFLOP/s':>11} {'mm GFLOP/s':>10} {'ratio':>6} {'cpu ratio':>9} "
+         f"{'head %F':>7}")
   print(hdr)
   print("-" * len(hdr))
   for r in rows:
     xla_rate = f"{r.xla / r.seconds / 1e9:11.1f}" if r.xla else f"{'n/a':>11}"
-    xla_ratio = f"{r.xla / (3 * r.flops['forward']):8.2f}" if r.xla else f"{'n/a':>8}"
-    print(f"{r.name:<22} {r.params / 1e6:7.2f}M {f'{r.B}x{r.T}':>9} {r.tokens_per_s:9.0f} "
-          f"{r.seconds * 1e3:8.1f} {r.achieved / 1e9:8.1f} {xla_rate} {xla_ratio} "
-          f"{r.achieved / mm:8.3f} {100 * r.flops['head'] / r.flops['forward']:6.1f}%")
+    print(f"{r.name:<26} {r.params / 1e6:7.2f}M {f'{r.B}x{r.T}':>8} {r.tokens_per_s:8.0f} "
+          f"{r.seconds * 1e3:8.1f} {r.achieved / 1e9:8.1f} {xla_rate} "
+          f"{statistics.median(r.mm) / 1e9:10.1f} {r.ratio:6.3f} {r.cpu_ratio:9.3f} "
+          f"{100 * r.flops['head'] / r.flops['forward']:6.1f}%")
+  print("GFLOP/s: the analytic count (fwd+bwd) / median step time. mm GFLOP/s: the float32 "
+        "2048^3 matmul\nrate measured around each timed step (median). ratio: median over "
+        "steps of GFLOP/s / mm GFLOP/s.\ncpu ratio: the same with process CPU seconds in "
+        "place of wall seconds (steadier when other\nprocesses share the cores).")
+  spread = max(max(r.mm) for r in rows) / min(min(r.mm) for r in rows)
+  if spread > 1.3:
+    print(f"WARNING: the matmul rate varied {spread:.1f}x during the run (load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores): other processes share the "
+          "cores,\nso wall-time ratios are unreliable; prefer the cpu ratio or rerun on an "
+          "idle machine.")
 
 
 def print_breakdown(rows: list[Row]) -> None:
@@ -201,13 +227,19 @@ def head_share(rows: list[Row]) -> None:
 
 # ----------------------------------------------------------------------------- profile
 
-def _scope(op_name: str) -> str:
+def _scope(info, T: int) -> str:
+  op_name = info["op_name"]
   where = ("bwd" if "transpose(jvp" in op_name else "fwd")
   if "MultiTokenHead" in op_name:
     part = "head"
   elif "Transformer" in op_name:
-    part = ("main attn" if "/attn/" in op_name else "main mlp" if "/mlp/" in op_name
-            else "main other")
+    if "/attn/" in op_name:
+      # The T x T part (scores, mask, softmax, mix) vs the projections and RoPE.
+      core = "bkgts" in op_name or any(len(sh) >= 2 and sh[-2:] == (T, T)
+                                       for sh in info["shapes"])
+      part = "main attn TxT" if core else "main attn proj"
+    else:
+      part = "main mlp" if "/mlp/" in op_name else "main other"
   else:
     part = "loss+unembed"
   return f"{part} {where}"
@@ -223,9 +255,8 @@ def _kind(info) -> str:
   return "elementwise/reduce"
 
 
-def profile(cfg: mt.Config, B: int, T: int, with_head: bool, params, mm: float) -> None:
+def profile(cfg: mt.Config, B: int, T: int, with_head: bool, params) -> None:
   """Per-op time of one step, grouped by model part and op kind; matmul GFLOP/s per group."""
-  import collections
   tokens = jax.random.randint(jax.random.key(1), (B, T), 1, cfg.model.vocab_size, jnp.int32)
   compiled = jax.jit(jax.value_and_grad(make_loss(cfg, with_head))).lower(params, tokens).compile()
   instrs = hlo_instructions(compiled.as_text())
@@ -234,7 +265,7 @@ def profile(cfg: mt.Config, B: int, T: int, with_head: bool, params, mm: float) 
   secs, flops = collections.Counter(), collections.Counter()
   for name, t in times.items():
     info = instrs[name]
-    key = (_scope(info["op_name"]), _kind(info))
+    key = (_scope(info, T), _kind(info))
     secs[key] += t
     flops[key] += info["dot_flops"]
   kinds = collections.Counter()
@@ -243,12 +274,12 @@ def profile(cfg: mt.Config, B: int, T: int, with_head: bool, params, mm: float) 
   print(f"\nper-op profile, {B}x{T}, head={'on' if with_head else 'off'}: op time summed over "
         f"threads {total:.2f} s (ops of the two cores overlap, so this exceeds the wall time)")
   print("  by kind: " + ", ".join(f"{k} {100 * t / total:.1f}%" for k, t in kinds.most_common()))
-  print(f"  {'part':<18} {'kind':<19} {'s':>7} {'share':>6} {'GFLOP':>7} {'GFLOP/s':>8} {'of mm':>6}")
+  print(f"  {'part':<18} {'kind':<19} {'s':>7} {'share':>6} {'GFLOP':>7} {'GFLOP/s':>8}")
   for (scope, kind), t in sorted(secs.items(), key=lambda kv: -kv[1]):
     if t / total < 0.005:
       continue
     f = flops[(scope, kind)]
-    rate = f"{f / t / 1e9:8.1f} {f / t / mm:6.2f}" if f else f"{'':>8} {'':>6}"
+    rate = f"{f / t / 1e9:8.1f}" if f else ""
     print(f"  {scope:<18} {kind:<19} {t:7.3f} {100 * t / total:5.1f}% {f / 1e9:7.1f} {rate}")
   top = sorted(times.items(), key=lambda kv: -kv[1])[:8]
   print("  largest ops:")
@@ -265,40 +296,56 @@ def main(argv=None) -> None:
   p.add_argument("--seq", type=int, default=256, help="sequence length of the ~50M config")
   p.add_argument("--demo-batch", type=int, default=32, help="batch size of the demo config")
   p.add_argument("--demo-seq", type=int, default=128, help="sequence length of the demo config")
-  p.add_argument("--repeats", type=int, default=5, help="timed steps per config (median)")
+  p.add_argument("--repeats", type=int, default=3, help="timed steps per row (median)")
   p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in seconds")
   p.add_argument("--skip-50m", action="store_true", help="only the demo config")
+  p.add_argument("--variants", action="store_true",
+                 help="also the ~50M model with a narrower head (head.width=128)")
+  p.add_argument("--profile", action="store_true",
+                 help="per-op time breakdown of the ~50M step with its head")
   args = p.parse_args(argv)
 
-  m50 = list(M50)
+  m50, narrow = list(M50), ["head.width=128", "head.num_heads=2"]
+  mm_n = 2048
   if args.quick:
     args.batch, args.seq, args.demo_batch, args.demo_seq, args.repeats = 2, 32, 4, 32, 2
     m50 = m50[:1] + ["model.d_model=128", "model.num_layers=2", "model.num_heads=4",
                      "model.num_kv_heads=2", "model.mlp_dim=256"]
+    narrow, mm_n = ["head.width=32", "head.num_heads=2"], 512
 
-  print(cpu_info())
-  mm_n = 512 if args.quick else 2048
+  print(cpu_info(), f"; load average {os.getloadavg()[0]:.1f}")
   mm = matmul_flops(mm_n)
-  print(f"float32 matmul {mm_n}^3 (jitted, best of 5): {mm / 1e9:.1f} GFLOP/s\n")
+  print(f"float32 matmul {mm_n}^3 (jitted, best of 5) at the start: {mm / 1e9:.1f} GFLOP/s\n")
 
-  configs = [("demo", mt.load_config(DEMO), args.demo_batch, args.demo_seq)]
+  # (row name, group: rows of one main model and shape, cfg, B, T, with_head)
+  demo = mt.load_config(DEMO)
+  runs = [("demo", "demo", demo, args.demo_batch, args.demo_seq, True),
+          ("demo", "demo", demo, args.demo_batch, args.demo_seq, False)]
   if not args.skip_50m:
-    configs.append(("50M", mt.load_config(DEMO, m50), args.batch, args.seq))
-  rows = []
-  for name, cfg, B, T in configs:
-    params = mt.init_params(cfg, jax.random.key(0))
-    for with_head in (True, False):
-      label = f"{name} {'k=%d +head' % cfg.head.k if with_head else 'no head'}"
-      rows.append(bench(label, name, cfg, B, T, with_head, args.repeats, params))
-      print(f"  done {label}", flush=True)
+    # The library's default head (width = d_model, 4 heads, mlp 4x), not the demo's.
+    big = mt.load_config(None, m50)
+    runs += [("50M", "50M", big, args.batch, args.seq, True),
+             ("50M", "50M", big, args.batch, args.seq, False)]
+    if args.variants:
+      w = mt.load_config(None, m50 + narrow)
+      runs.append((f"50M head W={w.head.resolved_width(w.model)}", "50M", w, args.batch,
+                   args.seq, True))
+  rows, params = [], {}
+  for name, group, cfg, B, T, with_head in runs:
+    if cfg not in params:
+      params = {cfg: mt.init_params(cfg, jax.random.key(0))}  # one model in memory at a time
+    label = f"{name} {'k=%d +head' % cfg.head.k if with_head else 'no head'}"
+    rows.append(bench(label, group, cfg, B, T, with_head, args.repeats, params[cfg], mm_n))
+    print(f"  {label}: {rows[-1].seconds:.2f} s/step", flush=True)
 
   print()
-  print_table(rows, mm)
+  print_table(rows)
   print_breakdown(rows)
   head_share(rows)
-  mm_after = matmul_flops(mm_n)
-  print(f"\nfloat32 matmul again at the end: {mm_after / 1e9:.1f} GFLOP/s "
-        f"(ratios above use the first, {mm / 1e9:.1f})")
+  if args.profile and not args.skip_50m:
+    profile(big, args.batch, args.seq, True, mt.init_params(big, jax.random.key(0)))
+  print(f"\nfloat32 matmul at the end: {matmul_flops(mm_n) / 1e9:.1f} GFLOP/s; "
+        f"load average {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -4,9 +4,13 @@
     cfg = mt.load_config("configs/demo.yaml", ["head.k=5"])
     params = mt.init_params(cfg, jax.random.key(0))
     out = mt.forward(cfg, params, tokens)
+    res = mt.generate(cfg, params, prompt_tokens, prompt_lengths, key, k=5)
 """
 
 from mtcot_jax.config import Config, ConfigError, load_config, save_config
+from mtcot_jax.data import encode_prompt, get_task, load_tokenizer
+from mtcot_jax.decode import GenerateResult, generate
 from mtcot_jax.model import (ForwardOutput, KVCache, extend, forward, head_logits, init_params,
                              param_shardings, param_specs)
 from mtcot_jax.sharding import make_mesh
+from mtcot_jax.train.checkpoint import load_run

@@ -237,6 +237,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
   if tp is float:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
       return float(value)
+    if isinstance(value, str):  # PyYAML reads '3e-3' (no dot) as a string
+      try:
+        return float(value)
+      except ValueError:
+        pass
     raise ConfigError(f"{key}={value!r}: expected a number")
   if tp is str:
     if isinstance(value, str):

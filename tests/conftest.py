@@ -1,5 +1,7 @@
 """Shared tiny configs and parameters: few distinct shapes, so few compiles."""
 
+import os
+
 import jax
 import pytest
 
@@ -22,3 +24,11 @@ def tiny_cfg():
 @pytest.fixture(scope="session")
 def tiny_params(tiny_cfg):
   return mt.init_params(tiny_cfg, jax.random.key(0))
+
+
+def pytest_configure(config):
+  # Compiles dominate test time on a CPU: share them across the runs in this
+  # session (train() builds a new jitted step per call) through XLA's cache.
+  cache = os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "jax")
+  jax.config.update("jax_compilation_cache_dir", os.path.abspath(cache))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -1,53 +1,44 @@
-"""The `train.py` command line.
+"""The `train.py` command line: `python train.py [--config X.yaml] [section.key=value ...]`.
 
-Until the training loop lands this builds the configured model, runs one
-teacher-forced forward pass and prints the parameter counts and shapes.
+Trains (or resumes) the run in train.workdir, logging to metrics.jsonl, then
+prints a summary table, the evaluation accuracies and a sample chain of thought
+with the head's tokens marked.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import time
-
-import jax
-import numpy as np
 
 import mtcot_jax as mt
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo.yaml")
+DEFAULT_CONFIG = os.path.normpath(
+    os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo.yaml"))
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__)
-  p.add_argument("--config", default=os.path.normpath(DEFAULT_CONFIG),
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--config", default=DEFAULT_CONFIG,
                  help="a preset YAML (default: configs/demo.yaml)")
-  p.add_argument("overrides", nargs="*", help="section.key=value, e.g. head.k=3")
+  p.add_argument("overrides", nargs="*", help="section.key=value, e.g. head.k=3 train.steps=10")
   return p.parse_args(argv)
-
-
-def describe(cfg: mt.Config, params) -> str:
-  lines = []
-  for part in ("main", "head"):
-    leaves = jax.tree_util.tree_leaves_with_path(params[part])
-    total = sum(int(np.prod(x.shape)) for _, x in leaves)
-    lines.append(f"{part}: {total:,} parameters")
-    for path, x in leaves:
-      lines.append(f"  {jax.tree_util.keystr(path):48s} {str(tuple(x.shape)):16s} {x.dtype}")
-  return "\n".join(lines)
 
 
 def main(argv=None):
   args = parse_args(argv)
   cfg = mt.load_config(args.config, args.overrides)
-  mesh = mt.make_mesh(cfg)
-  params = mt.init_params(cfg, jax.random.key(cfg.train.seed), mesh=mesh)
-  print(describe(cfg, params))
-  tokens = np.random.default_rng(0).integers(
-      0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.data.seq_len))
-  t0 = time.perf_counter()
-  out = mt.forward(cfg, params, tokens, mesh=mesh)
-  jax.block_until_ready(out.logits)
-  print(f"forward on {tokens.shape}: logits {out.logits.shape}, residual {out.residual.shape}, "
-        f"head features {None if out.head_features is None else out.head_features.shape} "
-        f"({time.perf_counter() - t0:.1f}s with compile) on mesh {dict(mesh.shape)}")
+  if cfg.train.stage == "rl":
+    from mtcot_jax.train import rl_loop
+    summary = rl_loop.train_rl(cfg)
+    print(rl_loop.summary_table(cfg, summary))
+    return
+  from mtcot_jax.train import loop
+  summary = loop.train(cfg)
+  print(loop.summary_table(cfg, summary))
+  k = cfg.decode.k if cfg.decode.k >= 0 else cfg.head.k
+  print(f"\nA sample chain of thought (k={k}); the line under it says which module wrote "
+        "each token (0 main model, j head depth j):")
+  print(loop.sample_generation(cfg, summary["params"], summary["tokenizer"], k))
+  print(f"\ndecode it yourself: python decode.py --checkpoint {cfg.train.workdir} "
+        f"--prompt '...' --k {k}")

@@ -77,12 +77,21 @@ def param_shardings(cfg: Config, mesh: Mesh):
   return shd.tree_shardings(specs, mesh, cfg.mesh.rules)
 
 
+@functools.lru_cache(maxsize=16)
+def _init_fn(cfg: Config, mesh: Mesh | None):
+  def init(key):
+    # Initializers draw from an RBG key seeded by `key`: XLA compiles one
+    # threefry per parameter otherwise, which dominates start-up on a CPU.
+    rbg = jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl="rbg")
+    return nn.meta.unbox(_init_boxed(cfg, rbg))
+  if mesh is None:
+    return jax.jit(init)
+  return jax.jit(init, out_shardings=param_shardings(cfg, mesh))
+
+
 def init_params(cfg: Config, key: jax.Array, mesh: Mesh | None = None):
   """Random parameters {"main": ..., "head": ...}; sharded by the rules on `mesh`."""
-  init = lambda k: nn.meta.unbox(_init_boxed(cfg, k))  # noqa: E731
-  if mesh is None:
-    return jax.jit(init)(key)
-  return jax.jit(init, out_shardings=param_shardings(cfg, mesh))(key)
+  return _init_fn(cfg, mesh)(key)
 
 
 def unembed_matrix(cfg: Config, params) -> jax.Array:

@@ -1,0 +1,430 @@
+"""Decoding throughput: the k-token CoT loop, the answer loop, and where a CoT iteration's time goes.
+
+    .venv/bin/python benchmarks/decode.py                 # ~25M + demo, batch 1 and 8 (~4-5 min, 2 cores)
+    .venv/bin/python benchmarks/decode.py --quick         # tiny sizes, a smoke test (seconds)
+    .venv/bin/python benchmarks/decode.py --models 25m --batch 1 --ks 0 5
+
+Random weights, greedy sampling. What is measured, per (model, batch):
+
+* CoT phase, for each k: `run_cot` (the jitted prefill + CoT `while_loop` of
+  `mtcot_jax.decode._static`) alone, warm, ended by `block_until_ready`, median
+  of `--repeats`. The EOS id given to the loop is `vocab_size` (never sampled),
+  so random weights cannot end a sequence; they rarely emit `</think>` (id 5),
+  so the CoT runs to `--max-cot` and is budget-forced. CoT tokens are counted
+  from the loop's own output (`phase == 0`, the forced `</think>` included;
+  every one of them cost a main pass or rode in a block). The prefill (one main
+  pass over the prompt, timed on its own by the same jitted code path) is
+  subtracted: CoT tok/s = CoT tokens / (t_run_cot - t_prefill).
+* Answer phase: a no-CoT prompt ending in `</think>`, so `run_cot` stops after
+  the prefill; `run_answer` alone is timed (one token per main pass,
+  `--max-answer` tokens, an EOS id the model never produces).
+* One CoT iteration, split: a jitted main pass (`api.extend`) over a (B, k+1)
+  block and over a (B, 1) block, on a cache of the loop's capacity filled to
+  prompt + max_cot/2; the head's chain of k samples, jitted exactly as
+  `decode.py`'s `head_block` does it (k calls of `run_head` over the whole
+  k-token chain + `head_logits` + `sample`); and, for comparison, the same chain
+  run over only the prefix each depth needs (`chain[:, :j+1]`, identical
+  outputs since the head is causal). "other" = the loop's measured time per
+  iteration - main(k+1) - head chain: sampling, cutting, buffer writes and the
+  while_loop's own overhead.
+* A naive Python loop over a jitted one-token step (extend + argmax, cache
+  donated), k=0 equivalent.
+* Hugging Face transformers' `LlamaForCausalLM.generate` on the same Llama
+  configuration (random weights, greedy, batch 1, the same number of new
+  tokens), when torch and transformers are importable (an optional extra).
+
+Targets (batch 1): k=5 CoT tok/s >= 2x k=0 on a 2-core CPU (>= 5x on a GPU),
+and k=0 >= 5x HF generate.
+
+`--no-ynn` sets XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type= before jax
+starts: XLA:CPU then runs multi-row dots with its own kernels instead of
+YNNPACK fusions (see the findings printed by the breakdown).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+DEMO = "configs/demo.yaml"
+# ~25M parameters in the main model (+1.5M in the head).
+M25 = ["model.vocab_size=1024", "model.d_model=512", "model.num_layers=8",
+       "model.num_heads=8", "model.num_kv_heads=4", "model.mlp_dim=1376",
+       "head.k=5", "head.width=256", "head.num_heads=4", "head.num_layers=1"]
+TINY = ["model.vocab_size=128", "model.d_model=64", "model.num_layers=2", "model.num_heads=4",
+        "model.num_kv_heads=2", "model.mlp_dim=128", "head.k=5", "head.width=32",
+        "head.num_heads=2", "head.num_layers=1"]
+MODELS = {"25m": (None, M25), "demo": (DEMO, []), "tiny": (None, TINY)}
+THINK_END = 5
+
+
+def _parse(argv):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--models", nargs="+", default=None, choices=sorted(MODELS),
+                 help="default: 25m demo (tiny with --quick)")
+  p.add_argument("--batch", nargs="+", type=int, default=None, help="default: 1 8")
+  p.add_argument("--ks", nargs="+", type=int, default=None, help="default: 0 1 3 5")
+  p.add_argument("--max-cot", type=int, default=None, help="CoT budget (default 128)")
+  p.add_argument("--max-answer", type=int, default=None, help="answer tokens (default 128)")
+  p.add_argument("--prompt-len", type=int, default=8)
+  p.add_argument("--repeats", type=int, default=None, help="timed runs per row (median; default 3)")
+  p.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
+  p.add_argument("--no-breakdown", action="store_true", help="skip the per-iteration split")
+  p.add_argument("--no-ynn", action="store_true",
+                 help="XLA:CPU without YNNPACK dot fusions (sets XLA_FLAGS before jax starts)")
+  p.add_argument("--json", default="", help="also write the rows to this file")
+  p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in seconds")
+  a = p.parse_args(argv)
+  q = a.quick
+  a.models = a.models or (["tiny"] if q else ["25m", "demo"])
+  a.batch = a.batch or ([1] if q else [1, 8])
+  a.ks = a.ks or ([0, 2] if q else [0, 1, 3, 5])
+  a.max_cot = a.max_cot or (16 if q else 128)
+  a.max_answer = a.max_answer or (16 if q else 128)
+  a.repeats = a.repeats or (1 if q else 3)
+  if q:
+    a.no_hf = True
+  return a
+
+
+ARGS = _parse(sys.argv[1:]) if __name__ == "__main__" else None
+if ARGS is not None and ARGS.no_ynn:
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_cpu_experimental_ynn_fusion_type=").strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from common import cpu_info, time_fn  # noqa: E402
+
+import mtcot_jax as mt  # noqa: E402
+from mtcot_jax import decode, sampling  # noqa: E402
+from mtcot_jax.model import api  # noqa: E402
+from mtcot_jax.model.transformer import KVCache  # noqa: E402
+
+GREEDY = sampling.Sampling()
+
+
+def load(name: str) -> mt.Config:
+  path, overrides = MODELS[name]
+  return mt.load_config(path, overrides)
+
+
+def n_params(tree) -> int:
+  return int(sum(x.size for x in jax.tree.leaves(tree)))
+
+
+def prompts(cfg: mt.Config, B: int, P: int, seed: int, no_cot: bool):
+  """B random prompts of length P: BOS, random ids >= 6, then `<think>` (4) or `<think> </think>`."""
+  rng = np.random.default_rng(seed)
+  V = cfg.model.vocab_size
+  body = rng.integers(6, V, size=(B, P))
+  body[:, 0] = 1
+  body[:, -1] = THINK_END if no_cot else 4
+  if no_cot:
+    body[:, -2] = 4
+  return jnp.asarray(body, jnp.int32), jnp.full((B,), P, jnp.int32)
+
+
+def timed(fn, *args, repeats: int):
+  """(median seconds, last output) of warm calls of fn(*args)."""
+  out = jax.block_until_ready(fn(*args))   # compile + warm-up
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times), out
+
+
+# ----------------------------------------------------------------------------- pieces
+
+@functools.lru_cache(maxsize=None)
+def _prefill_fn(cfg: mt.Config, capacity: int):
+  """The prefill's main pass as `decode.py` runs it (an empty cache of the loop's capacity)."""
+  @jax.jit
+  def prefill(params, prompt_BxP, lens_B):
+    cache = KVCache.empty(cfg.model, prompt_BxP.shape[0], capacity)
+    out = api.extend(cfg, params, cache, prompt_BxP, lens_B)
+    return out.cache, out.logits[:, -1], out.sources[0][:, -1]
+  return prefill
+
+
+@functools.lru_cache(maxsize=None)
+def _main_pass_fn(cfg: mt.Config):
+  """`decode.py`'s main_pass: extend over a (B, T) block, keep the last position."""
+  @jax.jit
+  def main_pass(params, cache, block_BxT):
+    B, T = block_BxT.shape
+    out = api.extend(cfg, params, cache, block_BxT, jnp.full((B,), T, jnp.int32))
+    return out.cache, out.logits[:, -1], tuple(s[:, -1] for s in out.sources)
+  return main_pass
+
+
+@functools.lru_cache(maxsize=None)
+def _head_chain_fn(cfg: mt.Config, k: int, prefix_only: bool):
+  """The head's chain of k samples as `decode.py`'s head_block runs it (prefix_only=False),
+  or with each depth run over only the chain prefix it reads (the same outputs)."""
+  @jax.jit
+  def head_chain(params, sources, x1_B, key):
+    keys = jax.random.split(key, k)
+    B = x1_B.shape[0]
+    chain = jnp.zeros((B, k), jnp.int32).at[:, 0].set(x1_B)
+    toks, lps = [], []
+    for j in range(k):
+      c = chain[:, :j + 1] if prefix_only else chain
+      feats = api.run_head(cfg, params, sources, c)
+      logits = api.head_logits(cfg, params, feats[:, j])
+      tok, lp = sampling.sample(keys[j], logits, GREEDY)
+      if j + 1 < k:
+        chain = chain.at[:, j + 1].set(tok)
+      toks.append(tok)
+      lps.append(lp)
+    return jnp.stack(toks, 1), jnp.stack(lps, 1)
+  return head_chain
+
+
+@functools.lru_cache(maxsize=None)
+def _step_fn(cfg: mt.Config):
+  """One greedy token: a (B, 1) main pass + argmax; the cache is donated (updated in place)."""
+  @functools.partial(jax.jit, donate_argnums=(1,))
+  def step(params, cache, tok_B):
+    out = api.extend(cfg, params, cache, tok_B[:, None])
+    return out.cache, jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32)
+  return step
+
+
+def naive_loop(cfg, params, prompt, lens, n_tokens: int, capacity: int, repeats: int):
+  """tokens/s of a Python loop over a jitted one-token step (k=0 equivalent)."""
+  prefill = _prefill_fn(cfg, capacity)
+  step = _step_fn(cfg)
+
+  def run():
+    cache, logits, _ = prefill(params, prompt, lens)
+    tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    jax.block_until_ready((cache, tok))
+    t0 = time.perf_counter()
+    for _ in range(n_tokens):
+      cache, tok = step(params, cache, tok)
+    jax.block_until_ready(tok)
+    return time.perf_counter() - t0
+
+  run()  # compile
+  t = statistics.median(run() for _ in range(repeats))
+  return prompt.shape[0] * n_tokens / t, t
+
+
+# ----------------------------------------------------------------------------- rows
+
+@dataclasses.dataclass
+class CotRow:
+  model: str
+  B: int
+  k: int
+  cot_tokens: int          # over the batch (phase == 0)
+  iterations: int          # while_loop iterations (main passes after the prefill)
+  forced: int              # sequences budget-forced
+  t_run_cot: float         # s, prefill included
+  t_prefill: float         # s
+  main_block_ms: float = float("nan")   # one main pass over (B, k+1)
+  main_one_ms: float = float("nan")     # one main pass over (B, 1)
+  head_ms: float = float("nan")         # the head chain as decode.py runs it
+  head_prefix_ms: float = float("nan")  # the chain over prefixes only
+
+  @property
+  def t_cot(self) -> float:
+    return max(self.t_run_cot - self.t_prefill, 1e-9)
+
+  @property
+  def tok_s(self) -> float:
+    return self.cot_tokens / self.t_cot
+
+  @property
+  def iter_ms(self) -> float:
+    return 1e3 * self.t_cot / max(self.iterations, 1)
+
+  @property
+  def other_ms(self) -> float:
+    head = self.head_ms if self.k > 0 else 0.0
+    return self.iter_ms - self.main_block_ms - head
+
+
+def bench_cot(name, cfg, params, B, k, a) -> CotRow:
+  V = cfg.model.vocab_size
+  P = a.prompt_len
+  run_cot, _ = decode._static(cfg, k, GREEDY, a.max_cot, a.max_answer, V, THINK_END, None)
+  prompt, lens = prompts(cfg, B, P, seed=B, no_cot=False)
+  key = jax.random.key(0)
+  t, st = timed(run_cot, params, prompt, lens, key, repeats=a.repeats)
+  # The raw loop state: slots at or past n_out hold a cut block's leftovers.
+  written = np.arange(st.phase.shape[1])[None, :] < np.asarray(st.n_out)[:, None]
+  cot_tokens = int(((np.asarray(st.phase) == 0) & written).sum())
+  iterations = int(np.asarray(st.passes).max()) - 1
+  capacity = P + a.max_cot + 1 + (k + 1) + a.max_answer
+  t_pre, _ = timed(_prefill_fn(cfg, capacity), params, prompt, lens, repeats=a.repeats + 2)
+  row = CotRow(name, B, k, cot_tokens, iterations, int(np.asarray(st.forced).sum()), t, t_pre)
+
+  if not a.no_breakdown:
+    cache = KVCache.empty(cfg.model, B, capacity).replace(
+        lengths=jnp.full((B,), P + a.max_cot // 2, jnp.int32))
+    mp = _main_pass_fn(cfg)
+    reps = max(5, 3 * a.repeats)
+    row.main_block_ms = 1e3 * time_fn(mp, params, cache, jnp.ones((B, k + 1), jnp.int32),
+                                      repeats=reps)["median"]
+    row.main_one_ms = 1e3 * time_fn(mp, params, cache, jnp.ones((B, 1), jnp.int32),
+                                    repeats=reps)["median"]
+    if k > 0:
+      _, _, sources = mp(params, cache, jnp.ones((B, 1), jnp.int32))
+      x1 = jnp.full((B,), 7, jnp.int32)
+      full, pref = _head_chain_fn(cfg, k, False), _head_chain_fn(cfg, k, True)
+      row.head_ms = 1e3 * time_fn(full, params, sources, x1, key, repeats=reps)["median"]
+      row.head_prefix_ms = 1e3 * time_fn(pref, params, sources, x1, key, repeats=reps)["median"]
+      same = np.array_equal(np.asarray(full(params, sources, x1, key)[0]),
+                            np.asarray(pref(params, sources, x1, key)[0]))
+      if not same:
+        print(f"  note: prefix-only head chain differs from decode.py's at k={k}")
+  return row
+
+
+def bench_answer(name, cfg, params, B, a):
+  """(tokens/s, tokens, seconds) of run_answer alone after a no-CoT prefill."""
+  V = cfg.model.vocab_size
+  run_cot, run_answer = decode._static(cfg, 0, GREEDY, a.max_cot, a.max_answer, V, THINK_END,
+                                       None)
+  prompt, lens = prompts(cfg, B, a.prompt_len, seed=100 + B, no_cot=True)
+  st = jax.block_until_ready(run_cot(params, prompt, lens, jax.random.key(0)))
+  assert bool(np.all(np.asarray(st.cot_done))), "a no-CoT prompt should skip the CoT loop"
+  t, res = timed(run_answer, params, st, repeats=a.repeats)
+  n = int((np.asarray(res.phase) == 1).sum())
+  return n / t, n, t
+
+
+def bench_hf(cfg: mt.Config, n_new: int, P: int, repeats: int):
+  """tokens/s of transformers' LlamaForCausalLM.generate (greedy, batch 1), or a skip reason."""
+  try:
+    import torch
+    import transformers
+  except ImportError:
+    return None, "skipped: pip install torch transformers"
+  m = cfg.model
+  hf_cfg = transformers.LlamaConfig(
+      vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.mlp_dim,
+      num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
+      num_key_value_heads=m.num_kv_heads, head_dim=m.dh, rms_norm_eps=m.norm_eps,
+      rope_theta=m.rope_theta, tie_word_embeddings=m.tie_embeddings,
+      max_position_embeddings=max(2048, P + n_new), bos_token_id=1, eos_token_id=2,
+      pad_token_id=0)
+  torch.manual_seed(0)
+  model = transformers.LlamaForCausalLM(hf_cfg).eval()
+  ids = torch.tensor(np.asarray(prompts(cfg, 1, P, seed=1, no_cot=False)[0]), dtype=torch.long)
+  mask = torch.ones_like(ids)
+
+  def run():
+    with torch.inference_mode():
+      t0 = time.perf_counter()
+      out = model.generate(ids, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=n_new,
+                           do_sample=False, pad_token_id=0)
+      dt = time.perf_counter() - t0
+    assert out.shape[1] - P == n_new, out.shape
+    return dt
+
+  run()
+  t = statistics.median(run() for _ in range(repeats))
+  info = (f"transformers {transformers.__version__}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {sum(p.numel() for p in model.parameters())/1e6:.1f}M params")
+  return n_new / t, info
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(a) -> None:
+  t_start = time.perf_counter()
+  gpu = jax.default_backend() == "gpu"
+  target = 5.0 if gpu else 2.0
+  print(f"# decode benchmark: {cpu_info()}")
+  print(f"# XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}  max_cot={a.max_cot} "
+        f"max_answer={a.max_answer} prompt_len={a.prompt_len} repeats={a.repeats} greedy")
+  results = {"backend": jax.default_backend(), "cot": [], "answer": [], "naive": [], "hf": None}
+  k0_b1 = {}
+  for name in a.models:
+    cfg = load(name)
+    ks = [k for k in a.ks if k <= cfg.head.k]
+    params = api.init_params(cfg, jax.random.key(0))
+    m = cfg.model
+    print(f"\n## model {name}: d_model={m.d_model} layers={m.num_layers} heads={m.num_heads}/"
+          f"{m.num_kv_heads} kv mlp={m.mlp_dim} vocab={m.vocab_size} | head width="
+          f"{cfg.head.resolved_width(m)} layers={cfg.head.num_layers} k<={cfg.head.k} | "
+          f"params main {n_params(params['main'])/1e6:.2f}M head {n_params(params['head'])/1e6:.2f}M")
+    for B in a.batch:
+      rows = [bench_cot(name, cfg, params, B, k, a) for k in ks]
+      base = next((r for r in rows if r.k == 0), None)
+      print(f"\n### {name}, batch {B}: CoT phase (run_cot, prefill subtracted)")
+      print(f"{'k':>2} {'CoT tok':>7} {'iters':>5} {'forced':>6} {'run_cot ms':>10} {'prefill':>7} "
+            f"{'tok/s':>8} {'vs k=0':>6} | {'ms/iter':>7} {'main(k+1)':>9} {'main(1)':>7} "
+            f"{'ratio':>5} {'head':>6} {'head*':>6} {'other':>6}")
+      for r in rows:
+        ratio = r.tok_s / base.tok_s if base else float("nan")
+        head = f"{r.head_ms:6.2f}" if r.k else f"{'-':>6}"
+        headp = f"{r.head_prefix_ms:6.2f}" if r.k else f"{'-':>6}"
+        print(f"{r.k:>2} {r.cot_tokens:>7} {r.iterations:>5} {r.forced:>3}/{B:<2} "
+              f"{1e3*r.t_run_cot:>10.1f} {1e3*r.t_prefill:>7.2f} {r.tok_s:>8.1f} {ratio:>5.2f}x | "
+              f"{r.iter_ms:>7.2f} {r.main_block_ms:>9.2f} {r.main_one_ms:>7.2f} "
+              f"{r.main_block_ms/r.main_one_ms:>4.2f}x {head} {headp} {r.other_ms:>6.2f}")
+        results["cot"].append({**dataclasses.asdict(r), "tok_s": r.tok_s, "vs_k0": ratio,
+                               "iter_ms": r.iter_ms, "other_ms": r.other_ms})
+      ans_tps, ans_n, ans_t = bench_answer(name, cfg, params, B, a)
+      cap0 = a.prompt_len + a.max_cot + 2 + a.max_answer
+      prompt, lens = prompts(cfg, B, a.prompt_len, seed=B, no_cot=False)
+      naive_tps, naive_t = naive_loop(cfg, params, prompt, lens, a.max_cot, cap0, a.repeats)
+      print(f"answer phase (run_answer): {ans_n} tokens in {1e3*ans_t:.1f} ms = {ans_tps:.1f} tok/s"
+            f" ({1e3*ans_t/max(ans_n // B - 1, 1):.2f} ms/pass)")
+      print(f"naive Python loop of a jitted 1-token step: {B*a.max_cot} tokens in "
+            f"{1e3*naive_t:.1f} ms = {naive_tps:.1f} tok/s"
+            + (f" (k=0 while_loop: {base.tok_s:.1f}, {base.tok_s/naive_tps:.2f}x)" if base else ""))
+      results["answer"].append({"model": name, "B": B, "tok_s": ans_tps, "tokens": ans_n,
+                                "seconds": ans_t})
+      results["naive"].append({"model": name, "B": B, "tok_s": naive_tps, "seconds": naive_t})
+      best = max(rows, key=lambda r: r.k)
+      if base and best.k > 0:
+        ok = best.tok_s / base.tok_s >= target
+        print(f"target k={best.k}/k=0 >= {target:.0f}x: {best.tok_s/base.tok_s:.2f}x "
+              f"{'MET' if ok else 'NOT MET'}")
+      if base and B == 1:
+        k0_b1[name] = base.tok_s
+
+  if not a.no_hf and "25m" in a.models:
+    cfg = load("25m")
+    tps, info = bench_hf(cfg, a.max_cot, a.prompt_len, a.repeats)
+    print(f"\n## Hugging Face LlamaForCausalLM.generate, 25m config, batch 1, {a.max_cot} new tokens")
+    if tps is None:
+      print(info)
+    else:
+      print(f"{tps:.1f} tok/s ({info})")
+      results["hf"] = {"tok_s": tps, "info": info}
+      if "25m" in k0_b1:
+        r = k0_b1["25m"] / tps
+        print(f"k=0 while_loop / HF generate: {r:.2f}x (target >= 5x: {'MET' if r >= 5 else 'NOT MET'})")
+  elif a.no_hf:
+    print("\nHF comparison: skipped (--no-hf or --quick)")
+  print(f"\n# columns: tok/s = CoT tokens / (run_cot - prefill); ms/iter = that time / iterations;"
+        f" main(k+1), main(1) = one jitted extend over a (B, k+1) / (B, 1) block; ratio = their"
+        f" quotient; head = the head chain as decode.py runs it (k run_head calls over all k"
+        f" chain positions); head* = the same chain over only the prefix each depth reads;"
+        f" other = ms/iter - main(k+1) - head")
+  print(f"# total {time.perf_counter() - t_start:.0f}s")
+  if a.json:
+    with open(a.json, "w") as f:
+      json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+  main(ARGS)

@@ -1,0 +1,1 @@
+"""Training: losses, optimizer, sharded step, checkpoints, evaluation, the loop."""

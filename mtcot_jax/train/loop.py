@@ -1,0 +1,183 @@
+"""The SFT training loop: data, sharded steps, checkpoints, evaluation, logging."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from mtcot_jax import data as mdata
+from mtcot_jax import sharding as shd
+from mtcot_jax.config import Config, ConfigError
+from mtcot_jax.data import builders
+from mtcot_jax.train import checkpoint as ckpt
+from mtcot_jax.train import losses, optim
+from mtcot_jax.train.evaluate import evaluate, render
+from mtcot_jax.train.step import create_state, global_batch, make_train_step
+
+
+def _check_vocab(cfg: Config, tok) -> None:
+  if tok.vocab_size > cfg.model.vocab_size:
+    raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                      f"{tok.vocab_size} pieces ({tok.path}); accepted: >= {tok.vocab_size}")
+
+
+def _jsonable(metrics: dict) -> dict:
+  out = {}
+  for k, v in metrics.items():
+    v = np.asarray(v)
+    out[k] = round(float(v), 6) if v.ndim == 0 else [round(float(x), 6) for x in v]
+  return out
+
+
+class MetricsLog:
+  """Appends one JSON object per line to workdir/metrics.jsonl (process 0 only)."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.enabled = jax.process_index() == 0
+
+  def write(self, record: dict) -> None:
+    if self.enabled:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def eval_settings(cfg: Config) -> list[tuple[str, int, bool]]:
+  """(name, k, cot) of each evaluation: k=0, the configured k, and no-CoT if trained for it."""
+  k = cfg.decode.k if cfg.decode.k >= 0 else cfg.head.k
+  settings = [("k0", 0, True)]
+  if k > 0:
+    settings.append((f"k{k}", k, True))
+  if cfg.data.no_cot_fraction > 0 or not cfg.data.cot:
+    settings.append(("nocot", 0, False))
+  return settings
+
+
+def run_evals(cfg: Config, params, tok, mesh, seed: int) -> dict:
+  task = builders.task_for(cfg.data)
+  n = cfg.train.eval_examples
+  bsz = min(n, 128)
+  split = shd.batch_shards(cfg, tuple(mesh.devices.shape)) if mesh is not None else 1
+  use_mesh = mesh if bsz % split == 0 and n % bsz == 0 else None
+  results = {}
+  for name, k, cot in eval_settings(cfg):
+    batches = mdata.make_eval_batches(cfg, tok, n, bsz, cot=cot)
+    r = evaluate(cfg, params, tok, task, batches, k=k, key=jax.random.key(seed), mesh=use_mesh)
+    results[name] = r
+  return results
+
+
+def sample_generation(cfg: Config, params, tok, k: int, index: int = 0) -> str:
+  import mtcot_jax.decode as dec
+  batch = mdata.make_eval_batches(cfg, tok, 1, 1, cot=True)[0]
+  res = jax.tree.map(np.asarray, dec.generate(
+      cfg, params, batch["prompt_tokens"], batch["prompt_lengths"], jax.random.key(index), k=k,
+      eos_id=tok.eos_id, think_end_id=tok.think_end_id))
+  ex = batch["examples"][0]
+  return (f"question: {ex.question}   (reference answer: {ex.answer})\n"
+          + render(tok, res.tokens[0], res.source[0], res.phase[0], res.lengths[0])
+          + f"\nforward passes: {res.forward_passes[0]}, tokens: {res.lengths[0]}")
+
+
+def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) -> dict:
+  """Runs (or resumes) SFT in cfg.train.workdir. Returns the final summary.
+
+  stop_after: leave after this many steps of this session without a final save
+  (simulates an interruption; used by tests).
+  """
+  t_start = time.perf_counter()
+  t = cfg.train
+  mesh = shd.make_mesh(cfg)
+  tok = mdata.tokenizer_for(cfg)
+  _check_vocab(cfg, tok)
+  if jax.process_index() == 0:
+    ckpt.write_run_files(t.workdir, cfg, tok.path)
+  it = mdata.make_train_iterator(cfg, tok)
+  optimizer = optim.make_optimizer(cfg, frozen=("main",) if t.freeze_main else ())
+  state = create_state(cfg, optimizer, mesh)
+  mngr = ckpt.manager(t.workdir, cfg)
+  restored = ckpt.restore_latest(mngr, state)
+  if restored is not None:
+    state, data_state = restored
+    it.set_state(data_state)
+  start = int(state.step)
+  shardings = jax.tree.map(lambda x: x.sharding, state) if mesh is not None else None
+  step_fn = make_train_step(
+      cfg, mesh, optimizer,
+      lambda p, b, total, shard: losses.loss_and_metrics(cfg, p, b, total, shard),
+      lambda b: losses.counts(cfg, b), losses.finalize, shardings)
+  log = MetricsLog(t.workdir)
+  tokens_per_step = t.batch_size * cfg.data.seq_len
+  last_good = mngr.latest_step()
+  bar = tqdm(range(start, t.steps), initial=start, total=t.steps, disable=not progress,
+             desc="sft", dynamic_ncols=True)
+  metrics, t_log, steps_since = {}, time.perf_counter(), 0
+  for step in bar:
+    batch = global_batch(cfg, mesh, next(it))
+    state, metrics = step_fn(state, batch)
+    steps_since += 1
+    if not float(metrics["finite"]):
+      mngr.wait_until_finished()
+      raise FloatingPointError(
+          f"non-finite loss or gradient at step {step + 1} (loss={float(metrics['loss'])}); "
+          f"training stopped. The last good checkpoint (step {mngr.latest_step()}) is kept in "
+          f"{os.path.join(t.workdir, ckpt.CHECKPOINT_DIR)}")
+    done = step + 1
+    if done % t.log_every == 0 or done == t.steps:
+      m = _jsonable(jax.device_get(metrics))
+      dt = time.perf_counter() - t_log
+      m.update(step=done, lr=float(optim.schedule(cfg)(done - 1)),
+               tokens_per_s=round(steps_since * tokens_per_step / dt, 1),
+               skipped_examples=it.num_skipped)
+      log.write(m)
+      bar.set_postfix(loss=f"{m['loss']:.3f}", main_acc=f"{m['main_acc']:.3f}")
+      t_log, steps_since = time.perf_counter(), 0
+    if t.checkpoint_every and done % t.checkpoint_every == 0 and done != t.steps:
+      ckpt.save(mngr, state, it.get_state())
+      last_good = done
+    if t.eval_every and done % t.eval_every == 0 and done != t.steps:
+      ev = run_evals(cfg, state.params, tok, mesh, t.seed)
+      log.write({"step": done, "eval": ev})
+      bar.write(f"step {done}: " + ", ".join(f"{n} acc {r['accuracy']:.3f}" for n, r in ev.items()))
+    if stop_after is not None and done - start >= stop_after:
+      mngr.wait_until_finished()
+      mngr.close()
+      return {"stopped_at": done, "last_checkpoint": last_good}
+  bar.close()
+  if int(state.step) > 0 and mngr.latest_step() != int(state.step):
+    ckpt.save(mngr, state, it.get_state())
+  mngr.wait_until_finished()
+  mngr.close()
+  t_train = time.perf_counter() - t_start
+  evals = run_evals(cfg, state.params, tok, mesh, t.seed) if t.eval_examples else {}
+  summary = {"step": int(state.step), "train_seconds": round(t_train, 1),
+             "wall_seconds": round(time.perf_counter() - t_start, 1),
+             "final": _jsonable(jax.device_get(metrics)) if metrics else {}, "eval": evals}
+  log.write({"step": int(state.step), "summary": summary})
+  summary["params"] = state.params
+  summary["tokenizer"] = tok
+  return summary
+
+
+def summary_table(cfg: Config, summary: dict) -> str:
+  lines = [f"run {cfg.train.workdir}: {summary['step']} steps, "
+           f"{summary['train_seconds']}s training, {summary['wall_seconds']}s with evaluation"]
+  f = summary.get("final", {})
+  if f:
+    lines.append(f"  train loss {f['loss']:.4f}  main loss {f['main_loss']:.4f}  "
+                 f"main acc {f['main_acc']:.4f}")
+    for name in ("head_acc", "head_accept"):
+      if name in f:
+        lines.append(f"  {name:11s} per depth: " + " ".join(f"{x:.3f}" for x in f[name]))
+  if summary.get("eval"):
+    lines.append(f"  {'eval':8s} {'accuracy':>9s} {'fwd passes':>11s} {'CoT tokens':>11s} "
+                 f"{'finished':>9s} {'tokens/s':>9s}")
+    for name, r in summary["eval"].items():
+      lines.append(f"  {name:8s} {r['accuracy']:9.3f} {r['forward_passes']:11.2f} "
+                   f"{r['cot_tokens']:11.2f} {r['finished']:9.3f} {r['tokens_per_s']:9.1f}")
+  return "\n".join(lines)

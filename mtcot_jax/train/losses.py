@@ -1,0 +1,113 @@
+"""The SFT loss: masked main cross-entropy + head.loss_weight x mean over depths of
+the head's cross-entropy on CoT targets, with its metrics.
+
+Sums and counts are kept apart so that gradient accumulation over micro-batches
+gives exactly the full batch's gradient: each micro-batch's loss is its sums
+divided by the *whole* batch's counts (`Counts`), computed from the masks alone.
+
+The head's (B, T, k, V) logits are never materialised: each depth j is unembedded,
+reduced to its loss and metrics, and rematerialised in the backward pass.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from mtcot_jax.config import Config
+from mtcot_jax.model import api
+from mtcot_jax.sharding import Sharder
+
+
+class Counts(NamedTuple):
+  main: jax.Array    # () targets with a main loss (CoT + answer)
+  head: jax.Array    # (k,) head targets per depth
+
+
+def head_target_mask(batch, k: int) -> jax.Array:
+  """(B, T, k): 1 where the chain at source t has a CoT target at depth j, i.e.
+  x[t+1+j] = targets[t+j] is a CoT token of the same packed segment."""
+  cot, seg = batch["cot_mask"], batch["segment_ids"]
+  masks = []
+  for j in range(1, k + 1):
+    shifted = jnp.pad(cot[:, j:], ((0, 0), (0, j)))
+    same = jnp.pad(seg[:, j:], ((0, 0), (0, j))) == seg
+    masks.append(shifted * same * (seg > 0))
+  return jnp.stack(masks, axis=-1)
+
+
+def shifted_targets(targets_BxT: jax.Array, k: int) -> jax.Array:
+  """(B, T, k): the head's target at source t, depth j = targets[t + j] (PAD past the end)."""
+  return jnp.stack([jnp.pad(targets_BxT[:, j:], ((0, 0), (0, j))) for j in range(1, k + 1)],
+                   axis=-1)
+
+
+def counts(cfg: Config, batch) -> Counts:
+  main = jnp.sum(batch["cot_mask"] + batch["answer_mask"])
+  head = jnp.sum(head_target_mask(batch, cfg.head.k), axis=(0, 1)) if cfg.head.k else jnp.zeros(0)
+  return Counts(main, head)
+
+
+def _ce(logits_xV, targets_x):
+  """Cross-entropy per position, as logsumexp - picked logit (no one-hot)."""
+  logits_xV = logits_xV.astype(jnp.float32)
+  picked = jnp.take_along_axis(logits_xV, targets_x[..., None], axis=-1)[..., 0]
+  return jax.nn.logsumexp(logits_xV, axis=-1) - picked
+
+
+def loss_and_metrics(cfg: Config, params, batch, total: Counts,
+                     shard: Sharder = Sharder()) -> tuple[jax.Array, dict]:
+  """Loss of one (micro-)batch, normalised by the whole batch's `total` counts.
+
+  Returns (loss, sums): `sums` holds metric numerators (summed over micro-batches
+  by the caller, then divided by `total`).
+  """
+  k = cfg.head.k
+  out = api.apply(cfg, params, batch["inputs"], positions=batch["positions"],
+                  segment_ids=batch["segment_ids"], with_head=k > 0, shard=shard)
+  mask = batch["cot_mask"] + batch["answer_mask"]
+  ce = _ce(out.logits, batch["targets"])
+  main_pred = jnp.argmax(out.logits, axis=-1)
+  sums = {"main_loss": jnp.sum(ce * mask),
+          "main_acc": jnp.sum((main_pred == batch["targets"]) * mask)}
+  loss = sums["main_loss"] / jnp.maximum(total.main, 1.0)
+  if k == 0:
+    return loss, sums
+
+  head_mask = head_target_mask(batch, k)
+  head_tgt = shifted_targets(batch["targets"], k)
+  # The main model's own greedy token for x[t+1+j] (teacher-forced): acceptance.
+  main_next = shifted_targets(main_pred, k)
+
+  @jax.checkpoint
+  def depth_stats(feat_BxTxD, tgt_BxT, mask_BxT, main_BxT):
+    logits = api.head_logits(cfg, params, feat_BxTxD)
+    pred = jnp.argmax(logits, axis=-1)
+    return (jnp.sum(_ce(logits, tgt_BxT) * mask_BxT), jnp.sum((pred == tgt_BxT) * mask_BxT),
+            jnp.sum((pred == main_BxT) * mask_BxT))
+
+  head_loss, head_acc, head_accept = [], [], []
+  for j in range(k):
+    l, a, c = depth_stats(out.head_features[:, :, j], head_tgt[..., j], head_mask[..., j],
+                          main_next[..., j])
+    head_loss.append(l)
+    head_acc.append(a)
+    head_accept.append(c)
+  sums["head_loss"] = jnp.stack(head_loss)
+  sums["head_acc"] = jnp.stack(head_acc)
+  sums["head_accept"] = jnp.stack(head_accept)
+  per_depth = sums["head_loss"] / jnp.maximum(total.head, 1.0)
+  loss = loss + cfg.head.loss_weight * jnp.mean(per_depth)
+  return loss, sums
+
+
+def finalize(sums: dict, total: Counts) -> dict:
+  """Metric numerators -> means: main_loss, main_acc, head_loss/acc/accept per depth."""
+  m = {"main_loss": sums["main_loss"] / jnp.maximum(total.main, 1.0),
+       "main_acc": sums["main_acc"] / jnp.maximum(total.main, 1.0)}
+  for name in ("head_loss", "head_acc", "head_accept"):
+    if name in sums:
+      m[name] = sums[name] / jnp.maximum(total.head, 1.0)
+  return m
