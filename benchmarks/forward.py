@@ -1,7 +1,9 @@
 """Teacher-forced forward+backward throughput of the main model and the multi-token head.
 
-    .venv/bin/python benchmarks/forward.py            # demo + ~50M configs (~3-4 min, 2 cores)
-    .venv/bin/python benchmarks/forward.py --quick    # tiny sizes, a smoke test (seconds)
+    .venv/bin/python benchmarks/forward.py            # demo + ~50M configs (~4 min, 2 cores)
+    .venv/bin/python benchmarks/forward.py --quick    # tiny sizes, a smoke test (~25 s)
+    ... --variants   # + the ~50M model with a narrower head (head.width=128)
+    ... --profile    # + per-op time of the ~50M step by model part and op kind
 
 For each config it times one jitted `value_and_grad` of the SFT-style loss
 
@@ -9,8 +11,10 @@ For each config it times one jitted `value_and_grad` of the SFT-style loss
 
 and reports tokens/s, the FLOP/s achieved by an analytic matmul count (`flop_count`)
 and by XLA's own count, and the ratio of the former to a large float32 matmul
-measured in the same run. Each config runs with and without the head, so the
-head's share of a training step can be read off.
+measured around every timed step (other processes may share the cores). Each
+config runs with and without the head, so the head's share of a step can be read off.
+The ~50M model uses the library's default head (width = d_model, mlp 4x width);
+the demo uses its preset's head (width 64).
 
 FLOP counting (see `flop_count`): 2 FLOPs per multiply-add of every matmul; the
 attention scores QK^T and the mix AV over the full T x T square (XLA computes
@@ -192,11 +196,11 @@ def print_table(rows: list[Row]) -> None:
           f"{statistics.median(r.mm) / 1e9:10.1f} {r.ratio:6.3f} {r.cpu_ratio:9.3f} "
           f"{100 * r.flops['head'] / r.flops['forward']:6.1f}%")
   print("GFLOP/s: the analytic count (fwd+bwd) / median step time. mm GFLOP/s: the float32 "
-        "2048^3 matmul\nrate measured around each timed step (median). ratio: median over "
+        "n^3 matmul (n=2048)\nrate measured around each timed step (median). ratio: median over "
         "steps of GFLOP/s / mm GFLOP/s.\ncpu ratio: the same with process CPU seconds in "
         "place of wall seconds (steadier when other\nprocesses share the cores).")
   spread = max(max(r.mm) for r in rows) / min(min(r.mm) for r in rows)
-  if spread > 1.3:
+  if spread > 1.3 or os.getloadavg()[0] > (os.cpu_count() or 1) + 0.5:
     print(f"WARNING: the matmul rate varied {spread:.1f}x during the run (load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores): other processes share the "
           "cores,\nso wall-time ratios are unreliable; prefer the cpu ratio or rerun on an "

@@ -70,6 +70,10 @@ class HeadConfig:
   source_layers: tuple[int, ...] = (-1,)
   loss_weight: float = 0.3
   stop_gradient_residual: bool = False
+  # Training runs the head's chains at this many source positions per row, those
+  # with a CoT target first (0: every position). Chains elsewhere have no target,
+  # and the head's cost grows with the chains it runs.
+  train_positions: int = 0
 
   def resolved_width(self, model: ModelConfig) -> int:
     return self.width or model.d_model
@@ -324,6 +328,8 @@ def validate(cfg: Config) -> None:
   _check(len(set(h.source_layers)) == len(h.source_layers), "head.source_layers",
          h.source_layers, "distinct layer indices")
   _check(h.loss_weight >= 0, "head.loss_weight", h.loss_weight, "a number >= 0")
+  _check(0 <= h.train_positions, "head.train_positions", h.train_positions,
+         "0 (every position) or an int >= 1")
 
   mesh_axes = cfg.mesh.shape
   _check(all(a == -1 or a >= 1 for a in mesh_axes) and mesh_axes.count(-1) <= 1,

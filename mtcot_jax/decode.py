@@ -91,8 +91,8 @@ def _static(cfg: Config, k: int, sample: sampling.Sampling, max_cot: int, max_an
     B, P = prompt_BxP.shape
     capacity = P + max_cot + 1 + (k + 1) + max_answer
     cache = KVCache.empty(cfg.model, B, capacity)
-    cache = cache.replace(k=shard(cache.k, (None, "batch", None, "act_kv_heads", None)),
-                          v=shard(cache.v, (None, "batch", None, "act_kv_heads", None)))
+    cache = cache.replace(k=shard(cache.k, (None, "batch", "act_kv_heads", None, None)),
+                          v=shard(cache.v, (None, "batch", "act_kv_heads", None, None)))
     cache, logits, sources = main_pass(params, cache, prompt_BxP, lens_B)
     last_prompt = jnp.take_along_axis(prompt_BxP, (lens_B - 1)[:, None], axis=1)[:, 0]
     zeros = jnp.zeros((B, L), jnp.int32)
@@ -110,8 +110,8 @@ def _static(cfg: Config, k: int, sample: sampling.Sampling, max_cot: int, max_an
     chain = jnp.zeros((B, k), jnp.int32).at[:, 0].set(x1_B)
     toks, lps = [], []
     for j in range(k):   # depth j+1 predicts x[t+2+j] from chain x[t+1..t+1+j]
-      feats_BxKxD = api.run_head(cfg, params, st.sources, chain, shard)
-      logits = api.head_logits(cfg, params, feats_BxKxD[:, j])
+      feats_BxJxD = api.run_head(cfg, params, st.sources, chain[:, : j + 1], shard)
+      logits = api.head_logits(cfg, params, feats_BxJxD[:, j])
       tok, lp = sampling.sample(keys[j], logits, sample)
       if j + 1 < k:
         chain = chain.at[:, j + 1].set(tok)

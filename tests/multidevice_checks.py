@@ -89,6 +89,55 @@ def check_mesh_and_batch_errors():
     raise AssertionError("4 heads split 8 ways accepted")
 
 
+def check_decode_under_mesh():
+  """Batch sharded over the data axes, params by the rules: same tokens as 1 device."""
+  from mtcot_jax import decode
+  cfg = _cfg()
+  mesh = mt.make_mesh(cfg)
+  params = mt.init_params(cfg, jax.random.key(0), mesh=mesh)
+  params = jax.tree.map(lambda x: x * 10.0 if x.ndim > 1 else x, params)  # diverse outputs
+  prompt = np.random.default_rng(0).integers(6, cfg.model.vocab_size, (8, 5))
+  lens = np.array([5, 3, 4, 2, 5, 1, 3, 4])
+  kw = dict(k=3, max_cot_tokens=8, max_answer_tokens=3, temperature=0.9, top_k=30)
+  sharded = decode.generate(cfg, params, prompt, lens, jax.random.key(3), mesh=mesh, **kw)
+  local = decode.generate(cfg, jax.device_put(params, jax.devices()[0]), prompt, lens,
+                          jax.random.key(3), **kw)
+  for name in ("tokens", "source", "phase", "lengths", "forward_passes"):
+    np.testing.assert_array_equal(getattr(sharded, name), getattr(local, name), err_msg=name)
+  np.testing.assert_allclose(sharded.logprobs, local.logprobs, atol=1e-5)
+  assert sharded.tokens.sharding.spec[0] == ("data", "fsdp"), sharded.tokens.sharding
+
+
+def check_train_step_matches_one_device():
+  from mtcot_jax.train import losses, optim
+  from mtcot_jax.train.step import create_state, global_batch, make_train_step
+  cfg = _cfg("train.batch_size=8")
+  rng = np.random.default_rng(0)
+  T = 16
+  batch = {"inputs": rng.integers(6, 64, (8, T)).astype(np.int32),
+           "positions": np.tile(np.arange(T, dtype=np.int32), (8, 1)),
+           "segment_ids": np.ones((8, T), np.int32),
+           "cot_mask": (rng.random((8, T)) < 0.5).astype(np.float32),
+           "answer_mask": np.zeros((8, T), np.float32)}
+  batch["targets"] = np.roll(batch["inputs"], -1, 1)
+  results = []
+  for mesh in (mt.make_mesh(cfg), None):
+    opt = optim.make_optimizer(cfg)
+    state = create_state(cfg, opt, mesh)
+    if mesh is None:
+      state = jax.device_put(state, jax.devices()[0])
+    shardings = jax.tree.map(lambda x: x.sharding, state) if mesh is not None else None
+    step = make_train_step(cfg, mesh, opt,
+                           lambda p, b, t, s: losses.loss_and_metrics(cfg, p, b, t, s),
+                           lambda b: losses.counts(cfg, b), losses.finalize, shardings)
+    for _ in range(2):
+      state, metrics = step(state, global_batch(cfg, mesh, batch))
+    results.append((jax.device_get(state.params), float(metrics["loss"])))
+  np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4),
+               results[0][0], results[1][0])
+
+
 def main(names):
   assert jax.device_count() == 8, jax.devices()
   names = names or [n[len("check_"):] for n in globals() if n.startswith("check_")]

@@ -88,6 +88,20 @@ def test_loss_matches_numpy_reference(tiny_cfg, tiny_params):
   np.testing.assert_allclose(float(got), want, rtol=1e-5)
 
 
+def test_head_train_positions_keep_every_target(tiny_cfg, tiny_params):
+  """Chains at 6 of 12 positions (those with CoT targets first) give the loss of
+  chains everywhere when no row has more than 6 such positions."""
+  cfg = tiny_cfg.replace(head={"k": 3})
+  b = jax.tree.map(jnp.asarray, _batch(cfg))
+  full, _ = losses.loss_and_metrics(cfg, tiny_params, b, losses.counts(cfg, b))
+  sub = cfg.replace(head={"train_positions": 6})
+  src = losses.head_sources(sub, b)
+  assert src.shape == (2, 6)
+  np.testing.assert_array_equal(losses.counts(sub, b).head, losses.counts(cfg, b).head)
+  got, _ = losses.loss_and_metrics(sub, tiny_params, b, losses.counts(sub, b))
+  np.testing.assert_allclose(float(got), float(full), rtol=1e-6)
+
+
 def test_grad_accumulation_equals_full_batch(tiny_cfg, tiny_params):
   cfg = tiny_cfg.replace(train={"batch_size": 4})
   b = _batch(cfg)

@@ -66,8 +66,9 @@ def rope(x_BxTxNxDh: jax.Array, pos_BxT: jax.Array, theta: float) -> jax.Array:
 class Attention(nn.Module):
   """Grouped-query attention of T new tokens over themselves and, optionally, a cache.
 
-  `mask_BxTxS` is (B, T, T) without a cache. With `cache_kv = (k_BxSxKxDh,
-  v_BxSxKxDh)` it is (B, T, S + T): the first S columns mask the cache slots,
+  `mask_BxTxS` is (B, T, T) without a cache. With `cache_kv = (k_BxKxSxDh,
+  v_BxKxSxDh)` (kv-head-major, the layout attention reads without a transpose)
+  it is (B, T, S + T): the first S columns mask the cache slots,
   the last T the new tokens. Returns the output and the new tokens' (k, v),
   which the caller writes into the cache (so the cache is never copied here).
   """
@@ -94,19 +95,19 @@ class Attention(nn.Module):
     B, T = q_BxTxHxDh.shape[:2]
     G = H // K
     q_BxTxKxGxDh = q_BxTxHxDh.reshape(B, T, K, G, Dh) * jnp.asarray(Dh ** -0.5, dt)
-    scores = lambda keys: jnp.einsum(  # noqa: E731
-        "btkgd,bskd->bkgts", q_BxTxKxGxDh, keys.astype(dt)).astype(jnp.float32)
-    logits_BxKxGxTxS = scores(k_BxTxKxDh)
+    scores = lambda spec, keys: jnp.einsum(  # noqa: E731
+        spec, q_BxTxKxGxDh, keys.astype(dt)).astype(jnp.float32)
+    logits_BxKxGxTxS = scores("btkgd,bskd->bkgts", k_BxTxKxDh)
     if cache_kv is not None:
-      logits_BxKxGxTxS = jnp.concatenate([scores(cache_kv[0]), logits_BxKxGxTxS], axis=-1)
+      logits_BxKxGxTxS = jnp.concatenate(
+          [scores("btkgd,bksd->bkgts", cache_kv[0]), logits_BxKxGxTxS], axis=-1)
     logits_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], logits_BxKxGxTxS, -1e30)
     probs = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(dt)
-    mix = lambda p, vals: jnp.einsum("bkgts,bskd->btkgd", p, vals.astype(dt))  # noqa: E731
-    if cache_kv is None:
-      out_BxTxKxGxDh = mix(probs, v_BxTxKxDh)
-    else:
-      S = cache_kv[1].shape[1]
-      out_BxTxKxGxDh = mix(probs[..., :S], cache_kv[1]) + mix(probs[..., S:], v_BxTxKxDh)
+    mix = lambda spec, p, vals: jnp.einsum(spec, p, vals.astype(dt))  # noqa: E731
+    out_BxTxKxGxDh = mix("bkgts,bskd->btkgd", probs[..., -T:], v_BxTxKxDh)
+    if cache_kv is not None:
+      S = cache_kv[1].shape[2]
+      out_BxTxKxGxDh += mix("bkgts,bksd->btkgd", probs[..., :S], cache_kv[1])
     out_BxTxD = jnp.einsum("bthk,hkd->btd", out_BxTxKxGxDh.reshape(B, T, H, Dh), wo.astype(dt))
     return out_BxTxD, (k_BxTxKxDh, v_BxTxKxDh)
 

@@ -29,17 +29,17 @@ _REMAT_POLICIES = {
 @flax.struct.dataclass
 class KVCache:
   """Keys and values of every layer, and each sequence's filled length."""
-  k: jax.Array        # (L, B, S, K, Dh)
-  v: jax.Array        # (L, B, S, K, Dh)
+  k: jax.Array        # (L, B, K, S, Dh)
+  v: jax.Array        # (L, B, K, S, Dh)
   lengths: jax.Array  # (B,) int32
 
   @property
   def capacity(self) -> int:
-    return self.k.shape[2]
+    return self.k.shape[3]
 
   @classmethod
   def empty(cls, cfg: ModelConfig, batch: int, capacity: int) -> "KVCache":
-    shape = (cfg.num_layers, batch, capacity, cfg.num_kv_heads, cfg.dh)
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.dh)
     zeros = jnp.zeros(shape, jnp.dtype(cfg.dtype))
     return cls(k=zeros, v=zeros, lengths=jnp.zeros((batch,), jnp.int32))
 
@@ -122,11 +122,15 @@ class Transformer(nn.Module):
       num_new_B = jnp.full((B,), T, jnp.int32) if num_new_B is None else num_new_B
       # One scatter for all layers; slots past the capacity are dropped, never
       # clamped onto valid entries (callers size the cache; `extend` checks).
-      b_idx = jnp.arange(B)[:, None]
-      k_new = jnp.stack(new_k).astype(cache.k.dtype)   # (L, B, T, K, Dh)
-      v_new = jnp.stack(new_v).astype(cache.v.dtype)
-      new_cache = KVCache(k=cache.k.at[:, b_idx, slots_BxT].set(k_new, mode="drop"),
-                          v=cache.v.at[:, b_idx, slots_BxT].set(v_new, mode="drop"),
+      b_idx = jnp.arange(B)[:, None, None]
+      k_idx = jnp.arange(c.num_kv_heads)[None, :, None]
+      s_idx = slots_BxT[:, None, :]
+      to_cache = lambda x: jnp.stack(x).transpose(0, 1, 3, 2, 4)  # noqa: E731  (L,B,K,T,Dh)
+      new_cache = KVCache(
+          k=cache.k.at[:, b_idx, k_idx, s_idx].set(to_cache(new_k).astype(cache.k.dtype),
+                                                   mode="drop"),
+          v=cache.v.at[:, b_idx, k_idx, s_idx].set(to_cache(new_v).astype(cache.v.dtype),
+                                                   mode="drop"),
                           lengths=cache.lengths + num_new_B.astype(jnp.int32))
     sources = tuple(layer_out[l % c.num_layers] for l in self.source_layers)
     return MainOutput(logits_BxTxV, x_BxTxD, sources, new_cache)

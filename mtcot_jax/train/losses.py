@@ -44,10 +44,30 @@ def shifted_targets(targets_BxT: jax.Array, k: int) -> jax.Array:
                    axis=-1)
 
 
+def head_sources(cfg: Config, batch) -> jax.Array | None:
+  """(B, P) source positions for the head's chains: those with a depth-1 CoT
+  target first, in order (head.train_positions = P; None: every position)."""
+  P = cfg.head.train_positions
+  T = batch["cot_mask"].shape[1]
+  if P == 0 or P >= T:
+    return None
+  has_target = head_target_mask(batch, 1)[..., 0] > 0
+  order = jnp.argsort(~has_target, axis=1, stable=True)
+  return order[:, :P].astype(jnp.int32)
+
+
+def _gather(x_BxTx, pos_BxP):
+  return x_BxTx if pos_BxP is None else jnp.take_along_axis(
+      x_BxTx, pos_BxP.reshape(pos_BxP.shape + (1,) * (x_BxTx.ndim - 2)), axis=1)
+
+
 def counts(cfg: Config, batch) -> Counts:
+  """The normalisers: main targets, and head targets per depth at the chains run."""
   main = jnp.sum(batch["cot_mask"] + batch["answer_mask"])
-  head = jnp.sum(head_target_mask(batch, cfg.head.k), axis=(0, 1)) if cfg.head.k else jnp.zeros(0)
-  return Counts(main, head)
+  if not cfg.head.k:
+    return Counts(main, jnp.zeros(0))
+  mask = _gather(head_target_mask(batch, cfg.head.k), head_sources(cfg, batch))
+  return Counts(main, jnp.sum(mask, axis=(0, 1)))
 
 
 def _ce(logits_xV, targets_x):
@@ -65,8 +85,10 @@ def loss_and_metrics(cfg: Config, params, batch, total: Counts,
   by the caller, then divided by `total`).
   """
   k = cfg.head.k
+  sources = head_sources(cfg, batch) if k else None
   out = api.apply(cfg, params, batch["inputs"], positions=batch["positions"],
-                  segment_ids=batch["segment_ids"], with_head=k > 0, shard=shard)
+                  segment_ids=batch["segment_ids"], head_positions=sources, with_head=k > 0,
+                  shard=shard)
   mask = batch["cot_mask"] + batch["answer_mask"]
   ce = _ce(out.logits, batch["targets"])
   main_pred = jnp.argmax(out.logits, axis=-1)
@@ -76,17 +98,17 @@ def loss_and_metrics(cfg: Config, params, batch, total: Counts,
   if k == 0:
     return loss, sums
 
-  head_mask = head_target_mask(batch, k)
-  head_tgt = shifted_targets(batch["targets"], k)
+  head_mask = _gather(head_target_mask(batch, k), sources)          # (B, P, k)
+  head_tgt = _gather(shifted_targets(batch["targets"], k), sources)
   # The main model's own greedy token for x[t+1+j] (teacher-forced): acceptance.
-  main_next = shifted_targets(main_pred, k)
+  main_next = _gather(shifted_targets(main_pred, k), sources)
 
   @jax.checkpoint
-  def depth_stats(feat_BxTxD, tgt_BxT, mask_BxT, main_BxT):
-    logits = api.head_logits(cfg, params, feat_BxTxD)
+  def depth_stats(feat_BxPxD, tgt_BxP, mask_BxP, main_BxP):
+    logits = api.head_logits(cfg, params, feat_BxPxD)
     pred = jnp.argmax(logits, axis=-1)
-    return (jnp.sum(_ce(logits, tgt_BxT) * mask_BxT), jnp.sum((pred == tgt_BxT) * mask_BxT),
-            jnp.sum((pred == main_BxT) * mask_BxT))
+    return (jnp.sum(_ce(logits, tgt_BxP) * mask_BxP), jnp.sum((pred == tgt_BxP) * mask_BxP),
+            jnp.sum((pred == main_BxP) * mask_BxP))
 
   head_loss, head_acc, head_accept = [], [], []
   for j in range(k):

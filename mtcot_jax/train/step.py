@@ -30,9 +30,15 @@ def create_state(cfg: Config, optimizer: optax.GradientTransformation, mesh: Mes
   key_init, key_run = jax.random.split(jax.random.key(cfg.train.seed))
   if params is None:
     params = api.init_params(cfg, key_init, mesh)
-  opt_state = jax.jit(optimizer.init)(params)   # shardings follow the params'
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
-                    key=jax.random.key_data(key_run))
+  opt_state = jax.jit(optimizer.init)(params)   # moments' shardings follow the params'
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
+                     key=jax.random.key_data(key_run))
+  if mesh is None:
+    return state
+  # Everything not laid out on the mesh (step, key, optimizer counts) is replicated.
+  rep = NamedSharding(mesh, PartitionSpec())
+  return jax.tree.map(
+      lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, rep), state)
 
 
 def state_shardings(state: TrainState):

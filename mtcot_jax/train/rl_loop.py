@@ -1,0 +1,157 @@
+"""The RL stage (`train.stage=rl`): GRPO from an SFT run, with SFT's sharding,
+checkpoints, exact resume, logging, progress bar and evaluation."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from mtcot_jax import decode, sampling
+from mtcot_jax import sharding as shd
+from mtcot_jax.config import Config, ConfigError
+from mtcot_jax.data import builders, encode_prompt
+from mtcot_jax.model import api
+from mtcot_jax.train import checkpoint as ckpt
+from mtcot_jax.train import optim, rl
+from mtcot_jax.train.evaluate import answer_text
+from mtcot_jax.train.loop import MetricsLog, _jsonable, run_evals
+from mtcot_jax.train.step import create_state, global_batch, make_train_step
+
+_PROMPT_BUCKET = 16   # prompts are padded to a multiple of this: few distinct shapes
+
+
+def _prompts(cfg: Config, tok, source, step: int):
+  """The prompts of `step` (examples step*n .. step*n+n-1 of the train split, cycling),
+  each repeated group_size times (a group's rollouts are adjacent)."""
+  r = cfg.rl
+  n, G = r.prompts_per_step, r.group_size
+  examples = [source[(step * n + i) % len(source)] for i in range(n)]
+  ids = [encode_prompt(tok, ex.question, cot=True) for ex in examples]
+  P = -(-max(map(len, ids)) // _PROMPT_BUCKET) * _PROMPT_BUCKET
+  prompt = np.zeros((n * G, P), np.int32)
+  lengths = np.zeros(n * G, np.int32)
+  for i, row in enumerate(ids):
+    prompt[i * G:(i + 1) * G, :len(row)] = row
+    lengths[i * G:(i + 1) * G] = len(row)
+  return prompt, lengths, [ex for ex in examples for _ in range(G)]
+
+
+def rewards(cfg: Config, tok, task, res, examples) -> tuple[np.ndarray, np.ndarray]:
+  """Task reward (the grader) + rl.format_reward for a CoT closed by the model
+  and an answer ended by EOS. Returns (rewards, correctness)."""
+  res = jax.tree.map(np.asarray, res)
+  correct = np.array([task.grade(answer_text(tok, res.tokens[b], res.phase[b], res.lengths[b]),
+                                 ex) for b, ex in enumerate(examples)], np.float32)
+  well_formed = res.finished & ~res.cot_forced & np.any(res.phase == 1, axis=1)
+  return correct + cfg.rl.format_reward * well_formed.astype(np.float32), correct
+
+
+def train_rl(cfg: Config, *, stop_after: int | None = None, progress: bool = True) -> dict:
+  """GRPO in cfg.train.workdir, starting from the SFT run in cfg.train.init_from."""
+  t_start = time.perf_counter()
+  t, r = cfg.train, cfg.rl
+  if not t.init_from:
+    raise ConfigError("train.stage=rl needs train.init_from=<the SFT run's workdir>")
+  mesh = shd.make_mesh(cfg)
+  B = r.prompts_per_step * r.group_size
+  split = shd.batch_shards(cfg, tuple(mesh.devices.shape))
+  if B % split:
+    raise ConfigError(f"rl.prompts_per_step x rl.group_size = {B} is not divisible by the "
+                      f"{split} batch shards of the mesh; accepted: a multiple of {split}")
+  sft = ckpt.load_run(t.init_from, mesh)
+  if api.param_shapes(sft.cfg) != api.param_shapes(cfg):
+    raise ConfigError(f"the model/head config differs from the SFT run in {t.init_from}; "
+                      "accepted: the same model and head shapes")
+  tok = sft.tokenizer
+  if jax.process_index() == 0:
+    ckpt.write_run_files(t.workdir, cfg, tok.path)
+  task = builders.task_for(cfg.data)
+  source = builders.split_source(cfg.data, "train")
+  frozen = tuple(m for m, on in (("main", r.train_main), ("head", r.train_head)) if not on)
+  optimizer = optim.make_optimizer(cfg, frozen)
+  ref_params = sft.params
+  state = create_state(cfg, optimizer, mesh, params=jax.tree.map(lambda x: x.copy(), sft.params))
+  mngr = ckpt.manager(t.workdir, cfg)
+  restored = ckpt.restore_latest(mngr, state)
+  if restored is not None:
+    state, _ = restored
+  start = int(state.step)
+  s = sampling.Sampling(temperature=r.temperature)
+  k = cfg.decode.k if cfg.decode.k >= 0 else cfg.head.k
+  shardings = jax.tree.map(lambda x: x.sharding, state)
+  step_fn = make_train_step(
+      cfg, mesh, optimizer, lambda p, b, tot, sh: rl.grpo_loss(cfg, p, b, tot, s, sh),
+      lambda b: rl.counts(cfg, b), rl.finalize, shardings)
+  ref_fn = jax.jit(lambda p, toks, src: rl.token_logprobs(cfg, p, toks, src, s,
+                                                          shd.sharder(cfg, mesh)))
+  log = MetricsLog(t.workdir)
+  bar = tqdm(range(start, t.steps), initial=start, total=t.steps, disable=not progress,
+             desc="rl", dynamic_ncols=True)
+  record = {}
+  for step in bar:
+    prompt, lengths, examples = _prompts(cfg, tok, source, step)
+    key = jax.random.fold_in(jax.random.wrap_key_data(np.asarray(state.key)), step)
+    res = decode.generate(cfg, state.params, prompt, lengths, key, k=k, temperature=r.temperature,
+                          eos_id=tok.eos_id, think_end_id=tok.think_end_id, mesh=mesh)
+    rew, correct = rewards(cfg, tok, task, res, examples)
+    res = jax.tree.map(np.asarray, res)
+    roll = rl.build_rollouts(prompt, lengths, res)
+    ref_lp = np.asarray(ref_fn(ref_params, roll.tokens, roll.source))
+    batch = {"tokens": roll.tokens, "source": roll.source, "old_logprobs": roll.old_logprobs,
+             "ref_logprobs": np.where(roll.source >= 0, ref_lp, 0).astype(np.float32),
+             "advantages": rl.group_advantages(rew, r.group_size)}
+    state, metrics = step_fn(state, global_batch(cfg, mesh, batch))
+    if not float(metrics["finite"]):
+      mngr.wait_until_finished()
+      raise FloatingPointError(
+          f"non-finite loss or gradient at RL step {step + 1}; training stopped. The last good "
+          f"checkpoint (step {mngr.latest_step()}) is kept in "
+          f"{os.path.join(t.workdir, ckpt.CHECKPOINT_DIR)}")
+    done = step + 1
+    record = _jsonable(jax.device_get(metrics))
+    record.update(step=done, reward_mean=float(rew.mean()), reward_std=float(rew.std()),
+                  accuracy=float(correct.mean()),
+                  cot_tokens=float(np.mean(np.sum(res.phase == 0, 1))),
+                  forward_passes=float(res.forward_passes.mean()))
+    if done % t.log_every == 0 or done == t.steps:
+      log.write(record)
+    bar.set_postfix(reward=f"{record['reward_mean']:.3f}", kl=f"{record['kl']:.4f}")
+    if t.checkpoint_every and done % t.checkpoint_every == 0 and done != t.steps:
+      ckpt.save(mngr, state, {"step": done})
+    if t.eval_every and done % t.eval_every == 0 and done != t.steps:
+      log.write({"step": done, "eval": run_evals(cfg, state.params, tok, mesh, t.seed)})
+    if stop_after is not None and done - start >= stop_after:
+      mngr.wait_until_finished()
+      mngr.close()
+      return {"stopped_at": done}
+  bar.close()
+  if int(state.step) > 0 and mngr.latest_step() != int(state.step):
+    ckpt.save(mngr, state, {"step": int(state.step)})
+  mngr.wait_until_finished()
+  mngr.close()
+  t_train = time.perf_counter() - t_start
+  evals = run_evals(cfg, state.params, tok, mesh, t.seed) if t.eval_examples else {}
+  summary = {"step": int(state.step), "train_seconds": round(t_train, 1),
+             "wall_seconds": round(time.perf_counter() - t_start, 1), "final": record,
+             "eval": evals}
+  log.write({"step": int(state.step), "summary": summary})
+  summary["params"] = state.params
+  return summary
+
+
+def summary_table(cfg: Config, summary: dict) -> str:
+  f = summary.get("final", {})
+  lines = [f"RL run {cfg.train.workdir}: {summary['step']} steps, {summary['train_seconds']}s"]
+  if f:
+    lines.append(f"  last step: reward {f['reward_mean']:.3f} (std {f['reward_std']:.3f}), "
+                 f"accuracy {f['accuracy']:.3f}, KL {f['kl']:.5f}, clip {f['clip_frac']:.3f}, "
+                 f"CoT {f['cot_tokens']:.1f} tokens, {f['forward_passes']:.1f} passes")
+    lines.append("  head acceptance per depth: " + " ".join(f"{x:.3f}" for x in f["head_accept"]))
+  for name, e in summary.get("eval", {}).items():
+    lines.append(f"  eval {name:6s} accuracy {e['accuracy']:.3f}  forward passes "
+                 f"{e['forward_passes']:.2f}  CoT tokens {e['cot_tokens']:.2f}")
+  return "\n".join(lines)
