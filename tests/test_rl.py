@@ -110,27 +110,28 @@ def test_group_advantages():
 
 
 def test_reward_rises(tmp_path):
-  """SFT a tiny model briefly on 1x1-digit products (it stays imperfect), then GRPO:
-  the mean reward of the last RL steps beats the first ones (fixed seeds)."""
+  """SFT a tiny model briefly on 1x1-digit products (it stays imperfect: wrong
+  products, CoTs and answers not closed), then GRPO with the task reward plus a
+  format reward: the mean reward of the last RL steps beats the first ones."""
   base = ["model.vocab_size=64", "model.d_model=32", "model.num_layers=2", "model.num_heads=4",
           "model.num_kv_heads=2", "model.mlp_dim=64", "head.k=2", "head.width=16",
           "head.num_heads=2", "head.mlp_dim=32", "data.task_args={digits: 1}",
           "data.train_size=400", "data.eval_size=16", "data.seq_len=16",
           f"data.data_dir={tmp_path}/data", "train.eval_examples=0", "train.log_every=1",
           "decode.max_cot_tokens=6", "decode.max_answer_tokens=4"]
-  sft = mt.load_config(None, base + ["train.steps=150", "train.batch_size=32",
+  sft = mt.load_config(None, base + ["train.steps=60", "train.batch_size=32",
                                      "train.learning_rate=3e-3", "train.warmup_steps=10",
                                      f"train.workdir={tmp_path}/sft"])
   loop.train(sft, progress=False)
   cfg = mt.load_config(None, base + [
       "train.stage=rl", f"train.init_from={tmp_path}/sft", f"train.workdir={tmp_path}/rl",
-      "train.steps=40", "train.learning_rate=2e-3", "train.warmup_steps=0",
+      "train.steps=30", "train.learning_rate=1e-3", "train.warmup_steps=0",
       "train.checkpoint_every=0", "rl.prompts_per_step=8", "rl.group_size=8", "rl.beta=0.0",
-      "rl.temperature=1.0"])
+      "rl.temperature=1.0", "rl.format_reward=1.0"])
   rl_loop.train_rl(cfg, progress=False)
   with open(os.path.join(cfg.train.workdir, "metrics.jsonl")) as f:
-    rows = [json.loads(line) for line in f if '"reward_mean"' in line]
+    rows = [row for row in map(json.loads, f) if "reward_mean" in row]
   r = [row["reward_mean"] for row in rows]
-  first, last = np.mean(r[:10]), np.mean(r[-10:])
-  assert first < 0.9, f"SFT left no room: {first}"
+  first, last = np.mean(r[:8]), np.mean(r[-8:])
+  assert first < 1.5, f"SFT left no room: {first}"
   assert last > first + 0.05, (first, last)

@@ -45,18 +45,18 @@ def state_shardings(state: TrainState):
   return jax.tree.map(lambda x: x.sharding, state)
 
 
-def batch_sharding(cfg: Config, mesh: Mesh | None) -> NamedSharding | None:
-  if mesh is None:
-    return None
-  return NamedSharding(mesh, shd.logical_spec(("batch", None), cfg.mesh.rules))
+def batch_sharding(cfg: Config, mesh: Mesh, ndim: int) -> NamedSharding:
+  """Rows over the batch axes, the rest replicated."""
+  return NamedSharding(mesh, shd.logical_spec(("batch",) + (None,) * (ndim - 1),
+                                              cfg.mesh.rules))
 
 
 def global_batch(cfg: Config, mesh: Mesh | None, host_batch: dict) -> dict:
   """Host-local numpy batches -> global jax arrays sharded over the batch axes."""
   if mesh is None:
     return jax.tree.map(jnp.asarray, host_batch)
-  sh = batch_sharding(cfg, mesh)
-  return {k: jax.make_array_from_process_local_data(sh, v) for k, v in host_batch.items()}
+  return {k: jax.make_array_from_process_local_data(batch_sharding(cfg, mesh, v.ndim), v)
+          for k, v in host_batch.items()}
 
 
 LossFn = Callable[..., tuple[jax.Array, dict]]
@@ -108,7 +108,7 @@ def make_train_step(cfg: Config, mesh: Mesh | None, optimizer: optax.GradientTra
 
   if mesh is None:
     return jax.jit(step, donate_argnums=0)
-  bsh = batch_sharding(cfg, mesh)
-  return jax.jit(step, in_shardings=(shardings, bsh),
+  # The batch keeps the sharding `global_batch` gave it.
+  return jax.jit(step, in_shardings=(shardings, None),
                  out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
                  donate_argnums=0)
