@@ -20,11 +20,9 @@ Random weights, greedy sampling. What is measured, per (model, batch):
   `--max-answer` tokens, an EOS id the model never produces).
 * One CoT iteration, split: a jitted main pass (`api.extend`) over a (B, k+1)
   block and over a (B, 1) block, on a cache of the loop's capacity filled to
-  prompt + max_cot/2; the head's chain of k samples, jitted exactly as
-  `decode.py`'s `head_block` does it (k calls of `run_head` over the whole
-  k-token chain + `head_logits` + `sample`); and, for comparison, the same chain
-  run over only the prefix each depth needs (`chain[:, :j+1]`, identical
-  outputs since the head is causal). "other" = the loop's measured time per
+  prompt + max_cot/2; the head's chain of k samples, jitted exactly as the CoT
+  loop runs it (`decode.sample_head_chain`: depth j runs the head over the
+  chain prefix it reads). "other" = the loop's measured time per
   iteration - main(k+1) - head chain: sampling, cutting, buffer writes and the
   while_loop's own overhead.
 * A naive Python loop over a jitted one-token step (extend + argmax, cache
@@ -171,25 +169,11 @@ def _main_pass_fn(cfg: mt.Config):
 
 
 @functools.lru_cache(maxsize=None)
-def _head_chain_fn(cfg: mt.Config, k: int, prefix_only: bool):
-  """The head's chain of k samples as `decode.py`'s head_block runs it (prefix_only=False),
-  or with each depth run over only the chain prefix it reads (the same outputs)."""
+def _head_chain_fn(cfg: mt.Config, k: int):
+  """The head's chain of k greedy samples, exactly as the CoT loop runs it."""
   @jax.jit
   def head_chain(params, sources, x1_B, key):
-    keys = jax.random.split(key, k)
-    B = x1_B.shape[0]
-    chain = jnp.zeros((B, k), jnp.int32).at[:, 0].set(x1_B)
-    toks, lps = [], []
-    for j in range(k):
-      c = chain[:, :j + 1] if prefix_only else chain
-      feats = api.run_head(cfg, params, sources, c)
-      logits = api.head_logits(cfg, params, feats[:, j])
-      tok, lp = sampling.sample(keys[j], logits, GREEDY)
-      if j + 1 < k:
-        chain = chain.at[:, j + 1].set(tok)
-      toks.append(tok)
-      lps.append(lp)
-    return jnp.stack(toks, 1), jnp.stack(lps, 1)
+    return decode.sample_head_chain(cfg, params, sources, x1_B, jax.random.split(key, k), GREEDY)
   return head_chain
 
 
@@ -238,7 +222,6 @@ class CotRow:
   main_block_ms: float = float("nan")   # one main pass over (B, k+1)
   main_one_ms: float = float("nan")     # one main pass over (B, 1)
   head_ms: float = float("nan")         # the head chain as decode.py runs it
-  head_prefix_ms: float = float("nan")  # the chain over prefixes only
 
   @property
   def t_cot(self) -> float:
@@ -285,13 +268,8 @@ def bench_cot(name, cfg, params, B, k, a) -> CotRow:
     if k > 0:
       _, _, sources = mp(params, cache, jnp.ones((B, 1), jnp.int32))
       x1 = jnp.full((B,), 7, jnp.int32)
-      full, pref = _head_chain_fn(cfg, k, False), _head_chain_fn(cfg, k, True)
-      row.head_ms = 1e3 * time_fn(full, params, sources, x1, key, repeats=reps)["median"]
-      row.head_prefix_ms = 1e3 * time_fn(pref, params, sources, x1, key, repeats=reps)["median"]
-      same = np.array_equal(np.asarray(full(params, sources, x1, key)[0]),
-                            np.asarray(pref(params, sources, x1, key)[0]))
-      if not same:
-        print(f"  note: prefix-only head chain differs from decode.py's at k={k}")
+      chain = _head_chain_fn(cfg, k)
+      row.head_ms = 1e3 * time_fn(chain, params, sources, x1, key, repeats=reps)["median"]
   return row
 
 
@@ -370,15 +348,14 @@ def main(a) -> None:
       print(f"\n### {name}, batch {B}: CoT phase (run_cot, prefill subtracted)")
       print(f"{'k':>2} {'CoT tok':>7} {'iters':>5} {'forced':>6} {'run_cot ms':>10} {'prefill':>7} "
             f"{'tok/s':>8} {'vs k=0':>6} | {'ms/iter':>7} {'main(k+1)':>9} {'main(1)':>7} "
-            f"{'ratio':>5} {'head':>6} {'head*':>6} {'other':>6}")
+            f"{'ratio':>5} {'head':>6} {'other':>6}")
       for r in rows:
         ratio = r.tok_s / base.tok_s if base else float("nan")
         head = f"{r.head_ms:6.2f}" if r.k else f"{'-':>6}"
-        headp = f"{r.head_prefix_ms:6.2f}" if r.k else f"{'-':>6}"
         print(f"{r.k:>2} {r.cot_tokens:>7} {r.iterations:>5} {r.forced:>3}/{B:<2} "
               f"{1e3*r.t_run_cot:>10.1f} {1e3*r.t_prefill:>7.2f} {r.tok_s:>8.1f} {ratio:>5.2f}x | "
               f"{r.iter_ms:>7.2f} {r.main_block_ms:>9.2f} {r.main_one_ms:>7.2f} "
-              f"{r.main_block_ms/r.main_one_ms:>4.2f}x {head} {headp} {r.other_ms:>6.2f}")
+              f"{r.main_block_ms/r.main_one_ms:>4.2f}x {head} {r.other_ms:>6.2f}")
         results["cot"].append({**dataclasses.asdict(r), "tok_s": r.tok_s, "vs_k0": ratio,
                                "iter_ms": r.iter_ms, "other_ms": r.other_ms})
       ans_tps, ans_n, ans_t = bench_answer(name, cfg, params, B, a)
@@ -417,8 +394,7 @@ def main(a) -> None:
     print("\nHF comparison: skipped (--no-hf or --quick)")
   print(f"\n# columns: tok/s = CoT tokens / (run_cot - prefill); ms/iter = that time / iterations;"
         f" main(k+1), main(1) = one jitted extend over a (B, k+1) / (B, 1) block; ratio = their"
-        f" quotient; head = the head chain as decode.py runs it (k run_head calls over all k"
-        f" chain positions); head* = the same chain over only the prefix each depth reads;"
+        f" quotient; head = the head chain as decode.py runs it (decode.sample_head_chain);"
         f" other = ms/iter - main(k+1) - head")
   print(f"# total {time.perf_counter() - t_start:.0f}s")
   if a.json:

@@ -31,6 +31,7 @@ class ConfigError(ValueError):
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _REMAT = ("none", "full", "dots")
+_DISTRIBUTED = ("auto", "on", "off")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -111,6 +112,13 @@ class MeshConfig:
   fsdp: int = 1
   tensor: int = 1
   rules: tuple[tuple[str, Any], ...] = DEFAULT_RULES
+  # Multi-host start-up (`mtcot_jax.distributed.initialize`): auto starts JAX's
+  # distributed runtime when an address or process count is given here or in the
+  # environment, or on a TPU VM or a detected cluster (SLURM, Open MPI); on | off.
+  distributed: str = "auto"
+  coordinator_address: str = ""  # host:port of process 0; "": $JAX_COORDINATOR_ADDRESS or auto
+  num_processes: int = 0         # 0: $JAX_NUM_PROCESSES or auto
+  process_id: int = -1           # -1: $JAX_PROCESS_ID or auto
 
   @property
   def shape(self) -> tuple[int, int, int]:
@@ -335,6 +343,16 @@ def validate(cfg: Config) -> None:
   _check(all(a == -1 or a >= 1 for a in mesh_axes) and mesh_axes.count(-1) <= 1,
          "mesh", dict(zip(("data", "fsdp", "tensor"), mesh_axes)),
          "axis sizes >= 1, at most one of them -1")
+  mc = cfg.mesh
+  _check(mc.distributed in _DISTRIBUTED, "mesh.distributed", mc.distributed,
+         f"one of {_DISTRIBUTED}")
+  _check(mc.num_processes >= 0, "mesh.num_processes", mc.num_processes,
+         "0 (from the environment / auto-detected) or an int >= 1")
+  _check(mc.process_id >= -1, "mesh.process_id", mc.process_id,
+         "-1 (from the environment / auto-detected) or an int >= 0")
+  if mc.num_processes and mc.process_id >= 0:
+    _check(mc.process_id < mc.num_processes, "mesh.process_id", mc.process_id,
+           f"an int in [0, mesh.num_processes={mc.num_processes})")
   for name, axes in cfg.mesh.rules:
     names = axes if isinstance(axes, tuple) else (axes,)
     for a in names:

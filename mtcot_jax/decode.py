@@ -69,6 +69,26 @@ class _State:
   key: jax.Array
 
 
+def sample_head_chain(cfg: Config, params, sources, x1_B, keys, s: sampling.Sampling,
+                      shard: shd.Sharder = shd.Sharder()):
+  """The head's k = len(keys) chained samples x[t+2..t+k+1] after the main token x1.
+
+  sources: the head's source residuals (B, D) at t. Depth j runs the head over
+  the chain prefix x[t+1..t+j] it reads. Returns (B, k) tokens and log-probs.
+  """
+  k = len(keys)
+  chain = jnp.zeros((x1_B.shape[0], k), jnp.int32).at[:, 0].set(x1_B)
+  toks, lps = [], []
+  for j in range(k):   # depth j+1 predicts x[t+2+j] from chain x[t+1..t+1+j]
+    feats_BxJxD = api.run_head(cfg, params, sources, chain[:, : j + 1], shard)
+    tok, lp = sampling.sample(keys[j], api.head_logits(cfg, params, feats_BxJxD[:, j]), s)
+    if j + 1 < k:
+      chain = chain.at[:, j + 1].set(tok)
+    toks.append(tok)
+    lps.append(lp)
+  return jnp.stack(toks, 1), jnp.stack(lps, 1)
+
+
 @functools.lru_cache(maxsize=None)
 def _static(cfg: Config, k: int, sample: sampling.Sampling, max_cot: int, max_answer: int,
             eos_id: int, think_end_id: int, mesh: Mesh | None):
@@ -104,21 +124,6 @@ def _static(cfg: Config, k: int, sample: sampling.Sampling, max_cot: int, max_an
         passes=jnp.ones((B,), jnp.int32), forced=jnp.zeros((B,), bool),
         last=last_prompt, key=key)
 
-  def head_block(params, st: _State, x1_B, keys):
-    """x[t+2..t+k+1] from the head, chained; returns (B, k) tokens and logprobs."""
-    B = x1_B.shape[0]
-    chain = jnp.zeros((B, k), jnp.int32).at[:, 0].set(x1_B)
-    toks, lps = [], []
-    for j in range(k):   # depth j+1 predicts x[t+2+j] from chain x[t+1..t+1+j]
-      feats_BxJxD = api.run_head(cfg, params, st.sources, chain[:, : j + 1], shard)
-      logits = api.head_logits(cfg, params, feats_BxJxD[:, j])
-      tok, lp = sampling.sample(keys[j], logits, sample)
-      if j + 1 < k:
-        chain = chain.at[:, j + 1].set(tok)
-      toks.append(tok)
-      lps.append(lp)
-    return jnp.stack(toks, 1), jnp.stack(lps, 1)
-
   def cot_body(params, st: _State) -> _State:
     B = st.n_out.shape[0]
     key, step_key = jax.random.split(st.key)
@@ -126,7 +131,8 @@ def _static(cfg: Config, k: int, sample: sampling.Sampling, max_cot: int, max_an
     active = ~st.cot_done & ~st.done
     x1, lp1 = sampling.sample(keys[0], st.logits, sample)
     if k > 0:
-      head_toks, head_lps = head_block(params, st, x1, keys[1:])
+      head_toks, head_lps = sample_head_chain(cfg, params, st.sources, x1, keys[1:], sample,
+                                              shard)
       block = jnp.concatenate([x1[:, None], head_toks], 1)           # (B, k+1)
       lps = jnp.concatenate([lp1[:, None], head_lps], 1)
     else:

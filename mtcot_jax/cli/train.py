@@ -2,7 +2,8 @@
 
 Trains (or resumes) the run in train.workdir, logging to metrics.jsonl, then
 prints a summary table, the evaluation accuracies and a sample chain of thought
-with the head's tokens marked.
+with the head's tokens marked. On a TPU pod slice or a GPU cluster run the same
+command on every host (see docs/scaling.md and `mtcot_jax.distributed`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ def parse_args(argv=None):
 def main(argv=None):
   args = parse_args(argv)
   cfg = mt.load_config(args.config, args.overrides)
+  # Multi-host: every process runs this command; the runtime must start before
+  # anything below touches a device.
+  from mtcot_jax import distributed
+  if distributed.initialize(cfg.mesh):
+    print(distributed.describe(), flush=True)
   if cfg.train.stage == "rl":
     from mtcot_jax.train import rl_loop
     summary = rl_loop.train_rl(cfg)

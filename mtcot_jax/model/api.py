@@ -1,4 +1,9 @@
-"""Functional entry points over the parameter pytree {"main": ..., "head": ...}."""
+"""Functional entry points over the parameter pytree {"main": ..., "head": ...}.
+
+The main model's blocks are `main/layer_{i}/...`, or with `model.scan_layers`
+one stacked `main/layers/...` (leading axis L, logical name "layers");
+`to_scan_layout` / `to_plain_layout` convert between the two.
+"""
 
 from __future__ import annotations
 
@@ -75,6 +80,33 @@ def param_shardings(cfg: Config, mesh: Mesh):
   specs = param_specs(cfg)
   shd.check_divisible(param_shapes(cfg), specs, mesh, cfg.mesh.rules)
   return shd.tree_shardings(specs, mesh, cfg.mesh.rules)
+
+
+def to_scan_layout(params):
+  """Plain main-model parameters (`layer_{i}` for i < L) -> the `model.scan_layers`
+  layout: one `layers` subtree whose leaves are the L layers' leaves stacked on a
+  new leading axis. Other parameters (and the head) are unchanged."""
+  main = dict(params["main"])
+  names = sorted((n for n in main if n.startswith("layer_")), key=lambda n: int(n[6:]))
+  if not names or "layers" in main:
+    raise ValueError(f"expected plain-layout main parameters (layer_0, layer_1, ...); got keys "
+                     f"{sorted(main)}")
+  layers = [main.pop(n) for n in names]
+  main["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+  return {**params, "main": main}
+
+
+def to_plain_layout(params):
+  """The inverse of `to_scan_layout`: `layers` (stacked) -> `layer_0` .. `layer_{L-1}`."""
+  main = dict(params["main"])
+  if "layers" not in main:
+    raise ValueError(f"expected scan-layout main parameters (a 'layers' subtree); got keys "
+                     f"{sorted(main)}")
+  stacked = main.pop("layers")
+  num_layers = jax.tree.leaves(stacked)[0].shape[0]
+  for i in range(num_layers):
+    main[f"layer_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+  return {**params, "main": main}
 
 
 @functools.lru_cache(maxsize=16)

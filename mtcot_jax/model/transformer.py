@@ -1,5 +1,9 @@
 """The main model: a Llama-family decoder with a KV cache of fixed capacity.
 
+With `model.scan_layers` the blocks run under `nn.scan` and their parameters are
+stacked (see `api.to_scan_layout` / `api.to_plain_layout` to convert); the
+results are the unrolled model's. `model.remat` rematerialises each block.
+
 Teacher-forced mode runs over a whole (possibly packed) sequence. Cached mode
 appends T new tokens per sequence at that sequence's own length; `num_new_B`
 says how many of the T are real (the rest are written past the new length,
@@ -92,21 +96,10 @@ class Transformer(nn.Module):
       new_BxTxT = jnp.broadcast_to(idx[:, None] >= idx[None, :], (B, T, T))
       mask_BxTxS = jnp.concatenate([old_BxTxS, new_BxTxT], axis=-1)
 
-    block_cls = Block
-    if c.remat != "none":
-      block_cls = nn.remat(Block, policy=_REMAT_POLICIES[c.remat], prevent_cse=True)
+    kv = None if cache is None else (cache.k, cache.v)
     want = {(l % c.num_layers) for l in self.source_layers}
-    layer_out = {}
-    new_k, new_v = [], []
-    for i in range(c.num_layers):
-      kv = None if cache is None else (cache.k[i], cache.v[i])
-      x_BxTxD, kv = block_cls(block_dims(c), self.shard, name=f"layer_{i}")(
-          x_BxTxD, positions_BxT, mask_BxTxS, kv)
-      if cache is not None:
-        new_k.append(kv[0])
-        new_v.append(kv[1])
-      if i in want:
-        layer_out[i] = x_BxTxD
+    layers = self._scanned if c.scan_layers else self._unrolled
+    x_BxTxD, new_kv, layer_out = layers(x_BxTxD, positions_BxT, mask_BxTxS, kv, want)
 
     h_BxTxD = RMSNorm(c.norm_eps, c.dtype, c.param_dtype, name="final_norm")(x_BxTxD)
     if c.tie_embeddings:
@@ -125,12 +118,61 @@ class Transformer(nn.Module):
       b_idx = jnp.arange(B)[:, None, None]
       k_idx = jnp.arange(c.num_kv_heads)[None, :, None]
       s_idx = slots_BxT[:, None, :]
-      to_cache = lambda x: jnp.stack(x).transpose(0, 1, 3, 2, 4)  # noqa: E731  (L,B,K,T,Dh)
+      to_cache = lambda x: x.transpose(0, 1, 3, 2, 4)  # noqa: E731  (L,B,T,K,Dh) -> (L,B,K,T,Dh)
+      new_k_LxBxTxKxDh, new_v_LxBxTxKxDh = new_kv
       new_cache = KVCache(
-          k=cache.k.at[:, b_idx, k_idx, s_idx].set(to_cache(new_k).astype(cache.k.dtype),
-                                                   mode="drop"),
-          v=cache.v.at[:, b_idx, k_idx, s_idx].set(to_cache(new_v).astype(cache.v.dtype),
-                                                   mode="drop"),
-                          lengths=cache.lengths + num_new_B.astype(jnp.int32))
+          k=cache.k.at[:, b_idx, k_idx, s_idx].set(
+              to_cache(new_k_LxBxTxKxDh).astype(cache.k.dtype), mode="drop"),
+          v=cache.v.at[:, b_idx, k_idx, s_idx].set(
+              to_cache(new_v_LxBxTxKxDh).astype(cache.v.dtype), mode="drop"),
+          lengths=cache.lengths + num_new_B.astype(jnp.int32))
     sources = tuple(layer_out[l % c.num_layers] for l in self.source_layers)
     return MainOutput(logits_BxTxV, x_BxTxD, sources, new_cache)
+
+  def _block(self, scanned: bool):
+    if self.cfg.remat == "none":
+      return Block
+    # Inside a scan the loop boundary already keeps XLA from merging the
+    # recomputation into the forward pass, so CSE prevention is not needed there.
+    return nn.remat(Block, policy=_REMAT_POLICIES[self.cfg.remat], prevent_cse=not scanned)
+
+  def _unrolled(self, x_BxTxD, positions_BxT, mask_BxTxS, kv, want):
+    """One `layer_{i}` per layer. Returns x, the new tokens' (k, v) stacked
+    (L, B, T, K, Dh) (None without a cache) and {i: layer i's output} for `want`."""
+    c = self.cfg
+    block_cls = self._block(scanned=False)
+    layer_out, new_k, new_v = {}, [], []
+    for i in range(c.num_layers):
+      layer_kv = None if kv is None else (kv[0][i], kv[1][i])
+      x_BxTxD, layer_kv = block_cls(block_dims(c), self.shard, name=f"layer_{i}")(
+          x_BxTxD, positions_BxT, mask_BxTxS, layer_kv)
+      if kv is not None:
+        new_k.append(layer_kv[0])
+        new_v.append(layer_kv[1])
+      if i in want:
+        layer_out[i] = x_BxTxD
+    new_kv = None if kv is None else (jnp.stack(new_k), jnp.stack(new_v))
+    return x_BxTxD, new_kv, layer_out
+
+  def _scanned(self, x_BxTxD, positions_BxT, mask_BxTxS, kv, want):
+    """`nn.scan` over one block whose parameters are stacked under `layers` with a
+    leading (L,) axis, logical name "layers"; same returns as `_unrolled`.
+
+    The cache's (L, ...) arrays are scanned over; the residual stream of every
+    layer is kept as a scan output only when a head source layer is not the last.
+    """
+    c = self.cfg
+    last = c.num_layers - 1
+    emit = bool(want - {last})
+
+    def body(block, x_BxTxD, layer_kv, pos_BxT, mask):
+      x_BxTxD, new_kv = block(x_BxTxD, pos_BxT, mask, layer_kv)
+      return x_BxTxD, (new_kv if layer_kv is not None else None, x_BxTxD if emit else None)
+
+    scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
+                   in_axes=(0, nn.broadcast, nn.broadcast), length=c.num_layers,
+                   metadata_params={nn.PARTITION_NAME: "layers"})
+    block = self._block(scanned=True)(block_dims(c), self.shard, name="layers")
+    x_BxTxD, (new_kv, outs_LxBxTxD) = scan(block, x_BxTxD, kv, positions_BxT, mask_BxTxS)
+    layer_out = {i: (x_BxTxD if i == last else outs_LxBxTxD[i]) for i in want}
+    return x_BxTxD, new_kv, layer_out

@@ -4,6 +4,8 @@ Checkpoints hold three items: `params`, `train` (optimizer state, step, PRNG key
 and `data` (the input iterator's state, JSON). Orbax writes each step into a
 temporary directory and renames it when complete, so a half-written checkpoint
 is never listed, hence never restored. `load_run` restores `params` alone.
+Restores take their target shardings from the caller (`state`'s, or the rules' on
+a mesh), so a checkpoint saved on one mesh or device count restores onto any other.
 """
 
 from __future__ import annotations
@@ -87,7 +89,8 @@ def write_run_files(workdir: str, cfg: Config, tokenizer_path: str) -> None:
 
 
 def _model_part(cfg: Config):
-  return (cfg.model, cfg.head)
+  # Rematerialisation changes memory, not parameters: a run may resume with another.
+  return (dataclasses.replace(cfg.model, remat="none"), cfg.head)
 
 
 @dataclasses.dataclass
@@ -100,6 +103,32 @@ class Run:
   workdir: str
 
 
+def abstract_params(cfg: Config, mesh: Mesh | None = None):
+  """ShapeDtypeStructs of the parameters carrying their target shardings: the
+  rules' on `mesh`, or the first local device without one."""
+  shapes = api.param_shapes(cfg)
+  if mesh is not None:
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, api.param_shardings(cfg, mesh))
+  dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev), shapes)
+
+
+def restore_params(workdir: str, cfg: Config, mesh: Mesh | None = None,
+                   step: int | None = None):
+  """The parameters of the latest (or `step`'s) checkpoint, laid out for `mesh`
+  (any shape or device count: orbax reads each device's slice of the saved arrays),
+  or on one device without a mesh. Returns (params, step)."""
+  mngr = manager(workdir, read_only=True)
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"{workdir} has no complete checkpoint under {CHECKPOINT_DIR}/")
+  params = mngr.restore(step, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(abstract_params(cfg, mesh))))["params"]
+  mngr.close()
+  return params, step
+
+
 def load_run(workdir: str, mesh: Mesh | None = None, step: int | None = None) -> Run:
   """Loads config.yaml, the tokenizer and the latest (or `step`'s) parameters."""
   from mtcot_jax.data import load_tokenizer  # the data layer imports tfds: only here
@@ -108,20 +137,6 @@ def load_run(workdir: str, mesh: Mesh | None = None, step: int | None = None) ->
   if not os.path.exists(path):
     raise FileNotFoundError(f"{workdir} is not a run directory: no {CONFIG_FILE} in it")
   cfg = load_config(path)
-  mngr = manager(workdir, read_only=True)
-  step = mngr.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"{workdir} has no complete checkpoint under {CHECKPOINT_DIR}/")
-  shapes = api.param_shapes(cfg)
-  if mesh is not None:
-    shardings = api.param_shardings(cfg, mesh)
-    shapes = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          shapes, shardings)
-  else:
-    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev), shapes)
-  params = mngr.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(shapes)))["params"]
-  mngr.close()
+  params, step = restore_params(workdir, cfg, mesh, step)
   tok = load_tokenizer(os.path.join(workdir, TOKENIZER_FILE))
   return Run(cfg=cfg, params=params, tokenizer=tok, step=step, workdir=workdir)

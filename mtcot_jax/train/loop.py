@@ -47,6 +47,17 @@ class MetricsLog:
         f.write(json.dumps(record) + "\n")
 
 
+def check_finite(metrics: dict, step: int, mngr, workdir: str) -> None:
+  """Raises if the step's loss or gradient was not finite (the step then left the
+  state unchanged), naming the last good checkpoint, which is kept."""
+  if not float(metrics["finite"]):
+    mngr.wait_until_finished()
+    raise FloatingPointError(
+        f"non-finite loss or gradient at step {step} (loss={float(metrics['loss'])}); "
+        f"training stopped. The last good checkpoint (step {mngr.latest_step()}) is kept in "
+        f"{os.path.join(workdir, ckpt.CHECKPOINT_DIR)}")
+
+
 def eval_settings(cfg: Config) -> list[tuple[str, int, bool]]:
   """(name, k, cot) of each evaluation: k=0, the configured k, and no-CoT if trained for it."""
   k = cfg.decode.k if cfg.decode.k >= 0 else cfg.head.k
@@ -121,12 +132,7 @@ def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) 
     batch = global_batch(cfg, mesh, next(it))
     state, metrics = step_fn(state, batch)
     steps_since += 1
-    if not float(metrics["finite"]):
-      mngr.wait_until_finished()
-      raise FloatingPointError(
-          f"non-finite loss or gradient at step {step + 1} (loss={float(metrics['loss'])}); "
-          f"training stopped. The last good checkpoint (step {mngr.latest_step()}) is kept in "
-          f"{os.path.join(t.workdir, ckpt.CHECKPOINT_DIR)}")
+    check_finite(metrics, step + 1, mngr, t.workdir)
     done = step + 1
     if done % t.log_every == 0 or done == t.steps:
       m = _jsonable(jax.device_get(metrics))

@@ -3,7 +3,6 @@ checkpoints, exact resume, logging, progress bar and evaluation."""
 
 from __future__ import annotations
 
-import os
 import time
 
 import jax
@@ -18,7 +17,7 @@ from mtcot_jax.model import api
 from mtcot_jax.train import checkpoint as ckpt
 from mtcot_jax.train import optim, rl
 from mtcot_jax.train.evaluate import answer_text
-from mtcot_jax.train.loop import MetricsLog, _jsonable, run_evals
+from mtcot_jax.train.loop import MetricsLog, _jsonable, check_finite, run_evals
 from mtcot_jax.train.step import create_state, global_batch, make_train_step
 
 _PROMPT_BUCKET = 16   # prompts are padded to a multiple of this: few distinct shapes
@@ -105,12 +104,7 @@ def train_rl(cfg: Config, *, stop_after: int | None = None, progress: bool = Tru
              "ref_logprobs": np.where(roll.source >= 0, ref_lp, 0).astype(np.float32),
              "advantages": rl.group_advantages(rew, r.group_size)}
     state, metrics = step_fn(state, global_batch(cfg, mesh, batch))
-    if not float(metrics["finite"]):
-      mngr.wait_until_finished()
-      raise FloatingPointError(
-          f"non-finite loss or gradient at RL step {step + 1}; training stopped. The last good "
-          f"checkpoint (step {mngr.latest_step()}) is kept in "
-          f"{os.path.join(t.workdir, ckpt.CHECKPOINT_DIR)}")
+    check_finite(metrics, step + 1, mngr, t.workdir)
     done = step + 1
     record = _jsonable(jax.device_get(metrics))
     record.update(step=done, reward_mean=float(rew.mean()), reward_std=float(rew.std()),

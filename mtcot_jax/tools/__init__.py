@@ -1,0 +1,1 @@
+"""Command-line tools that need no accelerator (memory planning)."""
