@@ -3,9 +3,10 @@
     python _multihost_worker.py PROCESS_ID NUM_PROCESSES PORT OUTDIR
 
 Starts JAX's distributed runtime through `mtcot_jax.distributed`, decodes a batch
-with the mesh, runs a few sharded SFT steps (each process feeding its own rows of
-one global batch), saves a checkpoint with orbax from both processes, and (process
-0) writes what it saw to OUTDIR/results.npz. The helpers below are shared with
+with the mesh, runs a few sharded SFT steps of the scanned, rematerialised model
+(each process feeding its own rows of one global batch), saves a checkpoint with
+orbax from both processes, and (process 0) writes what it saw to
+OUTDIR/results.npz. The helpers below are shared with
 the test, which recomputes everything in one process.
 """
 
@@ -24,12 +25,16 @@ LOCAL_DEVICES = 2
 STEPS = 3
 DECODE = dict(k=2, max_cot_tokens=5, max_answer_tokens=2, temperature=0.9, top_k=30)
 MESH = ["mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2"]  # fsdp across the processes
+SCAN = ["model.scan_layers=true", "model.remat=full"]  # the test's reference is plain
 
 
 def config(*extra):
   import mtcot_jax as mt
+  # No weight decay: optim.decay_mask decays the stacked (L, D) norm scales under
+  # scan, which the plain model does not (test_scale.py::test_scan_decay_mask).
   return mt.load_config(None, TINY + ["train.batch_size=8", "train.warmup_steps=1",
-                                      "train.learning_rate=3e-3", *extra])
+                                      "train.learning_rate=3e-3",
+                                      *extra])
 
 
 def global_batch_numpy(cfg, T=16):
@@ -50,10 +55,26 @@ def prompts(cfg):
   return prompt, np.array([5, 3, 4, 2, 5, 1, 3, 4])
 
 
-def decode_params(params):
+def initial_params(cfg, mesh, key, scale=1.0):
+  """The plain model's random parameters for `key` (x scale for matrices), in
+  cfg's layout (stacked under scan) and sharded on `mesh`: one model whichever
+  layout runs it."""
+  import jax
+  import mtcot_jax as mt
+  from mtcot_jax.model import api
+  plain_cfg = cfg.replace(model={"scan_layers": False})
+  params = mt.init_params(plain_cfg, key, mesh=mesh)
+  params = jax.tree.map(lambda x: x * scale if x.ndim > 1 else x, params)
+  if cfg.model.scan_layers:
+    out = api.param_shardings(cfg, mesh) if mesh is not None else None
+    params = jax.jit(api.to_scan_layout, out_shardings=out)(params)
+  return params
+
+
+def decode_params(cfg, mesh):
   """Larger weights: diverse, seed-sensitive generations."""
   import jax
-  return jax.tree.map(lambda x: x * 10.0 if x.ndim > 1 else x, params)
+  return initial_params(cfg, mesh, jax.random.key(0), scale=10.0)
 
 
 def train_steps(cfg, mesh, batch_fn):
@@ -62,7 +83,8 @@ def train_steps(cfg, mesh, batch_fn):
   from mtcot_jax.train import losses, optim
   from mtcot_jax.train.step import create_state, make_train_step
   opt = optim.make_optimizer(cfg)
-  state = create_state(cfg, opt, mesh)
+  key_init = jax.random.split(jax.random.key(cfg.train.seed))[0]   # create_state's
+  state = create_state(cfg, opt, mesh, params=initial_params(cfg, mesh, key_init))
   if mesh is None:
     state = jax.device_put(state, jax.devices()[0])
   shardings = jax.tree.map(lambda x: x.sharding, state) if mesh is not None else None
@@ -85,10 +107,11 @@ def main(process_id, num_processes, port, outdir):
 
   import mtcot_jax as mt
   from mtcot_jax import decode, distributed
+  from mtcot_jax.model import api
   from mtcot_jax.train import checkpoint as ckpt
   from mtcot_jax.train.step import batch_sharding, global_batch
 
-  cfg = config(*MESH, f"mesh.coordinator_address=127.0.0.1:{port}",
+  cfg = config(*SCAN, *MESH, f"mesh.coordinator_address=127.0.0.1:{port}",
                f"mesh.num_processes={num_processes}", f"mesh.process_id={process_id}")
   assert distributed.initialize(cfg.mesh)
   assert jax.process_count() == num_processes, jax.process_count()
@@ -97,7 +120,7 @@ def main(process_id, num_processes, port, outdir):
   log(distributed.describe())
 
   # Decode: every process passes the same global prompts.
-  params = decode_params(mt.init_params(cfg, jax.random.key(0), mesh=mesh))
+  params = decode_params(cfg, mesh)
   prompt, lens = prompts(cfg)
   res = decode.generate(cfg, params, prompt, lens, jax.random.key(3), mesh=mesh, **DECODE)
   res = multihost_utils.process_allgather(res, tiled=True)
@@ -117,7 +140,7 @@ def main(process_id, num_processes, port, outdir):
   mngr.wait_until_finished()
   mngr.close()
   log("saved")
-  final = multihost_utils.process_allgather(state.params, tiled=True)
+  final = api.to_plain_layout(multihost_utils.process_allgather(state.params, tiled=True))
   if process_id == 0:
     flat = {jax.tree_util.keystr(p): np.asarray(x)
             for p, x in jax.tree_util.tree_leaves_with_path(final)}

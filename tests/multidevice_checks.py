@@ -138,6 +138,75 @@ def check_train_step_matches_one_device():
                results[0][0], results[1][0])
 
 
+def check_restore_on_other_meshes():
+  """Saved on (8,1,1); restored onto (2,2,2) and onto one device: every parameter,
+  moment, step and key equal, laid out as the new mesh's rules say."""
+  import shutil
+  import tempfile
+  from mtcot_jax.train import checkpoint as ckpt
+  from mtcot_jax.train import optim
+  from mtcot_jax.train.step import create_state
+  cfg8 = _cfg("mesh.data=8", "mesh.fsdp=1", "mesh.tensor=1")
+  mesh8 = mt.make_mesh(cfg8)
+  state = create_state(cfg8, optim.make_optimizer(cfg8), mesh8)
+  # Distinct values at every position of every leaf (moments, counts and step
+  # included), so a shard restored to the wrong place shows.
+  shardings = jax.tree.map(lambda x: x.sharding, state)
+  state = jax.jit(lambda s: jax.tree.map(
+      lambda x: x + (jnp.arange(x.size).reshape(x.shape) % 251 + 1).astype(x.dtype), s),
+      out_shardings=shardings)(state)
+  saved = jax.device_get(state)
+  workdir = tempfile.mkdtemp()
+  mngr = ckpt.manager(workdir, cfg8)
+  ckpt.save(mngr, state, {"at": 1})
+  mngr.wait_until_finished()
+  mngr.close()
+
+  cfg = _cfg()
+  mesh = mt.make_mesh(cfg)                                     # (2, 2, 2)
+  for target_mesh in (mesh, None):
+    fresh = create_state(cfg, optim.make_optimizer(cfg), target_mesh, params=None)
+    if target_mesh is None:
+      fresh = jax.device_put(fresh, jax.devices()[0])
+    mngr = ckpt.manager(workdir, read_only=True)
+    restored, data = ckpt.restore_latest(mngr, fresh)
+    mngr.close()
+    assert data == {"at": 1}, data
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), saved)
+    jax.tree.map(lambda r, f: _same_layout(r, f), restored, fresh)
+    params, _ = ckpt.restore_params(workdir, cfg, target_mesh)   # load_run's path
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), saved.params)
+    jax.tree.map(lambda r, f: _same_layout(r, f), params, fresh.params)
+  q = ckpt.restore_params(workdir, cfg, mesh)[0]["main"]["layer_0"]["attn"]["q"]
+  assert q.sharding.spec == P("fsdp", "tensor", None), q.sharding.spec
+  assert q.addressable_shards[0].data.size * 4 == q.size
+  shutil.rmtree(workdir)
+
+
+def _same_layout(restored, fresh):
+  assert restored.sharding.is_equivalent_to(fresh.sharding, restored.ndim), (
+      restored.sharding, fresh.sharding)
+
+
+def check_memory_planner_matches_shards():
+  """tools.memory's per-device parameter bytes (abstract mesh, arithmetic) = the
+  bytes one device really holds, plain and scanned, on two meshes."""
+  from mtcot_jax.model import api
+  from mtcot_jax.tools import memory
+  for extra in ((), ("model.scan_layers=true",), ("mesh.data=1", "mesh.fsdp=8",
+                                                  "mesh.tensor=1")):
+    cfg = _cfg(*extra)
+    mesh = mt.make_mesh(cfg)
+    shapes = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          api.param_shapes(cfg), api.param_shardings(cfg, mesh))
+    held = {d: 0 for d in jax.devices()}
+    for leaf in jax.tree.leaves(shapes):
+      for d, idx in leaf.sharding.devices_indices_map(leaf.shape).items():
+        held[d] += np.zeros(leaf.shape, np.int8)[idx].size * leaf.dtype.itemsize
+    got = memory.param_bytes_per_device(cfg, memory.abstract_mesh(cfg, 8))
+    assert got == max(held.values()), (extra, got, held)
+
+
 def main(names):
   assert jax.device_count() == 8, jax.devices()
   names = names or [n[len("check_"):] for n in globals() if n.startswith("check_")]

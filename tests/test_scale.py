@@ -68,7 +68,8 @@ def test_plan_errors_name_the_setting(mesh, env, needle):
 def test_mesh_config_validation():
   with pytest.raises(ConfigError, match="mesh.distributed='maybe'"):
     mt.load_config(None, ["mesh.distributed=maybe"])
-  with pytest.raises(ConfigError, match=r"mesh.process_id=2 is not accepted: an int in \[0, mesh.num_processes=2\)"):
+  needle = r"mesh.process_id=2 is not accepted: an int in \[0, mesh.num_processes=2\)"
+  with pytest.raises(ConfigError, match=needle):
     mt.load_config(None, ["mesh.num_processes=2", "mesh.process_id=2"])
 
 
@@ -102,7 +103,9 @@ def two_process_run(tmp_path_factory):
 
 
 def test_two_processes_match_one(two_process_run):
-  """Same global batch and prompts: the same losses, parameters and tokens as one device."""
+  """Two processes running the scanned, rematerialised model on a 4-device mesh,
+  one process running the plain model on one device, the same global batch and
+  prompts: the same losses, parameters and tokens (decoding with the KV cache)."""
   import _multihost_worker as w
   from mtcot_jax.train.step import global_batch
   _, got = two_process_run
@@ -115,7 +118,7 @@ def test_two_processes_match_one(two_process_run):
     np.testing.assert_allclose(got[f"param_{jax.tree_util.keystr(path)}"], x, atol=2e-5,
                                rtol=1e-4, err_msg=jax.tree_util.keystr(path))
 
-  params = w.decode_params(mt.init_params(cfg, jax.random.key(0)))
+  params = w.decode_params(cfg, None)
   prompt, lens = w.prompts(cfg)
   ref = decode.generate(cfg, params, prompt, lens, jax.random.key(3), **w.DECODE)
   for name in ("tokens", "source", "phase", "lengths", "forward_passes"):
@@ -129,7 +132,7 @@ def test_two_process_checkpoint_restores_in_one_process(two_process_run):
   from mtcot_jax.train import optim
   from mtcot_jax.train.step import create_state
   out, got = two_process_run
-  cfg = w.config()
+  cfg = w.config(*w.SCAN)       # the layout it was saved in
   workdir = os.path.join(out, "run")
   state = jax.device_put(create_state(cfg, optim.make_optimizer(cfg), None), jax.devices()[0])
   mngr = ckpt.manager(workdir, read_only=True)
@@ -139,6 +142,7 @@ def test_two_process_checkpoint_restores_in_one_process(two_process_run):
   params, step = ckpt.restore_params(workdir, cfg)     # load_run's path
   assert step == w.STEPS
   for tree in (restored.params, params):
+    tree = api.to_plain_layout(tree)
     for path, x in jax.tree_util.tree_leaves_with_path(tree):
       assert x.sharding.device_set == {jax.devices()[0]}
       np.testing.assert_array_equal(np.asarray(x), got[f"param_{jax.tree_util.keystr(path)}"])
@@ -171,55 +175,53 @@ def test_layout_conversion_roundtrip(tiny_cfg, tiny_params):
 
 
 def _probe(cfg, params, tokens, w_logits, w_feats):
-  """A scalar reading every output: logits, the head's features and the sources."""
+  """A scalar reading every output (logits, the head's features, the sources), and
+  the logits and features themselves."""
   out = api.apply(cfg, params, tokens)
-  return (jnp.sum(out.logits * w_logits) + jnp.sum(out.head_features * w_feats)
-          + sum(jnp.sum(s) for s in out.sources))
+  value = (jnp.sum(out.logits * w_logits) + jnp.sum(out.head_features * w_feats)
+           + sum(jnp.sum(s) for s in out.sources))
+  return value, (out.logits, out.head_features)
 
 
 @pytest.mark.parametrize("scan,remat", [(True, "none"), (False, "full"), (False, "dots"),
                                         (True, "full")])
 def test_scan_and_remat_match_plain(tiny_cfg, tiny_params, scan, remat):
-  """Same parameters: the same logits, head features, sources and gradients."""
+  """Same parameters: the same logits, head features, sources and gradients.
+
+  (Decoding with the KV cache under scan, and sharded training of the scanned,
+  rematerialised model, are compared with the plain model in the two-process test.)
+  """
   cfg = tiny_cfg.replace(model={"scan_layers": scan, "remat": remat})
   params = api.to_scan_layout(tiny_params) if scan else tiny_params
   B, T, k = 2, 10, tiny_cfg.head.k
   tokens = jax.random.randint(jax.random.key(1), (B, T), 1, tiny_cfg.model.vocab_size)
   w_logits = jax.random.normal(jax.random.key(2), (B, T, tiny_cfg.model.vocab_size))
   w_feats = jax.random.normal(jax.random.key(3), (B, T, k, tiny_cfg.model.d_model))
-  grad = jax.jit(jax.value_and_grad(_probe, argnums=1), static_argnums=0)
-  want_v, want_g = grad(tiny_cfg, tiny_params, tokens, w_logits, w_feats)
-  got_v, got_g = grad(cfg, params, tokens, w_logits, w_feats)
+  grad = jax.jit(jax.value_and_grad(_probe, argnums=1, has_aux=True), static_argnums=0)
+  (want_v, want_out), want_g = grad(tiny_cfg, tiny_params, tokens, w_logits, w_feats)
+  (got_v, got_out), got_g = grad(cfg, params, tokens, w_logits, w_feats)
   np.testing.assert_allclose(got_v, want_v, rtol=1e-5)
+  for got, want in zip(got_out, want_out):
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
   if scan:
     got_g = api.to_plain_layout(got_g)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), got_g, want_g)
-  out, ref = mt.forward(cfg, params, tokens), mt.forward(tiny_cfg, tiny_params, tokens)
-  np.testing.assert_allclose(out.logits, ref.logits, atol=1e-5, rtol=1e-5)
-  np.testing.assert_allclose(out.head_features, ref.head_features, atol=1e-5, rtol=1e-5)
 
 
-def test_scan_decode_with_cache_matches_plain(tiny_cfg, tiny_params):
-  """generate (prefill + cached CoT blocks + answer loop) under scan = plain."""
-  cfg = tiny_cfg.replace(model={"scan_layers": True})
-  params = jax.tree.map(lambda x: x * 10.0 if x.ndim > 1 else x, tiny_params)
-  prompt = np.random.default_rng(0).integers(6, cfg.model.vocab_size, (4, 5))
-  lens = np.array([5, 2, 4, 1])
-  kw = dict(k=3, max_cot_tokens=6, max_answer_tokens=3, temperature=0.9, top_k=30)
-  got = decode.generate(cfg, api.to_scan_layout(params), prompt, lens, jax.random.key(3), **kw)
-  want = decode.generate(tiny_cfg, params, prompt, lens, jax.random.key(3), **kw)
-  for name in ("tokens", "source", "phase", "lengths", "forward_passes"):
-    np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
-  np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
-  assert np.all(np.asarray(got.lengths) > 1)
+def test_scan_decay_mask(tiny_params):
+  """Weight decay reaches the same parameters in both layouts."""
+  from mtcot_jax.train import optim
+  plain = optim.decay_mask(tiny_params)["main"]["layer_0"]
+  scanned = optim.decay_mask(api.to_scan_layout(tiny_params))["main"]["layers"]
+  assert jax.tree.map(bool, scanned) == jax.tree.map(bool, plain)
 
 
 # --- presets and the memory planner -----------------------------------------------------
 
 
 @pytest.mark.parametrize("preset,devices,hbm_gib", [("tpu_v5e_256.yaml", 256, 16),
-                                                    ("gpu_8xh100.yaml", 8, 80),
-                                                    ("gpu_8xh100.yaml", 32, 80)])
+                                                    ("gpu_8xh100.yaml", 8, 74.5),
+                                                    ("gpu_8xh100.yaml", 32, 74.5)])
 def test_pod_presets_fit(preset, devices, hbm_gib):
   cfg = mt.load_config(os.path.join(CONFIGS, preset))
   assert cfg.model.scan_layers and cfg.model.dtype == "bfloat16" and cfg.model.remat != "none"
@@ -227,10 +229,10 @@ def test_pod_presets_fit(preset, devices, hbm_gib):
   assert 0.9e9 < r["num_params"] < 1.3e9, r["num_params"]
   assert r["devices"] == np.prod(list(r["mesh"].values())) == devices
   b = r["bytes"]
-  # Exact for fully sharded fp32 parameters: 4 bytes x params / the fsdp split.
-  assert b["params"] == pytest.approx(4 * r["num_params"] / r["mesh"]["fsdp"], rel=1e-3)
+  # fp32 parameters split over fsdp, but for the (replicated) norm scales.
+  assert b["params"] == pytest.approx(4 * r["num_params"] / r["mesh"]["fsdp"], rel=3e-3)
   assert b["adamw_moments"] == 2 * b["params"]
-  assert b["total"] < 0.75 * hbm_gib * memory.GIB, memory.format_report(cfg, r)
+  assert b["total"] < 0.5 * hbm_gib * memory.GIB, memory.format_report(cfg, r)
 
 
 def test_activation_estimate_orders_remat_policies():

@@ -20,7 +20,8 @@ def test_eight_device_checks():
   assert proc.returncode == 0, proc.stdout + proc.stderr[-5000:]
   passed = {line.split()[1] for line in proc.stdout.splitlines() if line.startswith("ok ")}
   assert {"forward_matches_one_device", "params_sharded_by_rules", "mesh_and_batch_errors",
-          "decode_under_mesh", "train_step_matches_one_device"} <= passed, proc.stdout
+          "decode_under_mesh", "train_step_matches_one_device", "restore_on_other_meshes",
+          "memory_planner_matches_shards"} <= passed, proc.stdout
 
 
 @pytest.mark.parametrize("shape,devices,want", [

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import os
 
+import jax
+
 import mtcot_jax as mt
 
 DEFAULT_CONFIG = os.path.normpath(
@@ -42,6 +44,8 @@ def main(argv=None):
   from mtcot_jax.train import loop
   summary = loop.train(cfg)
   print(loop.summary_table(cfg, summary))
+  if jax.process_count() > 1:   # the sample below decodes host-local arrays
+    return
   k = cfg.decode.k if cfg.decode.k >= 0 else cfg.head.k
   print(f"\nA sample chain of thought (k={k}); the line under it says which module wrote "
         "each token (0 main model, j head depth j):")

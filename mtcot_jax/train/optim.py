@@ -24,8 +24,12 @@ def module_labels(params, frozen: tuple[str, ...] = ()):
 
 
 def decay_mask(params):
-  """Weight decay on matrices only (not on norm scales)."""
-  return jax.tree.map(lambda x: x.ndim >= 2, params)
+  """Weight decay on matrices only (not on norm scales); a leading stacked-layers
+  axis (model.scan_layers) does not count."""
+  def is_matrix(path, x):
+    stacked = any(getattr(k, "key", None) == "layers" for k in path)
+    return x.ndim - int(stacked) >= 2
+  return jax.tree_util.tree_map_with_path(is_matrix, params)
 
 
 def make_optimizer(cfg: Config, frozen: tuple[str, ...] = ()) -> optax.GradientTransformation:
