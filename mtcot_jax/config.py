@@ -179,6 +179,7 @@ class RLConfig:
   epsilon: float = 0.2         # ratio clip
   temperature: float = 1.0
   format_reward: float = 0.0
+  reward: str = "exact"        # exact: the task's grade | partial: task.partial_credit
   train_main: bool = True
   train_head: bool = True
 
@@ -377,6 +378,7 @@ def validate(cfg: Config) -> None:
   _check(r.group_size >= 2, "rl.group_size", r.group_size, "an int >= 2 (advantages need a group)")
   _check(r.epsilon > 0, "rl.epsilon", r.epsilon, "a number > 0")
   _check(r.beta >= 0, "rl.beta", r.beta, "a number >= 0")
+  _check(r.reward in ("exact", "partial"), "rl.reward", r.reward, "exact or partial")
 
   _check(-1 <= dec.k <= h.k, "decode.k", dec.k, f"-1 (head.k) or an int in [0, head.k={h.k}]")
   _check(dec.max_cot_tokens >= 1, "decode.max_cot_tokens", dec.max_cot_tokens, "an int >= 1")

@@ -98,6 +98,17 @@ def train_steps(cfg, mesh, batch_fn):
   return state, out
 
 
+def evaluation(cfg, params, mesh, data_dir):
+  """train.py's evaluation (k=0 and k=head.k, greedy) of `params` on 8 test problems."""
+  from mtcot_jax.data import tokenizer_for
+  from mtcot_jax.train.loop import run_evals
+  cfg = cfg.replace(data={"task_args": [["digits", 1]], "train_size": 64, "eval_size": 8,
+                          "data_dir": data_dir},
+                    train={"eval_examples": 8},
+                    decode={"max_cot_tokens": 6, "max_answer_tokens": 3})
+  return run_evals(cfg, params, tokenizer_for(cfg), mesh, seed=0)
+
+
 def main(process_id, num_processes, port, outdir):
   import time
   t0 = time.perf_counter()
@@ -140,13 +151,18 @@ def main(process_id, num_processes, port, outdir):
   mngr.wait_until_finished()
   mngr.close()
   log("saved")
+  # Evaluation: every process decodes the same global batches and grades them all.
+  ev = evaluation(cfg, state.params, mesh, os.path.join(outdir, f"data{process_id}"))
+  log(f"evaluated: {ev}")
   final = api.to_plain_layout(multihost_utils.process_allgather(state.params, tiled=True))
   if process_id == 0:
     flat = {jax.tree_util.keystr(p): np.asarray(x)
             for p, x in jax.tree_util.tree_leaves_with_path(final)}
     np.savez(os.path.join(outdir, "results.npz"), loss=np.array(loss),
              rows=np.array(rows), **{f"gen_{k}": np.asarray(v) for k, v in res._asdict().items()},
-             **{f"param_{k}": v for k, v in flat.items()})
+             **{f"param_{k}": v for k, v in flat.items()},
+             **{f"eval_{name}_{m}": np.asarray(v) for name, r in ev.items() for m, v in r.items()
+                if m != "tokens_per_s"})
   multihost_utils.sync_global_devices("done")
   print(f"ok process {process_id}", flush=True)
 

@@ -108,7 +108,7 @@ def test_two_processes_match_one(two_process_run):
   prompts: the same losses, parameters and tokens (decoding with the KV cache)."""
   import _multihost_worker as w
   from mtcot_jax.train.step import global_batch
-  _, got = two_process_run
+  out, got = two_process_run
   cfg = w.config()
   assert sorted(got["rows"]) == [0, 1, 2, 3], got["rows"]   # process 0's half of the batch
   full = w.global_batch_numpy(cfg)
@@ -124,6 +124,12 @@ def test_two_processes_match_one(two_process_run):
   for name in ("tokens", "source", "phase", "lengths", "forward_passes"):
     np.testing.assert_array_equal(got[f"gen_{name}"], getattr(ref, name), err_msg=name)
   np.testing.assert_allclose(got["gen_logprobs"], ref.logprobs, atol=1e-5)
+
+  # train.py's evaluation on two processes grades the same as on one.
+  ev = w.evaluation(cfg, state.params, None, os.path.join(out, "data_ref"))
+  for name, r in ev.items():
+    for m in ("accuracy", "forward_passes", "cot_tokens", "answer_tokens", "examples"):
+      np.testing.assert_allclose(got[f"eval_{name}_{m}"], r[m], err_msg=f"{name} {m}")
 
 
 def test_two_process_checkpoint_restores_in_one_process(two_process_run):

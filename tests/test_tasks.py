@@ -203,3 +203,15 @@ def test_bad_task_or_difficulty(name, difficulty, words):
     get_task(name, **difficulty)
   for w in words:
     assert w in str(err.value), (w, str(err.value))
+
+
+def test_mult_partial_credit():
+  task = get_task("mult", digits=2)
+  ex = Example(question="", cot="", answer="2166")
+  assert task.partial_credit("2166", ex) == 1.0 == task.grade("2166", ex)
+  assert task.partial_credit("02166", ex) == 1.0          # as grade: the same integer
+  assert task.partial_credit("2106", ex) == 0.75           # one digit wrong
+  assert task.partial_credit("166", ex) == 0.75            # a place missing
+  assert task.partial_credit("12166", ex) == 0.8           # a place too many
+  assert task.partial_credit("abc", ex) == 0.0
+  assert get_task("perm", num_perms=2).partial_credit("x", ex) == 0.0   # default: the grade

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from absl import logging as absl_logging
 import jax
 import numpy as np
 
@@ -56,6 +57,7 @@ def _load(args):
 
 def main(argv=None):
   args = parse_args(argv)
+  absl_logging.set_verbosity(absl_logging.ERROR)   # tfds/orbax info lines drown the output
   cfg, params, tok = _load(args)
   examples = None
   if args.examples:

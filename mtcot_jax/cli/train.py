@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from absl import logging as absl_logging
 import jax
 
 import mtcot_jax as mt
@@ -30,6 +31,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
   args = parse_args(argv)
+  absl_logging.set_verbosity(absl_logging.ERROR)   # tfds/orbax info lines drown the output
   cfg = mt.load_config(args.config, args.overrides)
   # Multi-host: every process runs this command; the runtime must start before
   # anything below touches a device.

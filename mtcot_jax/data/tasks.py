@@ -68,6 +68,11 @@ class Task:
     """1.0 if `answer_text` is a correct answer to `example`, else 0.0."""
     raise NotImplementedError
 
+  def partial_credit(self, answer_text: str, example: Example) -> float:
+    """A score in [0, 1] that is 1.0 exactly when `grade` is (a denser RL reward).
+    By default the grade itself; tasks with structured answers refine it."""
+    return self.grade(answer_text, example)
+
   def __repr__(self) -> str:
     return f"get_task({self.name!r}, {self.config_name})"
 
@@ -132,6 +137,16 @@ class Mult(Task):
     if not re.fullmatch(r"[+-]?\d+", text):
       return 0.0
     return float(int(text) == int(example.answer))
+
+  def partial_credit(self, answer_text, example):
+    """The share of the product's digits that are right, aligned from the least
+    significant one (a longer or shorter answer loses the unmatched places)."""
+    text, ref = _no_space(answer_text), example.answer
+    if not re.fullmatch(r"\d+", text):
+      return 0.0
+    text = text.lstrip("0") or "0"
+    hits = sum(a == b for a, b in zip(reversed(text), reversed(ref)))
+    return hits / max(len(text), len(ref))
 
 
 class Perm(Task):

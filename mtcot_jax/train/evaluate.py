@@ -7,10 +7,18 @@ import time
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from mtcot_jax import decode
 from mtcot_jax.config import Config
+
+
+def host_array(x: jax.Array) -> np.ndarray:
+  """The whole of a (possibly multi-process) global array, on this host."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def answer_text(tok, tokens, phase, length) -> str:
@@ -31,7 +39,7 @@ def evaluate(cfg: Config, params, tok, task, batches, *, k: int, key: jax.Array,
     res = decode.generate(cfg, params, batch["prompt_tokens"], batch["prompt_lengths"],
                           jax.random.fold_in(key, i), k=k, eos_id=tok.eos_id,
                           think_end_id=tok.think_end_id, mesh=mesh, **sampling)
-    res = jax.tree.map(np.asarray, res)
+    res = jax.tree.map(host_array, res)
     for b, ex in enumerate(batch["examples"]):
       text = answer_text(tok, res.tokens[b], res.phase[b], res.lengths[b])
       correct.append(task.grade(text, ex))

@@ -70,14 +70,22 @@ def eval_settings(cfg: Config) -> list[tuple[str, int, bool]]:
 
 
 def run_evals(cfg: Config, params, tok, mesh, seed: int) -> dict:
+  """Every process decodes the same global evaluation batches (sharded over the
+  mesh's batch axes) and grades all of them, so all report the same figures."""
   task = builders.task_for(cfg.data)
   n = cfg.train.eval_examples
-  bsz = min(n, 128)
   split = shd.batch_shards(cfg, tuple(mesh.devices.shape)) if mesh is not None else 1
-  use_mesh = mesh if bsz % split == 0 and n % bsz == 0 else None
+  bsz = min(n, max(128, split))
+  fits = bsz % split == 0 and n % bsz == 0
+  if jax.process_count() > 1 and not fits:
+    raise ConfigError(f"train.eval_examples={n} is not accepted on {jax.process_count()} "
+                      f"processes: a multiple of {max(128, split)} (or of {split}, below it), "
+                      "so that every evaluation batch splits over the mesh's batch axes")
+  use_mesh = mesh if fits else None
   results = {}
   for name, k, cot in eval_settings(cfg):
-    batches = mdata.make_eval_batches(cfg, tok, n, bsz, cot=cot)
+    batches = mdata.make_eval_batches(cfg, tok, n, bsz, cot=cot, process_index=0,
+                                      process_count=1)
     r = evaluate(cfg, params, tok, task, batches, k=k, key=jax.random.key(seed), mesh=use_mesh)
     results[name] = r
   return results

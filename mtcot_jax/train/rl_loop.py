@@ -16,7 +16,7 @@ from mtcot_jax.data import builders, encode_prompt
 from mtcot_jax.model import api
 from mtcot_jax.train import checkpoint as ckpt
 from mtcot_jax.train import optim, rl
-from mtcot_jax.train.evaluate import answer_text
+from mtcot_jax.train.evaluate import answer_text, host_array
 from mtcot_jax.train.loop import MetricsLog, _jsonable, check_finite, run_evals
 from mtcot_jax.train.step import create_state, global_batch, make_train_step
 
@@ -40,13 +40,17 @@ def _prompts(cfg: Config, tok, source, step: int):
 
 
 def rewards(cfg: Config, tok, task, res, examples) -> tuple[np.ndarray, np.ndarray]:
-  """Task reward (the grader) + rl.format_reward for a CoT closed by the model
-  and an answer ended by EOS. Returns (rewards, correctness)."""
-  res = jax.tree.map(np.asarray, res)
-  correct = np.array([task.grade(answer_text(tok, res.tokens[b], res.phase[b], res.lengths[b]),
-                                 ex) for b, ex in enumerate(examples)], np.float32)
+  """Task reward (the grade, or with rl.reward=partial the task's partial credit)
+  + rl.format_reward for a CoT closed by the model and an answer ended by EOS.
+  Returns (rewards, correctness)."""
+  res = jax.tree.map(host_array, res)
+  texts = [answer_text(tok, res.tokens[b], res.phase[b], res.lengths[b])
+           for b in range(len(examples))]
+  correct = np.array([task.grade(t, ex) for t, ex in zip(texts, examples)], np.float32)
+  task_reward = correct if cfg.rl.reward == "exact" else np.array(
+      [task.partial_credit(t, ex) for t, ex in zip(texts, examples)], np.float32)
   well_formed = res.finished & ~res.cot_forced & np.any(res.phase == 1, axis=1)
-  return correct + cfg.rl.format_reward * well_formed.astype(np.float32), correct
+  return task_reward + cfg.rl.format_reward * well_formed.astype(np.float32), correct
 
 
 def train_rl(cfg: Config, *, stop_after: int | None = None, progress: bool = True) -> dict:
@@ -96,8 +100,8 @@ def train_rl(cfg: Config, *, stop_after: int | None = None, progress: bool = Tru
     key = jax.random.fold_in(jax.random.wrap_key_data(np.asarray(state.key)), step)
     res = decode.generate(cfg, state.params, prompt, lengths, key, k=k, temperature=r.temperature,
                           eos_id=tok.eos_id, think_end_id=tok.think_end_id, mesh=mesh)
+    res = jax.tree.map(host_array, res)
     rew, correct = rewards(cfg, tok, task, res, examples)
-    res = jax.tree.map(np.asarray, res)
     roll = rl.build_rollouts(prompt, lengths, res)
     ref_lp = np.asarray(ref_fn(ref_params, roll.tokens, roll.source))
     batch = {"tokens": roll.tokens, "source": roll.source, "old_logprobs": roll.old_logprobs,
