@@ -81,16 +81,14 @@ def train_steps(cfg, mesh, batch_fn):
   """STEPS sharded SFT steps from the config's seed; returns (state, losses)."""
   import jax
   from mtcot_jax.train import losses, optim
-  from mtcot_jax.train.step import create_state, make_train_step
+  from mtcot_jax.train.step import create_state
   opt = optim.make_optimizer(cfg)
   key_init = jax.random.split(jax.random.key(cfg.train.seed))[0]   # create_state's
   state = create_state(cfg, opt, mesh, params=initial_params(cfg, mesh, key_init))
   if mesh is None:
     state = jax.device_put(state, jax.devices()[0])
   shardings = jax.tree.map(lambda x: x.sharding, state) if mesh is not None else None
-  step = make_train_step(cfg, mesh, opt,
-                         lambda p, b, t, s: losses.loss_and_metrics(cfg, p, b, t, s),
-                         lambda b: losses.counts(cfg, b), losses.finalize, shardings)
+  step = losses.make_sft_step(cfg, mesh, opt, shardings)
   out = []
   for _ in range(STEPS):
     state, metrics = step(state, batch_fn())

@@ -110,7 +110,7 @@ def check_decode_under_mesh():
 
 def check_train_step_matches_one_device():
   from mtcot_jax.train import losses, optim
-  from mtcot_jax.train.step import create_state, global_batch, make_train_step
+  from mtcot_jax.train.step import create_state, global_batch
   cfg = _cfg("train.batch_size=8")
   rng = np.random.default_rng(0)
   T = 16
@@ -127,9 +127,7 @@ def check_train_step_matches_one_device():
     if mesh is None:
       state = jax.device_put(state, jax.devices()[0])
     shardings = jax.tree.map(lambda x: x.sharding, state) if mesh is not None else None
-    step = make_train_step(cfg, mesh, opt,
-                           lambda p, b, t, s: losses.loss_and_metrics(cfg, p, b, t, s),
-                           lambda b: losses.counts(cfg, b), losses.finalize, shardings)
+    step = losses.make_sft_step(cfg, mesh, opt, shardings)
     for _ in range(2):
       state, metrics = step(state, global_batch(cfg, mesh, batch))
     results.append((jax.device_get(state.params), float(metrics["loss"])))

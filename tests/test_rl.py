@@ -12,7 +12,7 @@ import pytest
 import mtcot_jax as mt
 from mtcot_jax import decode, sampling
 from mtcot_jax.train import loop, optim, rl, rl_loop
-from mtcot_jax.train.step import create_state, make_train_step
+from mtcot_jax.train.step import create_state
 
 B, P, G = 4, 5, 2
 S = sampling.Sampling(temperature=0.9)
@@ -66,8 +66,7 @@ def test_first_step_kl_zero_ratio_one(tiny_cfg, rparams, rollout):
 def _step(cfg, params, batch, frozen=()):
   opt = optim.make_optimizer(cfg, frozen)
   state = create_state(cfg, opt, None, params=jax.tree.map(jnp.copy, params))
-  fn = make_train_step(cfg, None, opt, lambda p, b, t, sh: rl.grpo_loss(cfg, p, b, t, S, sh),
-                       lambda b: rl.counts(cfg, b), rl.finalize)
+  fn = rl.make_grpo_step(cfg, None, opt, S)
   new, m = fn(state, jax.tree.map(jnp.asarray, batch))
   return new.params, m
 

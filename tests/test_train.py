@@ -12,7 +12,7 @@ import pytest
 import mtcot_jax as mt
 from mtcot_jax.train import checkpoint as ckpt
 from mtcot_jax.train import loop, losses, optim
-from mtcot_jax.train.step import create_state, make_train_step
+from mtcot_jax.train.step import create_state
 from conftest import TINY
 
 RUN = TINY + ["data.task_args={digits: 2}", "data.train_size=512", "data.eval_size=16",
@@ -111,9 +111,7 @@ def test_grad_accumulation_equals_full_batch(tiny_cfg, tiny_params):
     c = cfg.replace(train={"grad_accum": accum})
     opt = optim.make_optimizer(c)
     state = create_state(c, opt, None, params=jax.tree.map(jnp.copy, tiny_params))
-    step = make_train_step(c, None, opt,
-                           lambda p, mb, tot, sh: losses.loss_and_metrics(c, p, mb, tot, sh),
-                           lambda x: losses.counts(c, x), losses.finalize)
+    step = losses.make_sft_step(c, None, opt)
     new, m = step(state, b)
     results.append((new.params, m["loss"]))
   chex_close = lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)  # noqa: E731
@@ -125,9 +123,7 @@ def test_freeze_main(tiny_cfg, tiny_params):
   cfg = tiny_cfg.replace(train={"freeze_main": True})
   opt = optim.make_optimizer(cfg, frozen=("main",))
   state = create_state(cfg, opt, None, params=jax.tree.map(jnp.copy, tiny_params))
-  step = make_train_step(cfg, None, opt,
-                         lambda p, mb, tot, sh: losses.loss_and_metrics(cfg, p, mb, tot, sh),
-                         lambda x: losses.counts(cfg, x), losses.finalize)
+  step = losses.make_sft_step(cfg, None, opt)
   b = jax.tree.map(jnp.asarray, _batch(cfg))
   for _ in range(2):
     state, _ = step(state, b)

@@ -16,7 +16,7 @@ from mtcot_jax.config import Config
 
 def host_array(x: jax.Array) -> np.ndarray:
   """The whole of a (possibly multi-process) global array, on this host."""
-  if x.is_fully_addressable:
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
     return np.asarray(x)
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 

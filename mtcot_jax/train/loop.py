@@ -17,7 +17,7 @@ from mtcot_jax.data import builders
 from mtcot_jax.train import checkpoint as ckpt
 from mtcot_jax.train import losses, optim
 from mtcot_jax.train.evaluate import evaluate, render
-from mtcot_jax.train.step import create_state, global_batch, make_train_step
+from mtcot_jax.train.step import create_state, global_batch
 
 
 def _check_vocab(cfg: Config, tok) -> None:
@@ -126,10 +126,7 @@ def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) 
     it.set_state(data_state)
   start = int(state.step)
   shardings = jax.tree.map(lambda x: x.sharding, state) if mesh is not None else None
-  step_fn = make_train_step(
-      cfg, mesh, optimizer,
-      lambda p, b, total, shard: losses.loss_and_metrics(cfg, p, b, total, shard),
-      lambda b: losses.counts(cfg, b), losses.finalize, shardings)
+  step_fn = losses.make_sft_step(cfg, mesh, optimizer, shardings)
   log = MetricsLog(t.workdir)
   tokens_per_step = t.batch_size * cfg.data.seq_len
   last_good = mngr.latest_step()

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from mtcot_jax.config import Config
 from mtcot_jax.model import api
 from mtcot_jax.sharding import Sharder
+from mtcot_jax.train.step import make_train_step
 
 
 class Counts(NamedTuple):
@@ -133,3 +134,10 @@ def finalize(sums: dict, total: Counts) -> dict:
     if name in sums:
       m[name] = sums[name] / jnp.maximum(total.head, 1.0)
   return m
+
+
+def make_sft_step(cfg: Config, mesh, optimizer, shardings=None):
+  """The jitted SFT step `step(state, batch) -> (state, metrics)` (see make_train_step)."""
+  return make_train_step(cfg, mesh, optimizer,
+                         lambda p, b, total, shard: loss_and_metrics(cfg, p, b, total, shard),
+                         lambda b: counts(cfg, b), finalize, shardings)

@@ -24,6 +24,7 @@ from mtcot_jax.config import Config
 from mtcot_jax.decode import GenerateResult
 from mtcot_jax.model import api
 from mtcot_jax.sharding import Sharder
+from mtcot_jax.train.step import make_train_step
 
 
 class Rollouts(NamedTuple):
@@ -125,3 +126,10 @@ def finalize(sums, total: Totals) -> dict:
   n = jnp.maximum(total.tokens, 1)
   return {"kl": sums["kl"] / n, "ratio": sums["ratio"] / n, "clip_frac": sums["clip_frac"] / n,
           "head_accept": sums["head_accept"] / jnp.maximum(total.head_tokens, 1)}
+
+
+def make_grpo_step(cfg: Config, mesh, optimizer, s: sampling.Sampling, shardings=None):
+  """The jitted GRPO step `step(state, batch) -> (state, metrics)` (see make_train_step)."""
+  return make_train_step(cfg, mesh, optimizer,
+                         lambda p, b, total, shard: grpo_loss(cfg, p, b, total, s, shard),
+                         lambda b: counts(cfg, b), finalize, shardings)

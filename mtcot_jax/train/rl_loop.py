@@ -18,7 +18,7 @@ from mtcot_jax.train import checkpoint as ckpt
 from mtcot_jax.train import optim, rl
 from mtcot_jax.train.evaluate import answer_text, host_array
 from mtcot_jax.train.loop import MetricsLog, _jsonable, check_finite, run_evals
-from mtcot_jax.train.step import create_state, global_batch, make_train_step
+from mtcot_jax.train.step import create_state, global_batch
 
 _PROMPT_BUCKET = 16   # prompts are padded to a multiple of this: few distinct shapes
 
@@ -86,9 +86,7 @@ def train_rl(cfg: Config, *, stop_after: int | None = None, progress: bool = Tru
   s = sampling.Sampling(temperature=r.temperature)
   k = cfg.decode.k if cfg.decode.k >= 0 else cfg.head.k
   shardings = jax.tree.map(lambda x: x.sharding, state)
-  step_fn = make_train_step(
-      cfg, mesh, optimizer, lambda p, b, tot, sh: rl.grpo_loss(cfg, p, b, tot, s, sh),
-      lambda b: rl.counts(cfg, b), rl.finalize, shardings)
+  step_fn = rl.make_grpo_step(cfg, mesh, optimizer, s, shardings)
   ref_fn = jax.jit(lambda p, toks, src: rl.token_logprobs(cfg, p, toks, src, s,
                                                           shd.sharder(cfg, mesh)))
   log = MetricsLog(t.workdir)
