@@ -392,10 +392,10 @@ def main(a) -> None:
         print(f"k=0 while_loop / HF generate: {r:.2f}x (target >= 5x: {'MET' if r >= 5 else 'NOT MET'})")
   elif a.no_hf:
     print("\nHF comparison: skipped (--no-hf or --quick)")
-  print(f"\n# columns: tok/s = CoT tokens / (run_cot - prefill); ms/iter = that time / iterations;"
-        f" main(k+1), main(1) = one jitted extend over a (B, k+1) / (B, 1) block; ratio = their"
-        f" quotient; head = the head chain as decode.py runs it (decode.sample_head_chain);"
-        f" other = ms/iter - main(k+1) - head")
+  print("\n# columns: tok/s = CoT tokens / (run_cot - prefill); ms/iter = that time / iterations;"
+        " main(k+1), main(1) = one jitted extend over a (B, k+1) / (B, 1) block; ratio = their"
+        " quotient; head = the head chain as decode.py runs it (decode.sample_head_chain);"
+        " other = ms/iter - main(k+1) - head")
   print(f"# total {time.perf_counter() - t_start:.0f}s")
   if a.json:
     with open(a.json, "w") as f:

@@ -264,7 +264,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     return _freeze(value)
   if origin is tuple:
     args = typing.get_args(tp)
-    if args and args[0] is tuple or (args and typing.get_origin(args[0]) is tuple):
+    if args and (args[0] is tuple or typing.get_origin(args[0]) is tuple):
       # A mapping stored as sorted (key, value) pairs: accept a dict too.
       if isinstance(value, dict):
         value = list(value.items()) if key.endswith("rules") else sorted(value.items())

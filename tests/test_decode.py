@@ -7,7 +7,6 @@ import pytest
 
 import mtcot_jax as mt
 from mtcot_jax import decode, sampling
-from mtcot_jax.model import api
 
 B, P, MAX_COT, MAX_ANS = 4, 6, 10, 4
 LENS = np.array([6, 3, 5, 2])

@@ -20,7 +20,6 @@ from mtcot_jax import decode, distributed
 from mtcot_jax.config import ConfigError, MeshConfig
 from mtcot_jax.model import api
 from mtcot_jax.tools import memory
-from conftest import TINY
 
 HERE = os.path.dirname(__file__)
 CONFIGS = os.path.join(HERE, "..", "configs")

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 import mtcot_jax as mt
-from mtcot_jax.train import checkpoint as ckpt
 from mtcot_jax.train import loop, losses, optim
 from mtcot_jax.train.step import create_state
 from conftest import TINY

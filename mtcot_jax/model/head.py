@@ -16,7 +16,6 @@ training, (B,) in decoding; chains are flattened to N = prod(leading) rows.
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from mtcot_jax.config import HeadConfig, ModelConfig
