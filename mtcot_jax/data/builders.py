@@ -201,3 +201,15 @@ def split_source(data: DataConfig, split: str) -> ExampleSource:
     return ExampleSource(gsm8k_source(data.data_dir, split), GSM8K.from_record, limit)
   builder = prepare(task, data.data_dir, data.train_size, data.eval_size)
   return ExampleSource(builder.as_data_source(split=split), _synthetic_record)
+
+
+def split_seeds(data: DataConfig, split: str) -> np.ndarray:
+  """The task seeds of a synthetic task's `train` or `test` records, in order:
+  `task.example(seed)` is record i. Train holds 0..train_size-1; test draws from
+  TEST_SEED_OFFSET on, so the two never share a seed (nor a question)."""
+  if split not in ("train", "test"):
+    raise ValueError(f"split={split!r}; accepted: 'train' or 'test'")
+  task = task_for(data)
+  builder = prepare(task, data.data_dir, data.train_size, data.eval_size)
+  source = builder.as_data_source(split=split)
+  return np.array([int(r["seed"]) for r in source.__getitems__(range(len(source)))], np.int64)

@@ -51,8 +51,55 @@ def evaluate(cfg: Config, params, tok, task, batches, *, k: int, key: jax.Array,
       n += 1
   dt = time.perf_counter() - t0
   return {"accuracy": float(np.mean(correct)), "forward_passes": float(np.mean(passes)),
+          "forward_passes_std": float(np.std(passes)),
           "cot_tokens": float(np.mean(cot_len)), "answer_tokens": float(np.mean(ans_len)),
+          "tokens_per_pass": tokens / max(float(np.sum(passes)), 1.0),
           "finished": float(np.mean(finished)), "examples": n, "tokens_per_s": tokens / dt}
+
+
+def teacher_forced_metrics(cfg: Config, params, tok, examples, batch_size: int = 128) -> dict:
+  """The SFT metrics on `examples` (e.g. held-out ones), teacher-forced: main-token
+  accuracy on CoT and answer targets, and the head's accuracy and agreement with
+  the main model's greedy token (acceptance) per depth on CoT targets. Examples
+  longer than data.seq_len are left out (`examples` counts those used)."""
+  from mtcot_jax.data import encode_example
+  from mtcot_jax.train import losses
+
+  T = cfg.data.seq_len
+  rows = [r for r in (encode_example(tok, ex) for ex in examples) if len(r["inputs"]) <= T]
+  if not rows:
+    raise ValueError(f"no example fits in data.seq_len={T}")
+
+  @jax.jit
+  def sums_of(p, batch):
+    total = losses.counts(cfg, batch)
+    return losses.loss_and_metrics(cfg, p, batch, total)[1], total
+
+  acc, tot = None, None
+  for start in range(0, len(rows), batch_size):
+    chunk = rows[start:start + batch_size]
+    batch = {"inputs": np.full((batch_size, T), tok.pad_id, np.int32),
+             "targets": np.full((batch_size, T), tok.pad_id, np.int32),
+             "positions": np.zeros((batch_size, T), np.int32),
+             "segment_ids": np.zeros((batch_size, T), np.int32),
+             "cot_mask": np.zeros((batch_size, T), np.float32),
+             "answer_mask": np.zeros((batch_size, T), np.float32)}
+    for i, r in enumerate(chunk):   # unused rows stay empty: no targets, one shape
+      n = len(r["inputs"])
+      for key in ("inputs", "targets", "cot_mask", "answer_mask"):
+        batch[key][i, :n] = r[key]
+      batch["positions"][i, :n] = np.arange(n)
+      batch["segment_ids"][i, :n] = 1
+    sums, total = jax.device_get(sums_of(params, batch))
+    acc = sums if acc is None else jax.tree.map(np.add, acc, sums)
+    tot = total if tot is None else jax.tree.map(np.add, tot, total)
+  out = {k: np.asarray(v) for k, v in losses.finalize(acc, tot).items()}
+  res = {"main_acc": float(out["main_acc"]), "main_loss": float(out["main_loss"]),
+         "examples": len(rows)}
+  for name in ("head_acc", "head_accept", "head_loss"):
+    if name in out:
+      res[name] = [round(float(x), 6) for x in out[name]]
+  return res
 
 
 def render(tok, tokens, source, phase, length) -> str:

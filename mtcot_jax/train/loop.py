@@ -103,6 +103,20 @@ def sample_generation(cfg: Config, params, tok, k: int, index: int = 0) -> str:
           + f"\nforward passes: {res.forward_passes[0]}, tokens: {res.lengths[0]}")
 
 
+def _init_params(cfg: Config, mesh, mngr):
+  """The parameters of the run in train.init_from (a fresh optimizer starts on them),
+  or None: random ones. Not read when this workdir already has a checkpoint."""
+  src = cfg.train.init_from
+  if not src or mngr.latest_step() is not None:
+    return None
+  from mtcot_jax.model import api
+  run = ckpt.load_run(src, mesh)
+  if api.param_shapes(run.cfg) != api.param_shapes(cfg):
+    raise ConfigError(f"train.init_from={src!r}: its model/head config differs from this one; "
+                      "accepted: a run with the same model and head shapes")
+  return run.params
+
+
 def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) -> dict:
   """Runs (or resumes) SFT in cfg.train.workdir. Returns the final summary.
 
@@ -112,14 +126,17 @@ def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) 
   t_start = time.perf_counter()
   t = cfg.train
   mesh = shd.make_mesh(cfg)
-  tok = mdata.tokenizer_for(cfg)
+  if t.init_from and not cfg.data.tokenizer:   # the ids the parameters were trained on
+    tok = mdata.load_tokenizer(os.path.join(t.init_from, ckpt.TOKENIZER_FILE))
+  else:
+    tok = mdata.tokenizer_for(cfg)
   _check_vocab(cfg, tok)
   if jax.process_index() == 0:
     ckpt.write_run_files(t.workdir, cfg, tok.path)
   it = mdata.make_train_iterator(cfg, tok)
   optimizer = optim.make_optimizer(cfg, frozen=("main",) if t.freeze_main else ())
-  state = create_state(cfg, optimizer, mesh)
   mngr = ckpt.manager(t.workdir, cfg)
+  state = create_state(cfg, optimizer, mesh, params=_init_params(cfg, mesh, mngr))
   restored = ckpt.restore_latest(mngr, state)
   if restored is not None:
     state, data_state = restored

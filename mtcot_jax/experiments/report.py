@@ -1,0 +1,400 @@
+"""Summarises an experiment directory's results.jsonl as report.md plus PNG plots.
+
+Regenerate with `python -m mtcot_jax.experiments report <dir>`. Needs matplotlib,
+never JAX: this module only reads JSON files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import statistics
+from typing import Any, Iterable
+
+RESULTS = "results.jsonl"
+REPORT = "report.md"
+PLOTS = "plots"
+DASH = "–"
+
+# The last row wins when a cell's evaluation was appended twice (a rerun).
+_KEY = ("task", "method", "seed", "eval")
+_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "*", "p"]
+
+
+def load_rows(out_dir: str) -> list[dict]:
+  """The rows of out_dir/results.jsonl, in file order, reruns deduplicated (last wins)."""
+  path = os.path.join(out_dir, RESULTS)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no {RESULTS} in {out_dir}: run the experiments first")
+  rows: dict[tuple, dict] = {}
+  with open(path) as f:
+    for n, line in enumerate(f, 1):
+      line = line.strip()
+      if not line:
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{n}: not JSON ({e})") from None
+      rows[tuple(row.get(k) for k in _KEY)] = row
+  return list(rows.values())
+
+
+# ---------------------------------------------------------------------------- statistics
+
+
+def _stats(values: Iterable[float | None]) -> tuple[float, float, int] | None:
+  """(mean, sample std (0 for n = 1), n) of the non-missing values; None if there are none."""
+  vals = [float(v) for v in values if v is not None and not _isnan(v)]
+  if not vals:
+    return None
+  std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+  return statistics.fmean(vals), std, len(vals)
+
+
+def _isnan(v: Any) -> bool:
+  return isinstance(v, float) and math.isnan(v)
+
+
+def _fmt(values: Iterable[float | None], digits: int) -> str:
+  """'mean ± std' (sample std) for n >= 2, the bare value for n = 1, '–' for none."""
+  s = _stats(values)
+  if s is None:
+    return DASH
+  mean, std, n = s
+  return f"{mean:.{digits}f}" if n == 1 else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _fmt_mean(values: Iterable[float | None], digits: int) -> str:
+  s = _stats(values)
+  return DASH if s is None else f"{s[0]:.{digits}f}"
+
+
+def _per_depth_mean(lists: list[list[float] | None]) -> list[float]:
+  """Mean over seeds per depth (ragged lists allowed)."""
+  lists = [l for l in lists if l]
+  depth = max((len(l) for l in lists), default=0)
+  return [statistics.fmean([l[d] for l in lists if len(l) > d]) for d in range(depth)]
+
+
+def _per_depth_stats(lists: list[list[float] | None]) -> tuple[list[float], list[float]]:
+  lists = [l for l in lists if l]
+  depth = max((len(l) for l in lists), default=0)
+  means, stds = [], []
+  for d in range(depth):
+    mean, std, _ = _stats(l[d] for l in lists if len(l) > d)
+    means.append(mean)
+    stds.append(std)
+  return means, stds
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+  if num is None or den is None or den == 0:
+    return None
+  return num / den
+
+
+# ---------------------------------------------------------------------------- grouping
+
+
+def _ordered(values: Iterable) -> list:
+  """Distinct values in order of first appearance."""
+  return list(dict.fromkeys(values))
+
+
+def _is_rl(row: dict) -> bool:
+  return ((row.get("config") or {}).get("train") or {}).get("stage") == "rl"
+
+
+def _task_title(rows: list[dict]) -> str:
+  row = rows[0]
+  args = ", ".join(f"{k}={v}" for k, v in (row.get("task_args") or {}).items())
+  name = row.get("task_name")
+  detail = f"{name}, {args}" if name and args else (name or args)
+  return f"{row['task']} ({detail})" if detail else row["task"]
+
+
+def _safe(name: str) -> str:
+  return re.sub(r"[^A-Za-z0-9._-]+", "_", str(name))
+
+
+def _cell(text: Any) -> str:
+  return str(text).replace("|", "\\|")
+
+
+def _table(header: list[str], lines: list[list[str]]) -> list[str]:
+  out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+  out += ["| " + " | ".join(_cell(c) for c in line) + " |" for line in lines]
+  return out
+
+
+# ---------------------------------------------------------------------------- tables
+
+PRIMARY_COLUMNS = ["method", "n", "accuracy", "passes", "passes ÷ cot", "accuracy ÷ cot",
+                   "tokens/pass", "CoT tokens", "finished", "head accept by depth", "train s"]
+EVAL_COLUMNS = ["method", "eval", "n", "k", "accuracy", "passes", "max CoT tokens"]
+
+
+def _primary_table(rows: list[dict]) -> list[str]:
+  primary = [r for r in rows if r.get("primary")]
+  cot = {r.get("seed"): r for r in primary if r["method"] == "cot"}
+  lines = []
+  for method in _ordered(r["method"] for r in primary):
+    mine = [r for r in primary if r["method"] == method]
+    pass_ratio, acc_ratio = [], []
+    for r in mine:
+      base = cot.get(r.get("seed"))
+      if base is not None:
+        pass_ratio.append(_ratio(r.get("forward_passes"), base.get("forward_passes")))
+        acc_ratio.append(_ratio(r.get("accuracy"), base.get("accuracy")))
+    accept = _per_depth_mean([r.get("head_accept") for r in mine])
+    lines.append([
+        method, str(len(mine)),
+        _fmt((r.get("accuracy") for r in mine), 3),
+        _fmt((r.get("forward_passes") for r in mine), 1),
+        _fmt(pass_ratio, 2), _fmt(acc_ratio, 2),
+        _fmt((r.get("tokens_per_pass") for r in mine), 2),
+        _fmt((r.get("cot_tokens") for r in mine), 1),
+        _fmt((r.get("finished") for r in mine), 3),
+        " ".join(f"{a:.2f}" for a in accept) if accept else DASH,
+        _fmt_mean((r.get("train_seconds") for r in mine), 0),
+    ])
+  return _table(PRIMARY_COLUMNS, lines)
+
+
+def _eval_groups(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
+  groups: dict[tuple[str, str], list[dict]] = {}
+  for r in rows:
+    groups.setdefault((r["method"], r.get("eval")), []).append(r)
+  return groups
+
+
+def _eval_table(rows: list[dict]) -> list[str]:
+  lines = []
+  for (method, name), group in _eval_groups([r for r in rows if not r.get("primary")]).items():
+    lines.append([
+        method, str(name), str(len(group)),
+        "/".join(str(v) for v in _ordered(r.get("k") for r in group)),
+        _fmt((r.get("accuracy") for r in group), 3),
+        _fmt((r.get("forward_passes") for r in group), 1),
+        "/".join(str(v) for v in _ordered(r.get("max_cot_tokens") for r in group)),
+    ])
+  return _table(EVAL_COLUMNS, lines) if lines else ["(none)"]
+
+
+def _budget_lines(rows: list[dict]) -> list[str]:
+  out = []
+  for (method, name), group in _eval_groups(rows).items():
+    targets = [(r.get("budget") or {}).get("target_passes") for r in group]
+    if all(t is None for t in targets):
+      continue
+    caps = "/".join(str(v) for v in _ordered(r.get("max_cot_tokens") for r in group))
+    out.append(f"- `{method}` `{name}` (equal-passes baseline, max CoT tokens {caps}): "
+               f"mean passes {_fmt((r.get('forward_passes') for r in group), 2)} "
+               f"vs target {_fmt(targets, 2)}")
+  return out
+
+
+# ---------------------------------------------------------------------------- plots
+
+
+def _pyplot():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def _style(i: int) -> dict:
+  return {"color": f"C{i % 10}", "marker": _MARKERS[i % len(_MARKERS)]}
+
+
+def _save(fig, path: str) -> None:
+  fig.savefig(path, dpi=120, bbox_inches="tight")
+  _pyplot().close(fig)
+
+
+def _mean_std(rows: list[dict], key: str) -> tuple[float, float] | None:
+  s = _stats(r.get(key) for r in rows)
+  return None if s is None else s[:2]
+
+
+def _legend_outside(ax) -> None:
+  ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
+
+
+def _plot_accuracy(rows: list[dict], title: str, path: str) -> bool:
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(7.5, 4.5))
+  xs = []
+  primary = [r for r in rows if r.get("primary")]
+  methods = _ordered(r["method"] for r in rows)
+  for i, method in enumerate(methods):
+    mine = [r for r in primary if r["method"] == method]
+    x, y = _mean_std(mine, "forward_passes"), _mean_std(mine, "accuracy")
+    if x is None or y is None:
+      continue
+    st = _style(i)
+    ax.errorbar(x[0], y[0], xerr=x[1], yerr=y[1], linestyle="none", markersize=8,
+                capsize=3, label=method, **st)
+    xs.append(x[0])
+    # A truncated-CoT cell's budgets form a curve.
+    budgets = _eval_groups([r for r in rows if r["method"] == method
+                            and str(r.get("eval", "")).startswith("trunc")])
+    points = []
+    for group in budgets.values():
+      bx, by = _mean_std(group, "forward_passes"), _mean_std(group, "accuracy")
+      if bx is not None and by is not None:
+        points.append((bx, by))
+    if len(points) >= 2:
+      points.sort(key=lambda p: p[0][0])
+      ax.errorbar([p[0][0] for p in points], [p[1][0] for p in points],
+                  xerr=[p[0][1] for p in points], yerr=[p[1][1] for p in points],
+                  color=st["color"], marker=".", linestyle="--", linewidth=1, capsize=2,
+                  alpha=0.8, label=f"{method} (budgets)")
+      xs += [p[0][0] for p in points]
+  if not xs:
+    plt.close(fig)
+    return False
+  log = min(xs) > 0 and max(xs) / min(xs) >= 10
+  if log:
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+  ax.set_ylim(-0.03, 1.03)
+  ax.set_xlabel("forward passes per problem (serial main-model passes, mean"
+                + (", log scale)" if log else ")"))
+  ax.set_ylabel("accuracy on held-out problems")
+  ax.set_title(f"{title}: accuracy vs forward passes")
+  ax.grid(alpha=0.3)
+  _legend_outside(ax)
+  _save(fig, path)
+  return True
+
+
+def _plot_head_acceptance(rows: list[dict], title: str, path: str) -> bool:
+  primary = [r for r in rows if r.get("primary") and r.get("head_accept")]
+  if not primary:
+    return False
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(7.5, 4.5))
+  methods = _ordered(r["method"] for r in rows)
+  shown = [m for m in methods if any(r["method"] == m for r in primary)]
+  for j, method in enumerate(shown):
+    means, stds = _per_depth_stats([r["head_accept"] for r in primary if r["method"] == method])
+    shift = (j - (len(shown) - 1) / 2) * 0.06  # keeps overlapping error bars apart
+    depth = [d + 1 + shift for d in range(len(means))]
+    ax.errorbar(depth, means, yerr=stds, capsize=3, linewidth=1.2, label=method,
+                **_style(methods.index(method)))
+  k = max(len(r["head_accept"]) for r in primary)
+  ax.set_xticks(range(1, k + 1))
+  ax.set_ylim(-0.03, 1.03)
+  ax.set_xlabel("head depth (token position within a CoT block)")
+  ax.set_ylabel("head acceptance (agrees with main greedy token)")
+  ax.set_title(f"{title}: multi-token head acceptance by depth")
+  ax.grid(alpha=0.3)
+  _legend_outside(ax)
+  _save(fig, path)
+  return True
+
+
+def _reward_curve(out_dir: str, workdir: str) -> tuple[list[float], list[float]]:
+  path = os.path.join(out_dir, workdir, "metrics.jsonl")
+  steps, rewards = [], []
+  if not os.path.exists(path):
+    return steps, rewards
+  with open(path) as f:
+    for line in f:
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError:
+        continue  # a line cut short by an interrupted run
+      if isinstance(rec, dict) and rec.get("reward_mean") is not None and "step" in rec:
+        steps.append(rec["step"])
+        rewards.append(rec["reward_mean"])
+  return steps, rewards
+
+
+def _plot_rl_reward(rows: list[dict], out_dir: str, title: str, path: str) -> bool:
+  cells = {}
+  for r in rows:
+    if _is_rl(r) and r.get("workdir"):
+      cells.setdefault(r["workdir"], r)
+  curves = []
+  for workdir, r in cells.items():
+    steps, rewards = _reward_curve(out_dir, workdir)
+    if steps:
+      curves.append((r, steps, rewards))
+  if not curves:
+    return False
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(7.5, 4.5))
+  methods = _ordered(r["method"] for r in rows)
+  styles = ["-", "--", ":", "-."]
+  seeds = _ordered(r.get("seed") for r, _, _ in curves)
+  for r, steps, rewards in curves:
+    color = _style(methods.index(r["method"]))["color"]
+    ax.plot(steps, rewards, linewidth=1, alpha=0.85, color=color,
+            linestyle=styles[seeds.index(r.get("seed")) % len(styles)],
+            label=f"{r['method']} seed {r.get('seed')}")
+  ax.set_xlabel("RL step")
+  ax.set_ylabel("mean reward per rollout")
+  ax.set_title(f"{title}: RL reward")
+  ax.grid(alpha=0.3)
+  _legend_outside(ax)
+  _save(fig, path)
+  return True
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def write_report(out_dir: str) -> str:
+  """Writes out_dir/report.md and out_dir/plots/*.png from out_dir/results.jsonl; returns
+  the report's path."""
+  rows = load_rows(out_dir)
+  plots = os.path.join(out_dir, PLOTS)
+  os.makedirs(plots, exist_ok=True)
+  cells = _ordered((r["task"], r["method"], r.get("seed")) for r in rows)
+  seeds = sorted(_ordered(r.get("seed") for r in rows), key=str)
+  commits = _ordered(r.get("commit") for r in rows if r.get("commit"))
+  lines = [
+      "# Experiment report", "",
+      f"Results: `{os.path.join(out_dir, RESULTS)}`: {len(rows)} evaluations of {len(cells)} "
+      f"cells (task × method × seed), seeds {', '.join(str(s) for s in seeds) or DASH}"
+      + (f", commit {', '.join(commits)}" if commits else "") + ".", "",
+      f"Regenerate with `python -m mtcot_jax.experiments report {out_dir}`.", "",
+      "Primary rows are each method's headline evaluation. Values are mean ± sample std over "
+      "seeds (a bare value when n = 1). Ratios are taken per seed against the `cot` cell of "
+      "the same task and seed. Passes are serial main-model forward passes per problem.",
+  ]
+  for task in _ordered(r["task"] for r in rows):
+    mine = [r for r in rows if r["task"] == task]
+    title = _task_title(mine)
+    lines += ["", f"## {title}", "", "### Primary evaluations", ""] + _primary_table(mine)
+    lines += ["", "### Other evaluations", ""] + _eval_table(mine)
+    budget = _budget_lines(mine)
+    if budget:
+      lines += ["", "### Equal-passes budgets", ""] + budget
+    made = []
+    name = _safe(task)
+    for kind, label, draw in [
+        ("accuracy_vs_passes", "accuracy vs passes",
+         lambda p: _plot_accuracy(mine, title, p)),
+        ("head_acceptance", "head acceptance",
+         lambda p: _plot_head_acceptance(mine, title, p)),
+        ("rl_reward", "RL reward", lambda p: _plot_rl_reward(mine, out_dir, title, p)),
+    ]:
+      rel = f"{PLOTS}/{name}_{kind}.png"
+      if draw(os.path.join(out_dir, rel)):
+        made.append(f"![{task} {label}]({rel})")
+    if made:
+      lines += ["", "### Plots", ""] + [m for p in made for m in (p, "")][:-1]
+  path = os.path.join(out_dir, REPORT)
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  return path
