@@ -75,6 +75,10 @@ class HeadConfig:
   # with a CoT target first (0: every position). Chains elsewhere have no target,
   # and the head's cost grows with the chains it runs.
   train_positions: int = 0
+  # Past positions whose memory the head attends to (the head with context, the
+  # EAGLE draft model's shape): 0 the projection head (the residual at the source
+  # only), C > 0 the last C positions up to the source, -1 all of them.
+  context: int = 0
 
   def resolved_width(self, model: ModelConfig) -> int:
     return self.width or model.d_model
@@ -191,6 +195,10 @@ class DecodeConfig:
   max_cot_tokens: int = 256
   max_answer_tokens: int = 32
   max_len: int = 0             # cache capacity limit; 0: sized to fit every request
+  # Adaptive blocks: cut a CoT block before the first head token whose probability
+  # under the head's distribution (its sampling distribution; softmax when greedy)
+  # is below this; the next pass starts with the main model's token. 0: fixed k.
+  head_threshold: float = 0.0
   temperature: float = 0.0     # 0: greedy
   top_k: int = 0               # 0: off
   top_p: float = 1.0
@@ -337,6 +345,8 @@ def validate(cfg: Config) -> None:
   _check(len(set(h.source_layers)) == len(h.source_layers), "head.source_layers",
          h.source_layers, "distinct layer indices")
   _check(h.loss_weight >= 0, "head.loss_weight", h.loss_weight, "a number >= 0")
+  _check(h.context >= -1, "head.context", h.context,
+         "0 (the projection head), -1 (every past position) or an int >= 1 (a window)")
   _check(0 <= h.train_positions, "head.train_positions", h.train_positions,
          "0 (every position) or an int >= 1")
 
@@ -384,6 +394,8 @@ def validate(cfg: Config) -> None:
   _check(dec.max_cot_tokens >= 1, "decode.max_cot_tokens", dec.max_cot_tokens, "an int >= 1")
   _check(dec.max_answer_tokens >= 1, "decode.max_answer_tokens", dec.max_answer_tokens,
          "an int >= 1")
+  _check(0.0 <= dec.head_threshold < 1.0, "decode.head_threshold", dec.head_threshold,
+         "a number in [0, 1) (0: fixed blocks of k head tokens)")
   _check(dec.temperature >= 0, "decode.temperature", dec.temperature, "a number >= 0 (0: greedy)")
   _check(dec.top_k >= 0, "decode.top_k", dec.top_k, "an int >= 0 (0: off)")
   _check(0 < dec.top_p <= 1, "decode.top_p", dec.top_p, "a number in (0, 1]")

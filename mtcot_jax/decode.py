@@ -67,20 +67,26 @@ class _State:
   forced: jax.Array       # (B,) bool
   last: jax.Array         # (B,) the last answer token (the answer loop's next input)
   key: jax.Array
+  hmem: tuple | None = None  # head with context: per layer (keys, values) (B, S, H, Dh)
 
 
 def sample_head_chain(cfg: Config, params, sources, x1_B, keys, s: sampling.Sampling,
-                      shard: shd.Sharder = shd.Sharder()):
+                      shard: shd.Sharder = shd.Sharder(), hmem=None, lengths_B=None):
   """The head's k = len(keys) chained samples x[t+2..t+k+1] after the main token x1.
 
   sources: the head's source residuals (B, D) at t. Depth j runs the head over
-  the chain prefix x[t+1..t+j] it reads. Returns (B, k) tokens and log-probs.
+  the chain prefix x[t+1..t+j] it reads. The head with context also reads its
+  memory cache `hmem` (per layer keys, values) up to t = lengths_B - 1.
+  Returns (B, k) tokens and log-probs.
   """
   k = len(keys)
   chain = jnp.zeros((x1_B.shape[0], k), jnp.int32).at[:, 0].set(x1_B)
   toks, lps = [], []
   for j in range(k):   # depth j+1 predicts x[t+2+j] from chain x[t+1..t+1+j]
-    feats_BxJxD = api.run_head(cfg, params, sources, chain[:, : j + 1], shard)
+    if cfg.head.context:
+      feats_BxJxD = api.context_chain(cfg, params, sources, chain[:, : j + 1], hmem, lengths_B)
+    else:
+      feats_BxJxD = api.run_head(cfg, params, sources, chain[:, : j + 1], shard)
     tok, lp = sampling.sample(keys[j], api.head_logits(cfg, params, feats_BxJxD[:, j]), s)
     if j + 1 < k:
       chain = chain.at[:, j + 1].set(tok)
@@ -91,7 +97,7 @@ def sample_head_chain(cfg: Config, params, sources, x1_B, keys, s: sampling.Samp
 
 @functools.lru_cache(maxsize=None)
 def _static(cfg: Config, k: int, sample: sampling.Sampling, max_cot: int, max_answer: int,
-            eos_id: int, think_end_id: int, mesh: Mesh | None):
+            eos_id: int, think_end_id: int, mesh: Mesh | None, tau: float = 0.0):
   """The two jitted phases for one set of static settings (cached: compiled once)."""
   shard = shd.sharder(cfg, mesh)
   L = max_cot + 1 + k + max_answer          # output buffer; k slots of slack for cut blocks
@@ -103,9 +109,17 @@ def _static(cfg: Config, k: int, sample: sampling.Sampling, max_cot: int, max_an
   def take_last(x_BxTx, n_B):
     return jnp.take_along_axis(x_BxTx, (n_B - 1)[:, None, None], axis=1)[:, 0]
 
-  def main_pass(params, cache, block_BxT, n_B):
+  def main_pass(params, cache, block_BxT, n_B, hmem=None):
     out = api.extend(cfg, params, cache, block_BxT, n_B, shard)
-    return out.cache, take_last(out.logits, n_B), tuple(take_last(s, n_B) for s in out.sources)
+    if hmem is not None:   # the head's memory of every new position, at the same slots
+      slots_BxT = cache.lengths[:, None] + jnp.arange(block_BxT.shape[1], dtype=jnp.int32)
+      rows = jnp.arange(block_BxT.shape[0])[:, None]
+      new = api.head_memory_kv(cfg, params, out.sources, slots_BxT)
+      hmem = tuple((hk.at[rows, slots_BxT].set(nk.astype(hk.dtype), mode="drop"),
+                    hv.at[rows, slots_BxT].set(nv.astype(hv.dtype), mode="drop"))
+                   for (hk, hv), (nk, nv) in zip(hmem, new))
+    return (out.cache, take_last(out.logits, n_B), tuple(take_last(s, n_B) for s in out.sources),
+            hmem)
 
   def prefill(params, prompt_BxP, lens_B, key):
     B, P = prompt_BxP.shape
@@ -113,7 +127,12 @@ def _static(cfg: Config, k: int, sample: sampling.Sampling, max_cot: int, max_an
     cache = KVCache.empty(cfg.model, B, capacity)
     cache = cache.replace(k=shard(cache.k, (None, "batch", "act_kv_heads", None, None)),
                           v=shard(cache.v, (None, "batch", "act_kv_heads", None, None)))
-    cache, logits, sources = main_pass(params, cache, prompt_BxP, lens_B)
+    hmem = None
+    if cfg.head.context and k > 0:
+      hd = api.head_dims_of(cfg)
+      zeros = jnp.zeros((B, capacity, hd.num_heads, hd.head_dim), jnp.dtype(cfg.model.dtype))
+      hmem = tuple((zeros, zeros) for _ in range(cfg.head.num_layers))
+    cache, logits, sources, hmem = main_pass(params, cache, prompt_BxP, lens_B, hmem)
     last_prompt = jnp.take_along_axis(prompt_BxP, (lens_B - 1)[:, None], axis=1)[:, 0]
     zeros = jnp.zeros((B, L), jnp.int32)
     return _State(
@@ -122,7 +141,7 @@ def _static(cfg: Config, k: int, sample: sampling.Sampling, max_cot: int, max_an
         n_out=jnp.zeros((B,), jnp.int32), n_think=jnp.zeros((B,), jnp.int32),
         cot_done=last_prompt == think_end_id, done=jnp.zeros((B,), bool),
         passes=jnp.ones((B,), jnp.int32), forced=jnp.zeros((B,), bool),
-        last=last_prompt, key=key)
+        last=last_prompt, key=key, hmem=hmem)
 
   def cot_body(params, st: _State) -> _State:
     B = st.n_out.shape[0]
@@ -132,7 +151,7 @@ def _static(cfg: Config, k: int, sample: sampling.Sampling, max_cot: int, max_an
     x1, lp1 = sampling.sample(keys[0], st.logits, sample)
     if k > 0:
       head_toks, head_lps = sample_head_chain(cfg, params, st.sources, x1, keys[1:], sample,
-                                              shard)
+                                              shard, st.hmem, st.cache.lengths)
       block = jnp.concatenate([x1[:, None], head_toks], 1)           # (B, k+1)
       lps = jnp.concatenate([lp1[:, None], head_lps], 1)
     else:
@@ -146,20 +165,26 @@ def _static(cfg: Config, k: int, sample: sampling.Sampling, max_cot: int, max_an
     block = jnp.where(force[:, None], block.at[:, 0].set(think_end_id), block)
     lps = jnp.where(force[:, None], lps.at[:, 0].set(forced_lp), lps)
 
-    # Cut after the first </think> or EOS that falls within the budget.
+    # Adaptive blocks: keep head tokens while their probability is >= tau.
+    keep = jnp.full((B,), k + 1, jnp.int32)
+    if k > 0 and tau > 0:
+      sure = jnp.cumprod((lps[:, 1:] >= np.log(tau)).astype(jnp.int32), axis=1)
+      keep = jnp.where(force, k + 1, 1 + jnp.sum(sure, axis=1))
+    # Cut after the first </think> or EOS that falls within the budget and the block.
     pos = jnp.arange(k + 1)
     stop = (block == think_end_id) | (block == eos_id)
-    stop = stop & (pos[None, :] <= budget[:, None])
+    stop = stop & (pos[None, :] <= budget[:, None]) & (pos[None, :] < keep[:, None])
     has_stop = jnp.any(stop, axis=1)
     first = jnp.argmax(stop, axis=1)
-    n_valid = jnp.where(has_stop, first + 1, jnp.minimum(k + 1, budget))
+    n_valid = jnp.where(has_stop, first + 1, jnp.minimum(keep, budget))
     n_valid = jnp.where(active, jnp.maximum(n_valid, 1), 0).astype(jnp.int32)
     stop_tok = jnp.take_along_axis(block, first[:, None], 1)[:, 0]
     ends_cot = active & has_stop & (stop_tok == think_end_id)
     ends_seq = active & has_stop & (stop_tok == eos_id)
 
     idx = jnp.where(active[:, None], st.n_out[:, None] + pos[None, :], L)
-    cache, logits, sources = main_pass(params, st.cache, block, jnp.maximum(n_valid, 1))
+    cache, logits, sources, hmem = main_pass(params, st.cache, block, jnp.maximum(n_valid, 1),
+                                             st.hmem)
     keep = lambda new, old: jnp.where(  # noqa: E731
         active.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
     return st.replace(
@@ -173,7 +198,7 @@ def _static(cfg: Config, k: int, sample: sampling.Sampling, max_cot: int, max_an
         # A block that ends the sequence (EOS) needs no pass: nothing reads its h.
         passes=st.passes + (active & ~ends_seq).astype(jnp.int32),
         forced=st.forced | (active & force),
-        key=key)
+        key=key, hmem=hmem)
 
   def cot_cond(st: _State):
     return jnp.any(~st.cot_done & ~st.done)
@@ -205,10 +230,11 @@ def _static(cfg: Config, k: int, sample: sampling.Sampling, max_cot: int, max_an
 
     def body(s):
       needs = ~s.done & (s.n_out - start < max_answer)
-      cache, logits, sources = main_pass(params, s.cache, s.last[:, None], needs.astype(jnp.int32))
+      cache, logits, sources, hmem = main_pass(params, s.cache, s.last[:, None],
+                                               needs.astype(jnp.int32), s.hmem)
       keep = lambda new, old: jnp.where(  # noqa: E731
           needs.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
-      s = s.replace(cache=cache, logits=keep(logits, s.logits),
+      s = s.replace(cache=cache, logits=keep(logits, s.logits), hmem=hmem,
                     sources=tuple(map(keep, sources, s.sources)),
                     passes=s.passes + needs.astype(jnp.int32))
       return answer_sample(s, s.n_out - start)
@@ -260,7 +286,8 @@ def generate(cfg: Config, params, prompt_tokens, prompt_lengths, key: jax.Array,
              k: int | None = None, temperature: float | None = None, top_k: int | None = None,
              top_p: float | None = None, max_cot_tokens: int | None = None,
              max_answer_tokens: int | None = None, eos_id: int = EOS_ID,
-             think_end_id: int = THINK_END_ID, mesh: Mesh | None = None) -> GenerateResult:
+             think_end_id: int = THINK_END_ID, mesh: Mesh | None = None,
+             head_threshold: float | None = None) -> GenerateResult:
   """Two-phase generation for a batch of left-aligned prompts.
 
   Args:
@@ -271,6 +298,8 @@ def generate(cfg: Config, params, prompt_tokens, prompt_lengths, key: jax.Array,
     k: head tokens per CoT block, 0..head.k (default decode.k, -1 meaning head.k).
     temperature/top_k/top_p, max_cot_tokens/max_answer_tokens: default from cfg.decode.
     mesh: decode with the batch sharded over the data axes and the params as the rules say.
+    head_threshold: adaptive blocks (default decode.head_threshold): a block is cut
+      before the first head token whose probability is below it; 0: k head tokens.
   Returns:
     GenerateResult (see its fields).
   """
@@ -283,8 +312,11 @@ def generate(cfg: Config, params, prompt_tokens, prompt_lengths, key: jax.Array,
   max_answer = d.max_answer_tokens if max_answer_tokens is None else max_answer_tokens
   prompt = np.asarray(prompt_tokens)
   lens = np.asarray(prompt_lengths)
+  tau = d.head_threshold if head_threshold is None else float(head_threshold)
   _validate(cfg, prompt, lens, k, max_cot, max_answer)
-  run_cot, run_answer = _static(cfg, k, s, max_cot, max_answer, eos_id, think_end_id, mesh)
+  if not 0.0 <= tau < 1.0:
+    raise ValueError(f"head_threshold={tau} is not accepted: a number in [0, 1)")
+  run_cot, run_answer = _static(cfg, k, s, max_cot, max_answer, eos_id, think_end_id, mesh, tau)
   prompt = jnp.asarray(np.where(np.arange(prompt.shape[1])[None] < lens[:, None], prompt, 0),
                        jnp.int32)
   lens = jnp.asarray(lens, jnp.int32)

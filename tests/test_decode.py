@@ -231,3 +231,83 @@ def test_sampling_filters():
   np.testing.assert_allclose(np.exp(lp)[0], want / want.sum(), atol=1e-6)
   with pytest.raises(ValueError, match="top_p=1.5"):
     sampling.Sampling(top_p=1.5)
+
+
+@pytest.fixture(scope="module", params=[-1, 3], ids=["context-all", "context-window3"])
+def ctx(request, tiny_cfg):
+  """The head with context (every past position, or a window of 3), large weights."""
+  cfg = tiny_cfg.replace(head={"context": request.param})
+  params = mt.init_params(cfg, jax.random.key(3))
+  return cfg, jax.tree.map(lambda x: x * 10.0 if x.ndim > 1 else x, params)
+
+
+def test_context_head_cached_equals_teacher_forced(ctx, prompt):
+  """The decoder's head, reading its memory cache (appended by every main pass, ragged
+  blocks cut at different places, budget forcing), writes what the teacher-forced
+  head predicts from the whole sequence, token for token; with sampling, the same
+  log-probs."""
+  cfg, params = ctx
+  k = 3
+  first = _gen(cfg, params, prompt, k=k)
+  stop = _stop_token(first, k)
+  res = _gen(cfg, params, prompt, k=k, think_end_id=stop)
+  argmax, _ = _teacher_forced(cfg, params, prompt, res, sampling.Sampling(), k)
+  heads = 0
+  for b in range(B):
+    for i in range(res.lengths[b]):
+      forced = res.cot_forced[b] and res.phase[b, i] == 0 and res.phase[b, i + 1] != 0
+      if not forced:
+        assert res.tokens[b, i] == argmax[b, i], (b, i, res.source[b, i])
+        heads += res.source[b, i] > 0
+  assert heads > B * 3
+  s = sampling.Sampling(temperature=0.8)
+  res = _gen(cfg, params, prompt, k=k, key=7, temperature=0.8)
+  _, logp = _teacher_forced(cfg, params, prompt, res, s, k)
+  valid = res.phase >= 0
+  np.testing.assert_allclose(res.logprobs[valid], logp[valid], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tau", [0.3, 0.6])
+def test_adaptive_blocks_follow_threshold(tiny_cfg, dparams, prompt, tau):
+  """decode.head_threshold: every kept head token has probability >= tau; a block
+  that ends early (not at a stop token, the budget or k+1 tokens) ends because the
+  head's next token, rescored by teacher forcing, has probability < tau; and the
+  forward-pass formula holds with the cut blocks."""
+  k = 3
+  first = _gen(tiny_cfg, dparams, prompt, k=k)
+  stop = _stop_token(first, k)
+  res = _gen(tiny_cfg, dparams, prompt, k=k, think_end_id=stop, head_threshold=tau)
+  seq = _full_sequences(prompt, res)
+  out = mt.forward(tiny_cfg, dparams, seq)
+  head_p = np.asarray(jax.nn.softmax(mt.head_logits(tiny_cfg, dparams, out.head_features)))
+  short = 0
+  for b in range(B):
+    n = res.lengths[b]
+    phase, src = res.phase[b, :n], res.source[b, :n]
+    L_cot, L_ans = int(np.sum(phase == 0)), int(np.sum(phase == 1))
+    blocks = np.flatnonzero((phase == 0) & (src == 0))
+    assert res.forward_passes[b] == 1 + len(blocks) + L_ans - 1, b
+    for start, end in zip(blocks, list(blocks[1:]) + [L_cot]):
+      size = end - start
+      heads = range(start + 1, end)
+      assert all(np.exp(res.logprobs[b, i]) >= tau for i in heads), (b, start)
+      last = res.tokens[b, end - 1]
+      if size < k + 1 and end < L_cot and last not in (stop, decode.EOS_ID):
+        if res.cot_forced[b] and end == L_cot - 1:
+          continue                                  # the budget cut this block
+        t = LENS[b] + start - 1                     # the block's source position
+        assert head_p[b, t, size - 1].max() < tau, (b, start, size)
+        short += 1
+  assert short >= 2, "tau should cut some blocks"
+  fixed = _gen(tiny_cfg, dparams, prompt, k=k, think_end_id=stop, head_threshold=0.0)
+  assert np.mean(res.forward_passes) > np.mean(fixed.forward_passes)
+
+
+def test_adaptive_blocks_logprobs_equal_teacher_forced(tiny_cfg, dparams, prompt):
+  s = sampling.Sampling(temperature=0.9)
+  res = _gen(tiny_cfg, dparams, prompt, k=3, key=11, temperature=0.9, head_threshold=0.5)
+  _, logp = _teacher_forced(tiny_cfg, dparams, prompt, res, s, 3)
+  valid = res.phase >= 0
+  np.testing.assert_allclose(res.logprobs[valid], logp[valid], atol=1e-5, rtol=1e-5)
+  kept = res.source[valid] > 0
+  assert np.all(np.exp(res.logprobs[valid][kept]) >= 0.5)

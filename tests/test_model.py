@@ -4,6 +4,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import mtcot_jax as mt
 from mtcot_jax.model import api
@@ -220,3 +221,63 @@ def _numpy_forward(cfg, params, tokens):
     g = h @ lp["mlp"]["gate"]
     x = x + ((g / (1 + np.exp(-g))) * (h @ lp["mlp"]["up"])) @ lp["mlp"]["down"]
   return norm(x, p["final_norm"]["scale"]) @ p["embed"].T
+
+
+@pytest.mark.parametrize("context", [-1, 2])
+def test_context_head_causality(tiny_cfg, context):
+  """The head with context: the chain at source t never reads a position > t (through
+  the memory or the main model), depth j reads chain tokens 1..j only, and the
+  window C reads the memory of positions t-C < u <= t and no earlier ones."""
+  cfg = tiny_cfg.replace(head={"context": context})
+  params = mt.init_params(cfg, jax.random.key(1))
+  k = cfg.head.k
+  tokens = _tokens(cfg, shape=(1, 8))
+  main = api.main_module(cfg)
+
+  def feat(z, t, j):
+    mo = main.apply({"params": params["main"], "perturbations": {"embeddings": z}}, tokens)
+    pos = jnp.arange(8)[None]
+    f = api.head_module(cfg).apply(
+        {"params": params["head"]}, mo.sources, api.chain_tokens(tokens, pos, k),
+        params["main"]["embed"], pos, pos, api.context_mask(cfg, pos, 8))
+    return f[0, t, j].sum()
+
+  z = jnp.zeros((1, 8, cfg.model.d_model))
+  for t in (2, 5):
+    g = np.asarray(jax.grad(feat)(z, t, 0))[0]
+    assert np.all(g[t + 1:] == 0.0), "the head reads positions past its source"
+    assert np.all(np.abs(g[: t + 1]).sum(-1) > 0)
+
+  # Through the memory alone (the main model's outputs held fixed): the window.
+  out = mt.forward(cfg, params, tokens)
+  chain = api.chain_tokens(tokens, jnp.arange(8)[None], k)
+
+  def from_sources(dz, t, j):
+    src = tuple(s + dz for s in out.sources)
+    pos = jnp.arange(8)[None]
+    f = api.head_module(cfg).apply({"params": params["head"]}, src, chain,
+                                   params["main"]["embed"], pos, pos,
+                                   api.context_mask(cfg, pos, 8))
+    return f[0, t, j].sum()
+
+  t = 5
+  lo = t - context if context > 0 else -1
+  for j in range(k):
+    g = np.abs(np.asarray(jax.grad(from_sources)(jnp.zeros_like(out.sources[0]), t, j))[0]).sum(-1)
+    assert np.all(g[t + 1:] == 0.0) and np.all(g[lo + 1: t + 1] > 0), (j, g)
+    assert np.all(g[: lo + 1] == 0.0), f"the window {context} reads older memory"
+
+  head = api.head_module(cfg)
+  pos = jnp.arange(8)[None]
+
+  def chain_feat(zc, j):
+    f = head.apply({"params": params["head"], "perturbations": {"chain_embeddings": zc}},
+                   out.sources, chain, params["main"]["embed"], pos, pos,
+                   api.context_mask(cfg, pos, 8))
+    return f[0, 4, j].sum()
+
+  zc = jnp.zeros((1, 8, k, cfg.model.d_model))
+  for j in range(k):
+    g = np.asarray(jax.grad(chain_feat)(zc, j))[0, 4]
+    assert np.all(g[j + 1:] == 0.0), f"head depth {j + 1} sees later chain tokens"
+    assert np.all(np.abs(g[: j + 1]).sum(-1) > 0)

@@ -134,3 +134,23 @@ def test_reward_rises(tmp_path):
   first, last = np.mean(r[:8]), np.mean(r[-8:])
   assert first < 1.5, f"SFT left no room: {first}"
   assert last > first + 0.05, (first, last)
+
+
+@pytest.mark.parametrize("context", [0, -1])
+def test_recomputed_logprobs_adaptive_blocks(tiny_cfg, context):
+  """GRPO's teacher-forced log-probs by writer equal the decoder's with adaptive
+  blocks (cut at head_threshold), for the projection head and the head with context."""
+  cfg = tiny_cfg.replace(head={"context": context}, decode={"head_threshold": 0.1})
+  params = jax.tree.map(lambda x: x * 10.0 if x.ndim > 1 else x,
+                        mt.init_params(cfg, jax.random.key(4)))
+  rng = np.random.default_rng(1)
+  prompt = rng.integers(6, cfg.model.vocab_size, (B, P)).astype(np.int32)
+  lengths = np.array([5, 3, 4, 2])
+  res = jax.tree.map(np.asarray, decode.generate(
+      cfg, params, prompt, lengths, jax.random.key(6), k=3, temperature=S.temperature,
+      max_cot_tokens=8, max_answer_tokens=3))
+  roll = rl.build_rollouts(prompt, lengths, res)
+  lp = np.asarray(rl.token_logprobs(cfg, params, roll.tokens, roll.source, S))
+  gen = roll.source >= 0
+  assert np.any(roll.source[gen] > 0) and not np.all(roll.source[gen] > 0)
+  np.testing.assert_allclose(lp[gen], roll.old_logprobs[gen], atol=1e-5, rtol=1e-5)

@@ -204,9 +204,10 @@ def split_source(data: DataConfig, split: str) -> ExampleSource:
 
 
 def split_seeds(data: DataConfig, split: str) -> np.ndarray:
-  """The task seeds of a synthetic task's `train` or `test` records, in order:
-  `task.example(seed)` is record i. Train holds 0..train_size-1; test draws from
-  TEST_SEED_OFFSET on, so the two never share a seed (nor a question)."""
+  """The task seed of each record of a synthetic task's `train` or `test` split, in
+  record order (tfds stores them shuffled): record i is `task.example(seeds[i])`.
+  Train holds 0..train_size-1; test draws from TEST_SEED_OFFSET on, so the two
+  never share a seed (nor a question)."""
   if split not in ("train", "test"):
     raise ValueError(f"split={split!r}; accepted: 'train' or 'test'")
   task = task_for(data)

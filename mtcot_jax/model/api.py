@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 
 from mtcot_jax import sharding as shd
 from mtcot_jax.config import Config
-from mtcot_jax.model.head import MultiTokenHead
+from mtcot_jax.model.head import ContextHead, MultiTokenHead
 from mtcot_jax.model.transformer import KVCache, MainOutput, Transformer
 
 PAD_ID = 0  # chain positions past the sequence's end read this token (their loss is masked)
@@ -49,8 +49,31 @@ def main_module(cfg: Config, shard: shd.Sharder = shd.Sharder()) -> Transformer:
   return Transformer(cfg.model, cfg.head.source_layers, shard)
 
 
-def head_module(cfg: Config, shard: shd.Sharder = shd.Sharder()) -> MultiTokenHead:
+def head_module(cfg: Config, shard: shd.Sharder = shd.Sharder()):
+  """The projection head (head.context == 0) or the head with context."""
+  if cfg.head.context:
+    return ContextHead(cfg.model, cfg.head, shard)
   return MultiTokenHead(cfg.model, cfg.head, shard)
+
+
+def head_dims_of(cfg: Config):
+  """The head's block dimensions (width, heads, head_dim, ...)."""
+  from mtcot_jax.model.head import head_dims
+  return head_dims(cfg.model, cfg.head)
+
+
+def context_mask(cfg: Config, head_positions_BxP, T: int, segment_ids_BxT=None):
+  """(B, P, T): the memory the chain at each source t reads: u <= t, u > t - C
+  (head.context = C > 0), and u in t's packed segment."""
+  u = jnp.arange(T)[None, None, :]
+  t = head_positions_BxP[:, :, None]
+  mask = u <= t
+  if cfg.head.context > 0:
+    mask = mask & (u > t - cfg.head.context)
+  if segment_ids_BxT is not None:
+    b = jnp.arange(head_positions_BxP.shape[0])[:, None]
+    mask = mask & (segment_ids_BxT[:, None, :] == segment_ids_BxT[b, head_positions_BxP][..., None])
+  return mask
 
 
 def _init_boxed(cfg: Config, key: jax.Array):
@@ -60,7 +83,12 @@ def _init_boxed(cfg: Config, key: jax.Array):
   D = cfg.model.d_model
   sources = tuple(jnp.zeros((1, D), jnp.dtype(cfg.model.dtype)) for _ in cfg.head.source_layers)
   embed = jnp.zeros((cfg.model.vocab_size, D), jnp.dtype(cfg.model.param_dtype))
-  head = head_module(cfg).init(k_head, sources, jnp.zeros((1, 1), jnp.int32), embed)["params"]
+  if cfg.head.context:
+    one = jnp.zeros((1, 1), jnp.int32)
+    head = head_module(cfg).init(k_head, tuple(s[:, None] for s in sources), one[..., None],
+                                 embed, one, one, jnp.ones((1, 1, 1), bool))["params"]
+  else:
+    head = head_module(cfg).init(k_head, sources, jnp.zeros((1, 1), jnp.int32), embed)["params"]
   return {"main": main, "head": head}
 
 
@@ -164,6 +192,29 @@ def run_head(cfg: Config, params, sources, chain_BxPxC, shard: shd.Sharder = shd
       {"params": params["head"]}, sources, chain_BxPxC, _shared(cfg, params["main"]["embed"]))
 
 
+def head_memory_kv(cfg: Config, params, sources, positions_BxT):
+  """The head with context's per-layer memory (keys, values), each (B, T, H, Dh),
+  of T positions from their sources (B, T, D): what the decoder caches."""
+  return head_module(cfg).apply(
+      {"params": params["head"]}, tuple(_shared(cfg, s) for s in sources), positions_BxT,
+      method=lambda mod, s, p: mod.memory_kv(mod.memory(s), p))
+
+
+def context_chain(cfg: Config, params, sources, chain_BxC, mem_kv, lengths_B):
+  """The head with context's chain features (B, C, D) at each sequence's last
+  processed position t = lengths - 1, reading the cached memory `mem_kv` (per
+  layer (B, S, H, Dh) keys and values, slot = position) at u <= t, u > t - C."""
+  S = mem_kv[0][0].shape[1]
+  t = (lengths_B - 1)[:, None]
+  mask = context_mask(cfg, t, S)
+
+  def fn(mod, s, c, e, kv, m, pos):
+    return mod.chains(mod.memory(s)[:, None], c[:, None], e, kv, m, pos)[:, 0]
+  return head_module(cfg).apply(
+      {"params": params["head"]}, tuple(_shared(cfg, s) for s in sources), chain_BxC,
+      _shared(cfg, params["main"]["embed"]), mem_kv, mask, t, method=fn)
+
+
 def apply(cfg: Config, params, tokens_BxT, *, positions=None, segment_ids=None,
           head_positions=None, with_head: bool = True,
           shard: shd.Sharder = shd.Sharder()) -> ForwardOutput:
@@ -175,10 +226,19 @@ def apply(cfg: Config, params, tokens_BxT, *, positions=None, segment_ids=None,
     if head_positions is None:
       B, T = tokens_BxT.shape
       head_positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    b_idx = jnp.arange(tokens_BxT.shape[0])[:, None]
-    sources = tuple(s[b_idx, head_positions] for s in main.sources)
     chain = chain_tokens(tokens_BxT, head_positions, cfg.head.k)
-    feats = run_head(cfg, params, sources, chain, shard)
+    if cfg.head.context:
+      B, T = tokens_BxT.shape
+      pos = (jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)) if positions is None
+             else positions)
+      feats = head_module(cfg, shard).apply(
+          {"params": params["head"]}, tuple(_shared(cfg, s) for s in main.sources), chain,
+          _shared(cfg, params["main"]["embed"]), pos, head_positions,
+          context_mask(cfg, head_positions, T, segment_ids))
+    else:
+      b_idx = jnp.arange(tokens_BxT.shape[0])[:, None]
+      sources = tuple(s[b_idx, head_positions] for s in main.sources)
+      feats = run_head(cfg, params, sources, chain, shard)
   return ForwardOutput(main.logits, main.residual, main.sources, feats, head_positions)
 
 

@@ -16,10 +16,11 @@ training, (B,) in decoding; chains are flattened to N = prod(leading) rows.
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from mtcot_jax.config import HeadConfig, ModelConfig
-from mtcot_jax.model.layers import Block, BlockDims, RMSNorm, _param
+from mtcot_jax.model.layers import Block, BlockDims, RMSNorm, SwiGLU, _param, rope
 from mtcot_jax.sharding import Sharder
 
 
@@ -85,3 +86,124 @@ class MultiTokenHead(nn.Module):
     if len(lead) == 2:
       feat = self.shard(feat, ("batch", "length", None, "act_embed"))
     return feat
+
+
+class _ContextLayer(nn.Module):
+  """A head layer whose chain attends, in one softmax, to the memory (keys and
+  values projected from m_u by this layer) and causally to the chain itself."""
+  dims: BlockDims
+
+  def setup(self):
+    d = self.dims
+    W, H, Dh = d.d_model, d.num_heads, d.head_dim
+    ax = d.embed_axis
+    self.attn_norm = RMSNorm(d.norm_eps, d.dtype, d.param_dtype)
+    self.mem_norm = RMSNorm(d.norm_eps, d.dtype, d.param_dtype)
+    self.mlp_norm = RMSNorm(d.norm_eps, d.dtype, d.param_dtype)
+    p = lambda name, shape, names: _param(self, name, shape, names, d.init_std,  # noqa: E731
+                                          d.param_dtype)
+    self.wq = p("q", (W, H, Dh), (ax, "heads", "head_dim"))
+    self.wk = p("k", (W, H, Dh), (ax, "heads", "head_dim"))
+    self.wv = p("v", (W, H, Dh), (ax, "heads", "head_dim"))
+    self.wo = p("o", (H, Dh, W), ("heads", "head_dim", ax))
+    self.mlp = SwiGLU(d)
+
+  def kv(self, x_BxTxW, x_norm, pos_BxT):
+    dt = jnp.dtype(self.dims.dtype)
+    x = x_norm(x_BxTxW).astype(dt)
+    k = rope(jnp.einsum("btw,whd->bthd", x, self.wk.astype(dt)), pos_BxT, self.dims.rope_theta)
+    return k, jnp.einsum("btw,whd->bthd", x, self.wv.astype(dt))
+
+  def memory_kv(self, m_BxSxW, pos_BxS):
+    """This layer's keys and values (B, S, H, Dh) of memory entries at positions pos."""
+    return self.kv(m_BxSxW, self.mem_norm, pos_BxS)
+
+  def __call__(self, x_BxPxCxW, pos_BxPxC, mem_kv, mem_mask_BxPxS):
+    d = self.dims
+    dt = jnp.dtype(d.dtype)
+    B, P, C, W = x_BxPxCxW.shape
+    flat = lambda a: a.reshape(B, P * C, *a.shape[3:])  # noqa: E731
+    pos = flat(pos_BxPxC)
+    h = self.attn_norm(flat(x_BxPxCxW)).astype(dt)
+    q = rope(jnp.einsum("btw,whd->bthd", h, self.wq.astype(dt)), pos, d.rope_theta)
+    k, v = self.kv(flat(x_BxPxCxW), self.attn_norm, pos)
+    shape = lambda a: a.reshape(B, P, C, *a.shape[2:])  # noqa: E731
+    q, k, v = shape(q) * jnp.asarray(d.head_dim ** -0.5, dt), shape(k), shape(v)
+    mem_k, mem_v = mem_kv
+    s_mem = jnp.einsum("bpchd,bshd->bhpcs", q, mem_k.astype(dt)).astype(jnp.float32)
+    s_chain = jnp.einsum("bpchd,bpehd->bhpce", q, k).astype(jnp.float32)
+    s_mem = jnp.where(mem_mask_BxPxS[:, None, :, None, :], s_mem, -1e30)
+    idx = jnp.arange(C)
+    s_chain = jnp.where(idx[:, None] >= idx[None, :], s_chain, -1e30)
+    S = s_mem.shape[-1]
+    probs = jax.nn.softmax(jnp.concatenate([s_mem, s_chain], axis=-1), axis=-1).astype(dt)
+    out = (jnp.einsum("bhpcs,bshd->bpchd", probs[..., :S], mem_v.astype(dt))
+           + jnp.einsum("bhpce,bpehd->bpchd", probs[..., S:], v))
+    x_BxPxCxW = x_BxPxCxW + jnp.einsum("bpchd,hdw->bpcw", out, self.wo.astype(dt))
+    return x_BxPxCxW + self.mlp(self.mlp_norm(x_BxPxCxW))
+
+
+class ContextHead(nn.Module):
+  """The head with context (`head.context` != 0): EAGLE's draft-model shape.
+
+  Memory m_u = RMSNorm(W_r . concat(RMSNorm(source layers at u))) for every
+  position u; the chain at source t is e_j = W_p . concat(RMSNorm(m_t), RMSNorm(E .
+  x[t+j])) (RoPE position t + j), and every layer attends to the memory at the
+  positions the mask allows (u <= t, u > t - C) and causally to the chain.
+  Methods: `memory` (sources -> m), `memory_kv` (m -> per-layer keys/values, what
+  the decoder caches), `chains` (the chains at given sources), and `__call__`
+  (all three, teacher-forced).
+  """
+  model: ModelConfig
+  head: HeadConfig
+  shard: Sharder = Sharder()
+
+  def setup(self):
+    m, h = self.model, self.head
+    dims = head_dims(m, h)
+    W, D, n_src = dims.d_model, m.d_model, len(h.source_layers)
+    norm = lambda: RMSNorm(m.norm_eps, m.dtype, m.param_dtype)  # noqa: E731
+    self.source_norms = [norm() for _ in range(n_src)]
+    self.w_r = _param(self, "w_r", (n_src * D, W), ("embed", "head_embed"), m.init_std,
+                      m.param_dtype)
+    self.r_norm, self.src_norm, self.token_norm, self.final_norm = norm(), norm(), norm(), norm()
+    self.w_p = _param(self, "w_p", (W + D, W), (None, "head_embed"), m.init_std, m.param_dtype)
+    self.layers = [_ContextLayer(dims) for _ in range(h.num_layers)]
+    if W != D:
+      self.w_o = _param(self, "w_o", (W, D), ("head_embed", "embed"), m.init_std, m.param_dtype)
+
+  def memory(self, sources):
+    """(..., D) source residuals (one per source layer) -> (..., W) memory entries."""
+    dt = jnp.dtype(self.model.dtype)
+    src = jnp.concatenate([n(s) for n, s in zip(self.source_norms, sources)], axis=-1)
+    return self.r_norm(src.astype(dt) @ self.w_r.astype(dt))
+
+  def memory_kv(self, m_BxSxW, pos_BxS):
+    """Per layer, (keys, values) (B, S, H, Dh) of the memory at positions pos."""
+    return tuple(layer.memory_kv(m_BxSxW, pos_BxS) for layer in self.layers)
+
+  def chains(self, m_src_BxPxW, chain_BxPxC, embed_VxD, mem_kv, mem_mask_BxPxS, pos_BxP):
+    """(B, P, C, D) features of the chains at P sources (memory m_t there, at RoPE
+    position pos) over tokens x[t+1..t+C], reading the memory `mem_mask` allows."""
+    m, dt = self.model, jnp.dtype(self.model.dtype)
+    B, P, C = chain_BxPxC.shape
+    emb = self.token_norm(self.perturb("chain_embeddings", jnp.take(embed_VxD, chain_BxPxC,
+                                                                    axis=0)))
+    r = jnp.broadcast_to(self.src_norm(m_src_BxPxW)[:, :, None, :], (B, P, C, m_src_BxPxW.shape[-1]))
+    x = jnp.concatenate([r.astype(dt), emb.astype(dt)], axis=-1) @ self.w_p.astype(dt)
+    pos = pos_BxP[:, :, None] + 1 + jnp.arange(C, dtype=jnp.int32)
+    for layer, kv in zip(self.layers, mem_kv):
+      x = layer(x, pos, kv, mem_mask_BxPxS)
+    if self.model.d_model != x.shape[-1]:
+      x = x @ self.w_o.astype(dt)
+    feat = self.final_norm(x)
+    return self.shard(feat, ("batch", "length", None, "act_embed"))
+
+  def __call__(self, sources, chain_BxPxC, embed_VxD, positions_BxT, head_positions_BxP,
+               mem_mask_BxPxT):
+    """Teacher-forced: sources (B, T, D) at every position, chains at (B, P) sources."""
+    mem = self.memory(sources)
+    mem_kv = self.memory_kv(mem, positions_BxT)
+    b = jnp.arange(mem.shape[0])[:, None]
+    return self.chains(mem[b, head_positions_BxP], chain_BxPxC, embed_VxD, mem_kv,
+                       mem_mask_BxPxT, positions_BxT[b, head_positions_BxP])

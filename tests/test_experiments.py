@@ -1,0 +1,170 @@
+"""The experiment runner end to end on the smoke spec, its resumption, the
+equal-passes baseline, and the disjointness of evaluation and training seeds."""
+
+import json
+import os
+
+import pytest
+
+import mtcot_jax as mt
+from mtcot_jax.config import ConfigError
+from mtcot_jax.data import builders
+from mtcot_jax.data.tasks import get_task
+from mtcot_jax.experiments import report, runner
+from mtcot_jax.experiments.spec import cells, load_spec, stage_config, stage_dir
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(ROOT, "configs", "experiments", "smoke.yaml")
+PAPER = os.path.join(ROOT, "configs", "experiments", "paper.yaml")
+
+
+def _lines(path):
+  with open(path) as f:
+    return f.readlines()
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+  """The smoke grid, run as a user would meet it: a training run killed halfway,
+  then the runner interrupted after one cell, then run to the end, then again."""
+  from mtcot_jax.train import loop
+  out = str(tmp_path_factory.mktemp("smoke"))
+  spec = load_spec(SMOKE)
+  first = cells(spec)[0]
+  stage = first.method.stages[0]
+  # A training run interrupted after 25 of its steps (its checkpoint at 20 is kept).
+  loop.train(stage_config(spec, first, stage, out), stop_after=25, progress=False)
+  log = {}
+  log["interrupted"] = runner.run(SMOKE, out, stop_after_cells=1, progress=False)
+  run_dir = stage_dir(out, first, stage)
+  log["first_done"] = json.load(open(os.path.join(run_dir, runner.DONE_FILE)))
+  log["first_metrics"] = _lines(os.path.join(run_dir, "metrics.jsonl"))
+  log["first_cell"] = json.load(open(os.path.join(out, first.id, runner.CELL_FILE)))
+  log["rest"] = runner.run(SMOKE, out, progress=False)
+  log["again"] = runner.run(SMOKE, out, progress=False)
+  log["report"] = report.write_report(out)
+  return spec, out, log
+
+
+def test_smoke_spec_end_to_end(smoke):
+  spec, out, log = smoke
+  all_cells = cells(spec)
+  assert len(all_cells) == 2 * 2 * 2    # tasks x methods x seeds
+  assert log["interrupted"]["evaluated"] == 1 and log["interrupted"]["trained"] == 1
+  # The interrupted training run resumed from its checkpoint, not from scratch.
+  assert log["first_done"]["resumed"] and log["first_done"]["steps"] == 40
+  # The finished cell was not redone: its training run and its cell.json are untouched.
+  assert log["rest"]["evaluated"] == len(all_cells) - 1
+  assert log["rest"]["trained"] == 3    # sft of the other (task, seed) pairs; shared by methods
+  first = all_cells[0]
+  run_dir = stage_dir(out, first, first.method.stages[0])
+  assert _lines(os.path.join(run_dir, "metrics.jsonl")) == log["first_metrics"]
+  assert json.load(open(os.path.join(out, first.id, runner.CELL_FILE))) == log["first_cell"]
+  assert log["again"] == {"cells": 8, "skipped": 8, "evaluated": 0, "trained": 0}
+
+  rows = [json.loads(line) for line in _lines(os.path.join(out, runner.RESULTS_FILE))]
+  for c in all_cells:
+    got = sorted(r["eval"] for r in rows if r["workdir"] == c.id)
+    assert got == sorted(e.name for e in c.method.evals), c.id
+    assert sum(r["primary"] for r in rows if r["workdir"] == c.id) == 1
+  for r in rows:
+    assert r["examples"] == spec.eval_examples
+    assert r["eval_seeds"][0] > r["train_seeds"][1]
+    assert 0.0 <= r["accuracy"] <= 1.0 and r["forward_passes"] >= 1
+    assert len(r["head_accept"]) == 2 and len(r["head_acc"]) == 2
+    assert r["commit"] and r["config"]["data"]["eval_size"] == spec.eval_examples
+
+  md = open(log["report"]).read()
+  for t in spec.tasks:
+    assert f"## {t.name}" in md
+    for name in ("accuracy_vs_passes", "head_acceptance"):
+      png = os.path.join(out, "plots", f"{t.name}_{name}.png")
+      assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_equal_passes_baseline_within_one_pass(smoke):
+  spec, out, _ = smoke
+  rows = [json.loads(line) for line in _lines(os.path.join(out, runner.RESULTS_FILE))]
+  for r in rows:
+    if r["eval"] != "trunc-paired":
+      continue
+    pair = next(p for p in rows if p["task"] == r["task"] and p["seed"] == r["seed"]
+                and p["method"] == "mtcot-k2" and p["primary"])
+    assert abs(r["forward_passes"] - pair["forward_passes"]) < 1.0
+    assert r["budget"]["target_passes"] == pair["forward_passes"]
+    assert r["max_cot_tokens"] == r["budget"]["max_cot_tokens"] < spec_max_cot(r)
+
+
+def spec_max_cot(row):
+  return row["config"]["decode"]["max_cot_tokens"]
+
+
+def test_cells_are_ordinary_workdirs(smoke):
+  """decode.py --checkpoint and mt.load_run open a cell, with the method's k."""
+  spec, out, _ = smoke
+  cell = next(c for c in cells(spec) if c.method.name == "mtcot-k2")
+  run = mt.load_run(os.path.join(out, cell.id))
+  assert run.cfg.decode.k == 2 and run.step == 40
+  trunc = next(c for c in cells(spec) if c.method.name == "cot-truncated")
+  assert mt.load_run(os.path.join(out, trunc.id)).cfg.decode.k == 0
+
+
+def test_paired_budget_search():
+  """The search lands within one pass of the target when the passes are not the
+  formula's (answers that change length under truncation)."""
+  def at(m):   # forced CoT: m + 1 + answer passes, answers grow as the CoT shrinks
+    return {"forward_passes": m + 1 + 6 + max(0, 10 - m) * 0.3}
+  for target in (13.6, 15.05, 20.2, 31.0):
+    m, r = runner._paired_budget(at, target, answer_tokens=6.0)
+    assert abs(r["forward_passes"] - target) < 1.0, (target, m, r)
+  # Below the fewest passes any budget gives (10.7 at m=1): the closest, m=1.
+  assert runner._paired_budget(at, 6.0, answer_tokens=6.0)[0] == 1
+
+
+@pytest.mark.parametrize("task,args", [("mult", {"digits": 2}), ("perm", {"num_perms": 2}),
+                                       ("reach", {"nodes": 6, "depth": 2})])
+def test_eval_seeds_disjoint_from_training(task, args, tmp_path):
+  """The test split's seeds lie outside the training seeds, and no test question is
+  a training question (regenerated from the task itself, not read back)."""
+  import yaml
+  cfg = mt.load_config(None, [f"data.task={task}",
+                              f"data.task_args={yaml.safe_dump(args, default_flow_style=True)}",
+                              "data.train_size=300", "data.eval_size=40",
+                              f"data.data_dir={tmp_path}"])
+  train = builders.split_seeds(cfg.data, "train")
+  test = builders.split_seeds(cfg.data, "test")
+  assert sorted(train) == list(range(300))   # tfds stores the records shuffled
+  assert len(test) == 40 and test.min() >= builders.TEST_SEED_OFFSET > train.max()
+  t = get_task(task, **args)
+  train_q = {t.example(int(s)).question for s in train}
+  assert not train_q & {t.example(int(s)).question for s in test}
+  source = builders.split_source(cfg.data, "test")
+  assert [source[i] for i in range(3)] == [t.example(int(s)) for s in test[:3]]
+
+
+def test_bad_specs_fail_before_training(tmp_path):
+  def spec(body):
+    p = tmp_path / "s.yaml"
+    p.write_text(f"base: {os.path.join(ROOT, 'configs', 'demo.yaml')}\n" + body)
+    return str(p)
+  tasks = "tasks: {m: {task: mult, args: {digits: 2}}}\n"
+  with pytest.raises(ConfigError, match="unknown method 'cotx'"):
+    load_spec(spec(tasks + "methods: [cotx]\n"))
+  with pytest.raises(ConfigError, match="k=7 is not accepted"):
+    load_spec(spec(tasks + "methods: [mtcot-k7]\n"))
+  with pytest.raises(ConfigError, match="needs truncated.pair"):
+    load_spec(spec(tasks + "methods: [cot-truncated]\n"))
+  with pytest.raises(ConfigError, match="head.widht"):
+    load_spec(spec(tasks + "methods: [{name: x, like: mtcot-k5, train: [head.widht=3]}]\n"))
+  with pytest.raises(ConfigError, match="digits"):
+    load_spec(spec("tasks: {m: {task: mult, args: {digits: 0}}}\nmethods: [cot]\n"))
+  with pytest.raises(ConfigError, match="seeds"):
+    load_spec(spec(tasks + "methods: [cot]\nseeds: 0\n"))
+
+
+def test_paper_spec_loads():
+  spec = load_spec(PAPER)
+  names = {m.name for m in spec.methods}
+  assert {"cot", "mtcot-k1", "mtcot-k3", "mtcot-k5", "cot-truncated", "nocot", "frozen-main",
+          "rl"} <= names
+  assert {t.task for t in spec.tasks} >= {"mult", "perm", "reach"} and len(spec.seeds) == 3
