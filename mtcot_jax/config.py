@@ -186,6 +186,12 @@ class RLConfig:
   reward: str = "exact"        # exact: the task's grade | partial: task.partial_credit
   train_main: bool = True
   train_head: bool = True
+  # Bandwidth: the reward loses pass_cost x passes / (the passes k=0 would need for
+  # the same tokens, L_cot + L_answer), so fewer serial passes pay.
+  pass_cost: float = 0.0
+  updates_per_batch: int = 1   # optimizer steps on each rollout batch (PPO epochs)
+  # A k curriculum: (from_step, k) pairs, e.g. [[0, 1], [50, 3], [100, 5]]; () : decode.k.
+  k_schedule: tuple[tuple[int, int], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -388,6 +394,12 @@ def validate(cfg: Config) -> None:
   _check(r.group_size >= 2, "rl.group_size", r.group_size, "an int >= 2 (advantages need a group)")
   _check(r.epsilon > 0, "rl.epsilon", r.epsilon, "a number > 0")
   _check(r.beta >= 0, "rl.beta", r.beta, "a number >= 0")
+  _check(r.pass_cost >= 0, "rl.pass_cost", r.pass_cost, "a number >= 0")
+  _check(r.updates_per_batch >= 1, "rl.updates_per_batch", r.updates_per_batch, "an int >= 1")
+  steps = [s for s, _ in r.k_schedule]
+  _check(all(0 <= k <= h.k for _, k in r.k_schedule) and steps == sorted(set(steps))
+         and (not steps or steps[0] == 0), "rl.k_schedule", r.k_schedule,
+         f"(from_step, k) pairs with strictly increasing steps from 0 and 0 <= k <= head.k={h.k}")
   _check(r.reward in ("exact", "partial"), "rl.reward", r.reward, "exact or partial")
 
   _check(-1 <= dec.k <= h.k, "decode.k", dec.k, f"-1 (head.k) or an int in [0, head.k={h.k}]")

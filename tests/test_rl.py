@@ -154,3 +154,33 @@ def test_recomputed_logprobs_adaptive_blocks(tiny_cfg, context):
   gen = roll.source >= 0
   assert np.any(roll.source[gen] > 0) and not np.all(roll.source[gen] > 0)
   np.testing.assert_allclose(lp[gen], roll.old_logprobs[gen], atol=1e-5, rtol=1e-5)
+
+
+def test_pass_cost_and_k_schedule(tiny_cfg, rparams):
+  """pass_fraction is exactly 1 at k=0 (ragged rows, budget-forced ones included)
+  and passes / tokens otherwise; the reward pays it; k_schedule picks k by step."""
+  rng = np.random.default_rng(2)
+  prompt = rng.integers(6, tiny_cfg.model.vocab_size, (B, P)).astype(np.int32)
+  lengths = np.array([5, 3, 4, 2])
+  for k in (0, 3):
+    res = jax.tree.map(np.asarray, decode.generate(
+        tiny_cfg, rparams, prompt, lengths, jax.random.key(9), k=k, temperature=1.0,
+        max_cot_tokens=8, max_answer_tokens=3))
+    frac = rl_loop.pass_fraction(res)
+    if k == 0:
+      np.testing.assert_array_equal(frac, np.ones(B, np.float32))
+    else:
+      assert np.all(frac < 1) and np.all(frac >= 1 / (k + 1) - 1e-6)
+  cfg = tiny_cfg.replace(rl={"pass_cost": 0.5, "k_schedule": [[0, 1], [10, 3]]})
+  task = mt.get_task("mult", digits=1)
+  examples = [task.example(i) for i in range(B)]
+
+  class Tok:   # answer_text needs decode(); every answer is wrong here
+    eos_id = decode.EOS_ID
+    def decode(self, ids):
+      return "x"
+  reward, correct = rl_loop.rewards(cfg, Tok(), task, res, examples)
+  np.testing.assert_allclose(reward, -0.5 * frac, rtol=1e-6)
+  assert [rl_loop.k_at(cfg, s) for s in (0, 9, 10, 50)] == [1, 1, 3, 3]
+  with pytest.raises(mt.ConfigError, match="rl.k_schedule"):
+    tiny_cfg.replace(rl={"k_schedule": [[5, 1]]})

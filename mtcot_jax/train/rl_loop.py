@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -50,7 +51,27 @@ def rewards(cfg: Config, tok, task, res, examples) -> tuple[np.ndarray, np.ndarr
   task_reward = correct if cfg.rl.reward == "exact" else np.array(
       [task.partial_credit(t, ex) for t, ex in zip(texts, examples)], np.float32)
   well_formed = res.finished & ~res.cot_forced & np.any(res.phase == 1, axis=1)
-  return task_reward + cfg.rl.format_reward * well_formed.astype(np.float32), correct
+  reward = task_reward + cfg.rl.format_reward * well_formed.astype(np.float32)
+  if cfg.rl.pass_cost:
+    reward = reward - cfg.rl.pass_cost * pass_fraction(res)
+  return reward, correct
+
+
+def pass_fraction(res) -> np.ndarray:
+  """Forward passes ÷ the passes k=0 decoding needs for the same tokens: one per
+  generated token (the prefill gives the first; an EOS that ends a sequence is
+  never fed back), so 1 at k=0 and down to 1/(k+1) with every head token kept."""
+  k0 = np.maximum(np.asarray(res.lengths), 1)
+  return (np.asarray(res.forward_passes) / k0).astype(np.float32)
+
+
+def k_at(cfg: Config, step: int) -> int:
+  """The rollouts' k at `step`: rl.k_schedule's, else decode.k (-1: head.k)."""
+  k = cfg.decode.k if cfg.decode.k >= 0 else cfg.head.k
+  for start, kk in cfg.rl.k_schedule:
+    if step >= start:
+      k = kk
+  return k
 
 
 def train_rl(cfg: Config, *, stop_after: int | None = None, progress: bool = True) -> dict:
@@ -84,7 +105,6 @@ def train_rl(cfg: Config, *, stop_after: int | None = None, progress: bool = Tru
     state, _ = restored
   start = int(state.step)
   s = sampling.Sampling(temperature=r.temperature)
-  k = cfg.decode.k if cfg.decode.k >= 0 else cfg.head.k
   shardings = jax.tree.map(lambda x: x.sharding, state)
   step_fn = rl.make_grpo_step(cfg, mesh, optimizer, s, shardings)
   ref_fn = jax.jit(lambda p, toks, src: rl.token_logprobs(cfg, p, toks, src, s,
@@ -96,6 +116,7 @@ def train_rl(cfg: Config, *, stop_after: int | None = None, progress: bool = Tru
   for step in bar:
     prompt, lengths, examples = _prompts(cfg, tok, source, step)
     key = jax.random.fold_in(jax.random.wrap_key_data(np.asarray(state.key)), step)
+    k = k_at(cfg, step)
     res = decode.generate(cfg, state.params, prompt, lengths, key, k=k, temperature=r.temperature,
                           eos_id=tok.eos_id, think_end_id=tok.think_end_id, mesh=mesh)
     res = jax.tree.map(host_array, res)
@@ -105,12 +126,18 @@ def train_rl(cfg: Config, *, stop_after: int | None = None, progress: bool = Tru
     batch = {"tokens": roll.tokens, "source": roll.source, "old_logprobs": roll.old_logprobs,
              "ref_logprobs": np.where(roll.source >= 0, ref_lp, 0).astype(np.float32),
              "advantages": rl.group_advantages(rew, r.group_size)}
-    state, metrics = step_fn(state, global_batch(cfg, mesh, batch))
-    check_finite(metrics, step + 1, mngr, t.workdir)
+    gbatch = global_batch(cfg, mesh, batch)
+    for _ in range(r.updates_per_batch):   # PPO epochs: old log-probs stay the decoder's
+      state, metrics = step_fn(state, gbatch)
+      check_finite(metrics, step + 1, mngr, t.workdir)
+    if r.updates_per_batch > 1:   # the state counts rollout batches, not updates
+      state = state.replace(step=jax.device_put(jnp.asarray(step + 1, state.step.dtype),
+                                                state.step.sharding))
     done = step + 1
     record = _jsonable(jax.device_get(metrics))
     record.update(step=done, reward_mean=float(rew.mean()), reward_std=float(rew.std()),
-                  accuracy=float(correct.mean()),
+                  accuracy=float(correct.mean()), k=k,
+                  pass_fraction=float(pass_fraction(res).mean()),
                   cot_tokens=float(np.mean(np.sum(res.phase == 0, 1))),
                   forward_passes=float(res.forward_passes.mean()))
     if done % t.log_every == 0 or done == t.steps:
