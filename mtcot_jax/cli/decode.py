@@ -39,6 +39,9 @@ def parse_args(argv=None):
   p.add_argument("--temperature", type=float, default=None)
   p.add_argument("--top-k", type=int, default=None)
   p.add_argument("--top-p", type=float, default=None)
+  p.add_argument("--head-threshold", type=float, default=None,
+                 help="adaptive blocks: cut a CoT block before the first head token with "
+                      "probability below this (default decode.head_threshold; 0: fixed k)")
   p.add_argument("--max-cot-tokens", type=int, default=None)
   p.add_argument("--max-answer-tokens", type=int, default=None)
   p.add_argument("--seed", type=int, default=0)
@@ -79,7 +82,7 @@ def main(argv=None):
   lengths = np.array([len(r) for r in ids])
   kw = dict(k=args.k, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
             max_cot_tokens=args.max_cot_tokens, max_answer_tokens=args.max_answer_tokens,
-            eos_id=tok.eos_id, think_end_id=tok.think_end_id)
+            eos_id=tok.eos_id, think_end_id=tok.think_end_id, head_threshold=args.head_threshold)
   key = jax.random.key(args.seed)
   mt.generate(cfg, params, prompt, lengths, key, **kw)        # compile once
   t0 = time.perf_counter()
