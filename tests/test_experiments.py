@@ -168,3 +168,20 @@ def test_paper_spec_loads():
   assert {"cot", "mtcot-k1", "mtcot-k3", "mtcot-k5", "cot-truncated", "nocot", "frozen-main",
           "rl"} <= names
   assert {t.task for t in spec.tasks} >= {"mult", "perm", "reach"} and len(spec.seeds) == 3
+
+
+def test_variants_share_a_named_run(tmp_path):
+  p = tmp_path / "s.yaml"
+  p.write_text(f"base: {os.path.join(ROOT, 'configs', 'demo.yaml')}\n"
+               "tasks: {m: {task: mult, args: {digits: 2}}}\n"
+               "methods: [mtcot-k5, {name: a, like: mtcot-k5, train: [head.context=-1], run: c},\n"
+               "  {name: b, like: mtcot-k5, train: [head.context=-1], run: c,\n"
+               "   decode: [decode.head_threshold=0.9]}, {name: r, like: rl, train: [head.context=-1]}]\n")
+  spec = load_spec(str(p))
+  a, b, r = spec.method("a"), spec.method("b"), spec.method("r")
+  assert a.stages == b.stages and a.stages[0].name == "sft+c" and a.decode != b.decode
+  assert [s.name for s in r.stages] == ["sft+r", "rl+r"] and r.stages[1].init_from == "sft+r"
+  p.write_text(p.read_text().replace("train: [head.context=-1], run: c,\n",
+                                     "train: [head.context=4], run: c,\n"))
+  with pytest.raises(ConfigError, match="training run 'sft\\+c'"):
+    load_spec(str(p))

@@ -19,9 +19,11 @@ is the overrides below.
                  stage `head-on-main`): the main model never learns to use the channel.
   rl             GRPO (`train.stage=rl`) from the `sft` run at k = head.k.
 
-A spec may add methods as variants of these (`{name, like, train, decode}`):
-`train` overrides make their own training runs, `decode` overrides change the
-evaluation only (verified decoding, adaptive blocks and other heads go here).
+A spec may add methods as variants of these (`{name, like, train, decode, run}`):
+`train` overrides make training runs of their own (named by `run`, default the
+method's name: variants naming the same run share it, e.g. one head evaluated at
+several adaptive thresholds), `decode` overrides change the evaluation only
+(verified decoding, adaptive blocks and other heads go here).
 """
 
 from __future__ import annotations
@@ -107,12 +109,14 @@ def builtin(name: str, *, head_k: int, pair: str | None = None,
                    "(mtcot-kN with 1 <= N <= head.k), or a mapping {name, like, train, decode}")
 
 
-def variant(base: Method, name: str, train: tuple[str, ...], decode: tuple[str, ...]) -> Method:
+def variant(base: Method, name: str, train: tuple[str, ...], decode: tuple[str, ...],
+            run: str | None = None) -> Method:
   """`base` with extra training overrides (its stages become runs of their own,
-  named `<stage>+<name>`) and extra decode overrides."""
+  named `<stage>+<run>`, `run` defaulting to the method's name: variants that
+  name the same run share it) and extra decode overrides."""
   stages = base.stages
   if train:
-    rename = {s.name: f"{s.name}+{name}" for s in stages}
+    rename = {s.name: f"{s.name}+{run or name}" for s in stages}
     stages = tuple(Stage(rename[s.name], s.overrides + tuple(train),
                          rename.get(s.init_from) if s.init_from else None) for s in stages)
   return dataclasses.replace(base, name=name, stages=stages, decode=base.decode + tuple(decode),

@@ -157,17 +157,25 @@ def load_spec(path: str, seeds: int | None = None) -> Spec:
       if isinstance(m, str):
         methods.append(mm.builtin(m, **kw))
       elif isinstance(m, dict) and {"name", "like"} <= set(m) <= {"name", "like", "train",
-                                                                     "decode"}:
+                                                                     "decode", "run"}:
         methods.append(mm.variant(mm.builtin(m["like"], **kw), str(m["name"]),
                                   _str_list(path, f"{m['name']}.train", m.get("train")),
-                                  _str_list(path, f"{m['name']}.decode", m.get("decode"))))
+                                  _str_list(path, f"{m['name']}.decode", m.get("decode")),
+                                  m.get("run")))
       else:
-        raise ValueError(f"method {m!r}: accepted a name or a mapping {{name, like, train, decode}}")
+        raise ValueError(f"method {m!r}: accepted a name or a mapping "
+                         "{name, like, train, decode, run}")
     except ValueError as e:
       raise ConfigError(f"{path}: {e}") from None
   names = [m.name for m in methods]
   if len(set(names)) != len(names):
     raise _err(path, "methods", names, "distinct method names")
+  seen: dict[str, mm.Stage] = {}
+  for m in methods:       # one name, one training run: the same changes
+    for st in m.stages:
+      if seen.setdefault(st.name, st) != st:
+        raise _err(path, "methods", m.name, f"training run {st.name!r} is named by methods "
+                   "with different train overrides; accepted: one `run` name per set of changes")
   multi = [m.name for m in methods if m.pair is None and any(e.primary and e.k > 0
                                                                for e in m.evals)]
   for m in methods:
