@@ -184,3 +184,27 @@ def test_pass_cost_and_k_schedule(tiny_cfg, rparams):
   assert [rl_loop.k_at(cfg, s) for s in (0, 9, 10, 50)] == [1, 1, 3, 3]
   with pytest.raises(mt.ConfigError, match="rl.k_schedule"):
     tiny_cfg.replace(rl={"k_schedule": [[5, 1]]})
+
+
+def test_updates_per_batch(tmp_path):
+  """rl.updates_per_batch=2: two optimizer steps per rollout batch (the second one
+  sees a ratio != 1, so the clip can act), the state still counts batches."""
+  base = ["model.vocab_size=64", "model.d_model=32", "model.num_layers=2", "model.num_heads=4",
+          "model.num_kv_heads=2", "model.mlp_dim=64", "head.k=2", "head.width=16",
+          "head.num_heads=2", "head.mlp_dim=32", "data.task_args={digits: 1}",
+          "data.train_size=400", "data.eval_size=16", "data.seq_len=16",
+          f"data.data_dir={tmp_path}/data", "train.eval_examples=0", "train.log_every=1",
+          "decode.max_cot_tokens=6", "decode.max_answer_tokens=4"]
+  loop.train(mt.load_config(None, base + ["train.steps=2", "train.batch_size=8",
+                                          f"train.workdir={tmp_path}/sft"]), progress=False)
+  cfg = mt.load_config(None, base + [
+      "train.stage=rl", f"train.init_from={tmp_path}/sft", f"train.workdir={tmp_path}/rl",
+      "train.steps=2", "train.learning_rate=1e-2", "train.warmup_steps=0",
+      "train.checkpoint_every=0", "rl.prompts_per_step=2", "rl.group_size=4",
+      "rl.updates_per_batch=2", "rl.format_reward=1.0"])
+  summary = rl_loop.train_rl(cfg, progress=False)
+  assert summary["step"] == 2
+  with open(os.path.join(cfg.train.workdir, "metrics.jsonl")) as f:
+    rows = [row for row in map(json.loads, f) if "reward_mean" in row]
+  assert [r["step"] for r in rows] == [1, 2]
+  assert any(abs(r["ratio"] - 1.0) > 1e-4 for r in rows), rows   # the 2nd update's ratio
