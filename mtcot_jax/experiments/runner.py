@@ -216,14 +216,15 @@ def _jsonify(obj):
   return obj
 
 
-def collect(out: str) -> list[dict]:
-  """Every finished cell's rows, in a stable order, rewritten to results.jsonl."""
+def collect(out: str, spec: Spec | None = None) -> list[dict]:
+  """Every finished cell's rows, in the spec's order (`spec`, else DIR/spec.yaml's),
+  rewritten to results.jsonl."""
   rows = []
   for root, _, files in sorted(os.walk(out)):
     if CELL_FILE in files and "/_train/" not in root + "/":
       rows.extend(_read_json(os.path.join(root, CELL_FILE))["rows"])
-  spec = load_spec(os.path.join(out, "spec.yaml")) if os.path.exists(
-      os.path.join(out, "spec.yaml")) else None
+  if spec is None and os.path.exists(os.path.join(out, "spec.yaml")):
+    spec = load_spec(os.path.join(out, "spec.yaml"))
   if spec is not None:   # the spec's order: tasks, methods, seeds
     t_idx = {t.name: i for i, t in enumerate(spec.tasks)}
     m_idx = {m.name: i for i, m in enumerate(spec.methods)}
@@ -300,7 +301,7 @@ def run(spec_path: str, out: str | None = None, *, seeds: int | None = None,
     rows = evaluate_cell(spec, c, out, records)
     _write_json(os.path.join(out, c.id, CELL_FILE),
                 {"cell": c.id, "rows": _jsonify(rows), "seconds": time.perf_counter() - t0})
-    collect(out)
+    collect(out, spec)
     stats["evaluated"] += 1
     bar.update(EVAL_WORK * len(c.method.evals))
     primary = next(r for r in rows if r["primary"])
@@ -312,7 +313,7 @@ def run(spec_path: str, out: str | None = None, *, seeds: int | None = None,
     if stop_after_cells is not None and i + 1 >= stop_after_cells:
       break
   bar.close()
-  collect(out)
+  collect(out, spec)
   return stats
 
 
