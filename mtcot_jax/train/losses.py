@@ -85,7 +85,8 @@ def loss_and_metrics(cfg: Config, params, batch, total: Counts,
   Returns (loss, sums): `sums` holds metric numerators (summed over micro-batches
   by the caller, then divided by `total`).
   """
-  k = cfg.head.k
+  # head.loss_weight=0 (the main model trained alone): the head is not run at all.
+  k = cfg.head.k if cfg.head.loss_weight > 0 else 0
   sources = head_sources(cfg, batch) if k else None
   out = api.apply(cfg, params, batch["inputs"], positions=batch["positions"],
                   segment_ids=batch["segment_ids"], head_positions=sources, with_head=k > 0,
