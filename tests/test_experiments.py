@@ -145,7 +145,7 @@ def test_eval_seeds_disjoint_from_training(task, args, tmp_path):
 def test_bad_specs_fail_before_training(tmp_path):
   def spec(body):
     p = tmp_path / "s.yaml"
-    p.write_text(f"base: {os.path.join(ROOT, 'configs', 'demo.yaml')}\n" + body)
+    p.write_text(f"base: {os.path.join(ROOT, 'configs', 'small.yaml')}\n" + body)
     return str(p)
   tasks = "tasks: {m: {task: mult, args: {digits: 2}}}\n"
   with pytest.raises(ConfigError, match="unknown method 'cotx'"):
@@ -172,7 +172,7 @@ def test_paper_spec_loads():
 
 def test_variants_share_a_named_run(tmp_path):
   p = tmp_path / "s.yaml"
-  p.write_text(f"base: {os.path.join(ROOT, 'configs', 'demo.yaml')}\n"
+  p.write_text(f"base: {os.path.join(ROOT, 'configs', 'small.yaml')}\n"
                "tasks: {m: {task: mult, args: {digits: 2}}}\n"
                "methods: [mtcot-k5, {name: a, like: mtcot-k5, train: [head.context=-1], run: c},\n"
                "  {name: b, like: mtcot-k5, train: [head.context=-1], run: c,\n"
