@@ -113,20 +113,29 @@ def _teacher_forced(cfg, params, prompt, res, s: sampling.Sampling, k):
   return picked.argmax(-1), logp
 
 
-@pytest.mark.parametrize("k", [1, 3, 5])
-def test_greedy_agrees_with_teacher_forcing(tiny_cfg, dparams, prompt, k):
-  first = _gen(tiny_cfg, dparams, prompt, k=k)
+def _check_greedy_against_teacher_forcing(cfg, params, prompt, k):
+  """Greedy decoding (CoTs ended by a stop token at different blocks) writes, token
+  for token, the argmax of each token's writer under teacher forcing (a budget-forced
+  </think> aside). Returns the result and the number of head tokens checked."""
+  first = _gen(cfg, params, prompt, k=k)
   stop = _stop_token(first, k)
-  res = _gen(tiny_cfg, dparams, prompt, k=k, think_end_id=stop)
-  argmax, _ = _teacher_forced(tiny_cfg, dparams, prompt, res, sampling.Sampling(), k)
-  checked = 0
+  res = _gen(cfg, params, prompt, k=k, think_end_id=stop)
+  argmax, _ = _teacher_forced(cfg, params, prompt, res, sampling.Sampling(), k)
+  checked, heads = 0, 0
   for b in range(B):
     for i in range(res.lengths[b]):
       forced = res.cot_forced[b] and res.phase[b, i] == 0 and res.phase[b, i + 1] != 0
       if not forced:
         assert res.tokens[b, i] == argmax[b, i], (b, i, res.source[b, i])
         checked += 1
+        heads += res.source[b, i] > 0
   assert checked > B * 5
+  return res, heads
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_greedy_agrees_with_teacher_forcing(tiny_cfg, dparams, prompt, k):
+  res, _ = _check_greedy_against_teacher_forcing(tiny_cfg, dparams, prompt, k)
   assert set(np.unique(res.source[res.source >= 0])) == set(range(k + 1))
 
 
@@ -248,17 +257,7 @@ def test_context_head_cached_equals_teacher_forced(ctx, prompt):
   log-probs."""
   cfg, params = ctx
   k = 3
-  first = _gen(cfg, params, prompt, k=k)
-  stop = _stop_token(first, k)
-  res = _gen(cfg, params, prompt, k=k, think_end_id=stop)
-  argmax, _ = _teacher_forced(cfg, params, prompt, res, sampling.Sampling(), k)
-  heads = 0
-  for b in range(B):
-    for i in range(res.lengths[b]):
-      forced = res.cot_forced[b] and res.phase[b, i] == 0 and res.phase[b, i + 1] != 0
-      if not forced:
-        assert res.tokens[b, i] == argmax[b, i], (b, i, res.source[b, i])
-        heads += res.source[b, i] > 0
+  _, heads = _check_greedy_against_teacher_forcing(cfg, params, prompt, k)
   assert heads > B * 3
   s = sampling.Sampling(temperature=0.8)
   res = _gen(cfg, params, prompt, k=k, key=7, temperature=0.8)

@@ -108,16 +108,21 @@ def test_group_advantages():
                              rtol=1e-6)
 
 
-def test_reward_rises(tmp_path):
-  """SFT a tiny model briefly on 1x1-digit products (it stays imperfect: wrong
-  products, CoTs and answers not closed), then GRPO with the task reward plus a
-  format reward: the mean reward of the last RL steps beats the first ones."""
-  base = ["model.vocab_size=64", "model.d_model=32", "model.num_layers=2", "model.num_heads=4",
+def _one_digit(tmp_path):
+  """A tiny model on 1x1-digit products, its data under tmp_path."""
+  return ["model.vocab_size=64", "model.d_model=32", "model.num_layers=2", "model.num_heads=4",
           "model.num_kv_heads=2", "model.mlp_dim=64", "head.k=2", "head.width=16",
           "head.num_heads=2", "head.mlp_dim=32", "data.task_args={digits: 1}",
           "data.train_size=400", "data.eval_size=16", "data.seq_len=16",
           f"data.data_dir={tmp_path}/data", "train.eval_examples=0", "train.log_every=1",
           "decode.max_cot_tokens=6", "decode.max_answer_tokens=4"]
+
+
+def test_reward_rises(tmp_path):
+  """SFT a tiny model briefly on 1x1-digit products (it stays imperfect: wrong
+  products, CoTs and answers not closed), then GRPO with the task reward plus a
+  format reward: the mean reward of the last RL steps beats the first ones."""
+  base = _one_digit(tmp_path)
   sft = mt.load_config(None, base + ["train.steps=60", "train.batch_size=32",
                                      "train.learning_rate=3e-3", "train.warmup_steps=10",
                                      f"train.workdir={tmp_path}/sft"])
@@ -189,12 +194,7 @@ def test_pass_cost_and_k_schedule(tiny_cfg, rparams):
 def test_updates_per_batch(tmp_path):
   """rl.updates_per_batch=2: two optimizer steps per rollout batch (the second one
   sees a ratio != 1, so the clip can act), the state still counts batches."""
-  base = ["model.vocab_size=64", "model.d_model=32", "model.num_layers=2", "model.num_heads=4",
-          "model.num_kv_heads=2", "model.mlp_dim=64", "head.k=2", "head.width=16",
-          "head.num_heads=2", "head.mlp_dim=32", "data.task_args={digits: 1}",
-          "data.train_size=400", "data.eval_size=16", "data.seq_len=16",
-          f"data.data_dir={tmp_path}/data", "train.eval_examples=0", "train.log_every=1",
-          "decode.max_cot_tokens=6", "decode.max_answer_tokens=4"]
+  base = _one_digit(tmp_path)
   loop.train(mt.load_config(None, base + ["train.steps=2", "train.batch_size=8",
                                           f"train.workdir={tmp_path}/sft"]), progress=False)
   cfg = mt.load_config(None, base + [
