@@ -108,6 +108,28 @@ def check_decode_under_mesh():
   assert sharded.tokens.sharding.spec[0] == ("data", "fsdp"), sharded.tokens.sharding
 
 
+def check_context_head_under_mesh():
+  """The head with context on a (data, fsdp, tensor) mesh: its features and an
+  adaptive-block sampled decode (its memory cache sharded by batch) match one device."""
+  from mtcot_jax import decode
+  cfg = _cfg("head.context=-1", "head.num_layers=2")
+  mesh = mt.make_mesh(cfg)
+  params = mt.init_params(cfg, jax.random.key(0), mesh=mesh)
+  params = jax.tree.map(lambda x: x * 10.0 if x.ndim > 1 else x, params)
+  local = jax.device_put(params, jax.devices()[0])
+  tokens = jax.random.randint(jax.random.key(1), (8, 12), 1, cfg.model.vocab_size)
+  np.testing.assert_allclose(mt.forward(cfg, params, tokens, mesh=mesh).head_features,
+                             mt.forward(cfg, local, tokens).head_features, atol=1e-5, rtol=1e-5)
+  prompt = np.random.default_rng(0).integers(6, cfg.model.vocab_size, (8, 5))
+  lens = np.array([5, 3, 4, 2, 5, 1, 3, 4])
+  kw = dict(k=3, max_cot_tokens=8, max_answer_tokens=3, temperature=0.9, head_threshold=0.05)
+  sharded = decode.generate(cfg, params, prompt, lens, jax.random.key(3), mesh=mesh, **kw)
+  single = decode.generate(cfg, local, prompt, lens, jax.random.key(3), **kw)
+  for name in ("tokens", "source", "lengths", "forward_passes"):
+    np.testing.assert_array_equal(getattr(sharded, name), getattr(single, name), err_msg=name)
+  np.testing.assert_allclose(sharded.logprobs, single.logprobs, atol=1e-5)
+
+
 def check_train_step_matches_one_device():
   from mtcot_jax.train import losses, optim
   from mtcot_jax.train.step import create_state, global_batch
