@@ -7,7 +7,8 @@ is the overrides below.
 
   cot            SFT with the head's loss (stage `sft`), decoded with k=0.
   mtcot-kN       the same `sft` run, decoded with N head tokens per CoT block
-                 (`decode.k=N`; N <= head.k: the head of `sft` is built with head.k).
+                 (`decode.k=N`; N <= head.k: the head of `sft` is built with head.k);
+                 also at k=0 (the same run's main model alone), not its headline.
   cot-truncated  the same `sft` run with k=0 and `decode.max_cot_tokens` set so that
                  its mean forward passes equal those of its pair (`truncated.pair`,
                  an mtcot method): the equal-compute baseline. Also evaluated with
@@ -79,8 +80,8 @@ def builtin(name: str, *, head_k: int, pair: str | None = None,
     k = int(m.group(1))
     if not 1 <= k <= head_k:
       raise ValueError(f"method {name!r}: k={k} is not accepted: 1 <= k <= head.k={head_k}")
-    return Method(name, (SFT,), (Eval(f"k{k}", k, primary=True),), decode=(f"decode.k={k}",),
-                  doc=f"sft, decoded with k={k}")
+    return Method(name, (SFT,), (Eval(f"k{k}", k, primary=True), Eval("k0", 0)),
+                  decode=(f"decode.k={k}",), doc=f"sft, decoded with k={k} (and k=0)")
   if name == "cot":
     return Method(name, (SFT,), (Eval("k0", 0, primary=True),), decode=("decode.k=0",),
                   doc="sft, decoded with k=0")
