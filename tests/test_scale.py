@@ -112,10 +112,21 @@ def test_two_processes_match_one(two_process_run):
   assert sorted(got["rows"]) == [0, 1, 2, 3], got["rows"]   # process 0's half of the batch
   full = w.global_batch_numpy(cfg)
   state, loss = w.train_steps(cfg, None, lambda: global_batch(cfg, None, full))
+  # The loss of every step: a gradient that is not synchronised across processes
+  # changes the losses after the first step far beyond float32 reduction error.
   np.testing.assert_allclose(got["loss"], loss, rtol=1e-5)
+  # Parameters: AdamW (no decay here) moves an element by at most lr per step
+  # (|m_hat / sqrt(v_hat)| <= 1 in these first steps), so where a gradient is at
+  # the float32 noise floor a reduction in another order can flip an update's
+  # sign: every element within 2 x the summed learning rates, the bound; and the
+  # typical element within 1e-6 (a few hundred times the float32 round-off of
+  # lr-sized updates; a lost or doubled update moves it by ~lr = 3e-3).
+  from mtcot_jax.train import optim
+  bound = 2 * sum(float(optim.schedule(cfg)(t)) for t in range(w.STEPS))
   for path, x in jax.tree_util.tree_leaves_with_path(jax.device_get(state.params)):
-    np.testing.assert_allclose(got[f"param_{jax.tree_util.keystr(path)}"], x, atol=2e-5,
-                               rtol=1e-4, err_msg=jax.tree_util.keystr(path))
+    diff = np.abs(got[f"param_{jax.tree_util.keystr(path)}"] - np.asarray(x))
+    assert diff.max() <= bound, (jax.tree_util.keystr(path), diff.max(), bound)
+    assert np.median(diff) <= 1e-6, (jax.tree_util.keystr(path), np.median(diff))
 
   params = w.decode_params(cfg, None)
   prompt, lens = w.prompts(cfg)
