@@ -23,15 +23,19 @@ def rparams(tiny_params):
   return jax.tree.map(lambda x: x * 10.0 if x.ndim > 1 else x, tiny_params)
 
 
-@pytest.fixture(scope="module")
-def rollout(tiny_cfg, rparams):
-  rng = np.random.default_rng(0)
-  prompt = rng.integers(6, tiny_cfg.model.vocab_size, (B, P)).astype(np.int32)
+def _sample_rollouts(cfg, params, seed, key):
+  """Sampled k=3 generations for B ragged random prompts, as GRPO's rollouts."""
+  prompt = np.random.default_rng(seed).integers(6, cfg.model.vocab_size, (B, P)).astype(np.int32)
   lengths = np.array([5, 3, 4, 2])
   res = jax.tree.map(np.asarray, decode.generate(
-      tiny_cfg, rparams, prompt, lengths, jax.random.key(5), k=3, temperature=S.temperature,
+      cfg, params, prompt, lengths, jax.random.key(key), k=3, temperature=S.temperature,
       max_cot_tokens=8, max_answer_tokens=3))
-  roll = rl.build_rollouts(prompt, lengths, res)
+  return res, rl.build_rollouts(prompt, lengths, res)
+
+
+@pytest.fixture(scope="module")
+def rollout(tiny_cfg, rparams):
+  res, roll = _sample_rollouts(tiny_cfg, rparams, seed=0, key=5)
   batch = {"tokens": roll.tokens, "source": roll.source, "old_logprobs": roll.old_logprobs,
            "advantages": np.array([1.0, -1.0, 0.5, -0.5], np.float32)}
   return res, roll, batch
@@ -148,13 +152,7 @@ def test_recomputed_logprobs_adaptive_blocks(tiny_cfg, context):
   cfg = tiny_cfg.replace(head={"context": context}, decode={"head_threshold": 0.1})
   params = jax.tree.map(lambda x: x * 10.0 if x.ndim > 1 else x,
                         mt.init_params(cfg, jax.random.key(4)))
-  rng = np.random.default_rng(1)
-  prompt = rng.integers(6, cfg.model.vocab_size, (B, P)).astype(np.int32)
-  lengths = np.array([5, 3, 4, 2])
-  res = jax.tree.map(np.asarray, decode.generate(
-      cfg, params, prompt, lengths, jax.random.key(6), k=3, temperature=S.temperature,
-      max_cot_tokens=8, max_answer_tokens=3))
-  roll = rl.build_rollouts(prompt, lengths, res)
+  _, roll = _sample_rollouts(cfg, params, seed=1, key=6)
   lp = np.asarray(rl.token_logprobs(cfg, params, roll.tokens, roll.source, S))
   gen = roll.source >= 0
   assert np.any(roll.source[gen] > 0) and not np.all(roll.source[gen] > 0)

@@ -162,10 +162,11 @@ def evaluate_cell(spec: Spec, cell: Cell, out: str, train_records: list[dict]) -
     r["max_cot_tokens"] = cfg.decode.max_cot_tokens if max_cot is None else max_cot
     return r
 
-  has_head = cfg.head.k > 0 and cfg.data.cot
-  tf = (teacher_forced_metrics(ecfg, params, tok, [b for bt in batches[True] for b in
-                                                     bt["examples"]])
-        if has_head and True in batches else {})
+  tf = {}
+  if cfg.head.k > 0 and cfg.data.cot:   # the head's held-out accuracy, teacher-forced
+    examples = [ex for b in make_eval_batches(cfg, tok, n, n, process_index=0,
+                                               process_count=1) for ex in b["examples"]]
+    tf = teacher_forced_metrics(ecfg, params, tok, examples)
   results: dict[str, dict] = {}
   budgets: dict[str, dict | None] = {}
   for e in sorted(cell.method.evals, key=lambda e: e.budget is not None):
@@ -220,8 +221,10 @@ def collect(out: str, spec: Spec | None = None) -> list[dict]:
   """Every finished cell's rows, in the spec's order (`spec`, else DIR/spec.yaml's),
   rewritten to results.jsonl."""
   rows = []
-  for root, _, files in sorted(os.walk(out)):
-    if CELL_FILE in files and "/_train/" not in root + "/":
+  for root, dirs, files in os.walk(out):
+    dirs[:] = sorted(d for d in dirs if d not in ("_train", "plots", ".jax_cache")
+                     and not os.path.islink(os.path.join(root, d)))  # not the checkpoints
+    if CELL_FILE in files:
       rows.extend(_read_json(os.path.join(root, CELL_FILE))["rows"])
   if spec is None and os.path.exists(os.path.join(out, "spec.yaml")):
     spec = load_spec(os.path.join(out, "spec.yaml"))
