@@ -205,6 +205,10 @@ class DecodeConfig:
   # under the head's distribution (its sampling distribution; softmax when greedy)
   # is below this; the next pass starts with the main model's token. 0: fixed k.
   head_threshold: float = 0.0
+  # Verified phases: "none" (the head's CoT tokens are the CoT), "answer" (the answer
+  # phase drafts with the head and keeps what the main model would write), "all"
+  # (the CoT too: lossless). See decode.py.
+  verify: str = "none"
   temperature: float = 0.0     # 0: greedy
   top_k: int = 0               # 0: off
   top_p: float = 1.0
@@ -408,6 +412,8 @@ def validate(cfg: Config) -> None:
          "an int >= 1")
   _check(0.0 <= dec.head_threshold < 1.0, "decode.head_threshold", dec.head_threshold,
          "a number in [0, 1) (0: fixed blocks of k head tokens)")
+  _check(dec.verify in ("none", "answer", "all"), "decode.verify", dec.verify,
+         "none, answer (the answer phase verified) or all (the CoT too)")
   _check(dec.temperature >= 0, "decode.temperature", dec.temperature, "a number >= 0 (0: greedy)")
   _check(dec.top_k >= 0, "decode.top_k", dec.top_k, "an int >= 0 (0: off)")
   _check(0 < dec.top_p <= 1, "decode.top_p", dec.top_p, "a number in (0, 1]")

@@ -13,9 +13,25 @@ CoT loop (one `lax.while_loop` iteration = one main forward pass):
 Answer loop (one main pass per token, the head not run) until EOS or
 `max_answer_tokens`.
 
+Verified phases (`verify`: "answer" verifies the answer phase, "all" the CoT too):
+an iteration samples the main model's token x1 from h, lets the head draft k
+tokens after it, and runs one main pass over the block [x1, d1..dk]. That pass
+gives the main model's distribution p_j at every block position: draft d_j is
+kept while d_j == argmax p_{j-1} (greedy), or with probability
+min(1, p_{j-1}(d_j) / q_j(d_j)) when sampling (q_j: the head's distribution);
+after the first rejected draft the next iteration's x1 is drawn from
+normalise(max(0, p - q)) at that position, else from p after the last kept
+token. The committed tokens are x1 and the kept drafts (cut at a stop token and
+at the length limits as in the other loops); the cache's length moves past them
+only, so the rejected positions are overwritten by the next block. The output
+is k=0's, token for token (greedy), or has k=0's distribution (sampling).
+
 forward_passes = 1 + CoT blocks + (answer length - 1), per sequence (an EOS
-that ends a sequence is never fed back, in either phase).
-Both loops compile once per (batch, prompt length, limits, k, sampling settings).
+that ends a sequence is never fed back, in either phase). In a verified phase
+every iteration costs one pass except one whose own token x1 ends the sequence
+(an EOS, or the answer's last allowed token): the pass that checks the drafts is
+counted even where it only verified them.
+Both loops compile once per (batch, prompt length, limits, k, sampling settings, verify).
 """
 
 from __future__ import annotations
@@ -36,6 +52,7 @@ from mtcot_jax.model import api
 from mtcot_jax.model.transformer import KVCache
 
 PAD_ID, EOS_ID, THINK_END_ID = 0, 2, 5  # the ids mtcot_jax's tokenizers use
+VERIFY = ("none", "answer", "all")
 
 
 class GenerateResult(NamedTuple):
@@ -44,10 +61,12 @@ class GenerateResult(NamedTuple):
   source: jax.Array          # (B, L) 0 main model, j head depth j, -1 padding
   phase: jax.Array           # (B, L) 0 CoT (incl. </think>), 1 answer, -1 padding
   logprobs: jax.Array        # (B, L) log-prob under the distribution sampled from
+  #                            (in a verified phase: the main model's, whoever drafted it)
   lengths: jax.Array         # (B,) generated tokens
   forward_passes: jax.Array  # (B,) main-model calls, prefill included
   finished: jax.Array        # (B,) ended with EOS (False: a length limit was hit)
   cot_forced: jax.Array      # (B,) the CoT hit max_cot_tokens and was closed by force
+  accepted: jax.Array        # (B,) head drafts kept by verification (0 where verify="none")
 
 
 @flax.struct.dataclass
@@ -67,37 +86,82 @@ class _State:
   forced: jax.Array       # (B,) bool
   last: jax.Array         # (B,) the last answer token (the answer loop's next input)
   key: jax.Array
+  pend: jax.Array         # (B,) verified phases: the next x1, drawn from the residual
+  #                         after a rejected draft; -1: draw it from `logits`
+  accepted: jax.Array     # (B,) drafts kept by verification
   hmem: tuple | None = None  # head with context: per layer (keys, values) (B, S, H, Dh)
 
 
 def sample_head_chain(cfg: Config, params, sources, x1_B, keys, s: sampling.Sampling,
-                      shard: shd.Sharder = shd.Sharder(), hmem=None, lengths_B=None):
+                      shard: shd.Sharder = shd.Sharder(), hmem=None, lengths_B=None,
+                      with_dists: bool = False):
   """The head's k = len(keys) chained samples x[t+2..t+k+1] after the main token x1.
 
   sources: the head's source residuals (B, D) at t. Depth j runs the head over
   the chain prefix x[t+1..t+j] it reads. The head with context also reads its
   memory cache `hmem` (per layer keys, values) up to t = lengths_B - 1.
-  Returns (B, k) tokens and log-probs.
+  Returns (B, k) tokens and log-probs; with `with_dists` also the (B, k, V)
+  log-probabilities of the distributions they were drawn from (q, for verifying).
   """
   k = len(keys)
   chain = jnp.zeros((x1_B.shape[0], k), jnp.int32).at[:, 0].set(x1_B)
-  toks, lps = [], []
+  toks, lps, dists = [], [], []
   for j in range(k):   # depth j+1 predicts x[t+2+j] from chain x[t+1..t+1+j]
     if cfg.head.context:
       feats_BxJxD = api.context_chain(cfg, params, sources, chain[:, : j + 1], hmem, lengths_B)
     else:
       feats_BxJxD = api.run_head(cfg, params, sources, chain[:, : j + 1], shard)
-    tok, lp = sampling.sample(keys[j], api.head_logits(cfg, params, feats_BxJxD[:, j]), s)
+    logits_BxV = api.head_logits(cfg, params, feats_BxJxD[:, j])
+    tok, lp = sampling.sample(keys[j], logits_BxV, s)
     if j + 1 < k:
       chain = chain.at[:, j + 1].set(tok)
     toks.append(tok)
     lps.append(lp)
-  return jnp.stack(toks, 1), jnp.stack(lps, 1)
+    if with_dists:
+      dists.append(sampling.process_logits(logits_BxV, s))
+  out = jnp.stack(toks, 1), jnp.stack(lps, 1)
+  return out + (jnp.stack(dists, 1),) if with_dists else out
+
+
+def speculative_accept(key, p_logp_BxKxV, q_logp_BxKxV, drafts_BxK, greedy: bool):
+  """Verification of k drafts d_1..d_k against the main model.
+
+  p_logp[:, j-1] is the main model's (sampling) log-distribution at draft d_j's
+  position, q_logp[:, j-1] the head's that d_j was drawn from. Greedy: d_j is
+  kept while it is argmax p. Sampling: kept with probability min(1, p(d_j)/q(d_j)),
+  and after the first rejection (at draft a+1) the replacement is drawn from
+  normalise(max(0, p - q)) there, which makes the kept-then-replaced sequence
+  p-distributed (Leviathan et al. 2023; Chen et al. 2023).
+  Returns (kept drafts a (B,) int32, replacement token (B,) int32: meaningful
+  only where a < k, and for greedy the argmax of p at draft a+1).
+  """
+  B, k, _ = p_logp_BxKxV.shape
+  k_accept, k_resid = jax.random.split(key)
+  d = drafts_BxK[..., None]
+  p_d = jnp.take_along_axis(p_logp_BxKxV, d, axis=-1)[..., 0]
+  if greedy:
+    ok = drafts_BxK == jnp.argmax(p_logp_BxKxV, axis=-1)
+  else:
+    q_d = jnp.take_along_axis(q_logp_BxKxV, d, axis=-1)[..., 0]
+    u = jax.random.uniform(k_accept, (B, k), minval=jnp.finfo(jnp.float32).tiny)
+    ok = jnp.log(u) < p_d - q_d
+  a = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1).astype(jnp.int32)
+  at = jnp.minimum(a, k - 1)[:, None, None]
+  p_a = jnp.take_along_axis(p_logp_BxKxV, at, axis=1)[:, 0]          # (B, V)
+  if greedy:
+    return a, jnp.argmax(p_a, axis=-1).astype(jnp.int32)
+  q_a = jnp.take_along_axis(q_logp_BxKxV, at, axis=1)[:, 0]
+  resid = jnp.maximum(jnp.exp(p_a) - jnp.exp(q_a), 0.0)
+  # p == q leaves no residual mass; a rejection is then impossible, but guard it.
+  resid = jnp.where(jnp.sum(resid, -1, keepdims=True) > 0, resid, jnp.exp(p_a))
+  logr = jnp.where(resid > 0, jnp.log(jnp.maximum(resid, 1e-38)), sampling.NEG_INF)
+  return a, jax.random.categorical(k_resid, logr, axis=-1).astype(jnp.int32)
 
 
 @functools.lru_cache(maxsize=None)
 def _static(cfg: Config, k: int, sample: sampling.Sampling, max_cot: int, max_answer: int,
-            eos_id: int, think_end_id: int, mesh: Mesh | None, tau: float = 0.0):
+            eos_id: int, think_end_id: int, mesh: Mesh | None, tau: float = 0.0,
+            verify: str = "none"):
   """The two jitted phases for one set of static settings (cached: compiled once)."""
   shard = shd.sharder(cfg, mesh)
   L = max_cot + 1 + k + max_answer          # output buffer; k slots of slack for cut blocks
@@ -109,7 +173,8 @@ def _static(cfg: Config, k: int, sample: sampling.Sampling, max_cot: int, max_an
   def take_last(x_BxTx, n_B):
     return jnp.take_along_axis(x_BxTx, (n_B - 1)[:, None, None], axis=1)[:, 0]
 
-  def main_pass(params, cache, block_BxT, n_B, hmem=None):
+  def main_pass_all(params, cache, block_BxT, n_B, hmem=None):
+    """One main pass over a block: the outputs at every block position."""
     out = api.extend(cfg, params, cache, block_BxT, n_B, shard)
     if hmem is not None:   # the head's memory of every new position, at the same slots
       slots_BxT = cache.lengths[:, None] + jnp.arange(block_BxT.shape[1], dtype=jnp.int32)
@@ -118,6 +183,10 @@ def _static(cfg: Config, k: int, sample: sampling.Sampling, max_cot: int, max_an
       hmem = tuple((hk.at[rows, slots_BxT].set(nk.astype(hk.dtype), mode="drop"),
                     hv.at[rows, slots_BxT].set(nv.astype(hv.dtype), mode="drop"))
                    for (hk, hv), (nk, nv) in zip(hmem, new))
+    return out, hmem
+
+  def main_pass(params, cache, block_BxT, n_B, hmem=None):
+    out, hmem = main_pass_all(params, cache, block_BxT, n_B, hmem)
     return (out.cache, take_last(out.logits, n_B), tuple(take_last(s, n_B) for s in out.sources),
             hmem)
 
@@ -141,7 +210,8 @@ def _static(cfg: Config, k: int, sample: sampling.Sampling, max_cot: int, max_an
         n_out=jnp.zeros((B,), jnp.int32), n_think=jnp.zeros((B,), jnp.int32),
         cot_done=last_prompt == think_end_id, done=jnp.zeros((B,), bool),
         passes=jnp.ones((B,), jnp.int32), forced=jnp.zeros((B,), bool),
-        last=last_prompt, key=key, hmem=hmem)
+        last=last_prompt, key=key, pend=jnp.full((B,), -1, jnp.int32),
+        accepted=jnp.zeros((B,), jnp.int32), hmem=hmem)
 
   def cot_body(params, st: _State) -> _State:
     B = st.n_out.shape[0]
@@ -200,6 +270,79 @@ def _static(cfg: Config, k: int, sample: sampling.Sampling, max_cot: int, max_an
         forced=st.forced | (active & force),
         key=key, hmem=hmem)
 
+  def verified_body(params, st: _State, answer_start=None) -> _State:
+    """One verified iteration (see the module docstring); answer_start: None in
+    the CoT phase, else n_out where the answer began."""
+    B = st.n_out.shape[0]
+    in_answer = answer_start is not None
+    key, step_key = jax.random.split(st.key)
+    keys = jax.random.split(step_key, k + 2)
+    pos = jnp.arange(k + 1)
+    x1, _ = sampling.sample(keys[0], st.logits, sample)
+    x1 = jnp.where(st.pend >= 0, st.pend, x1)
+    if in_answer:
+      room = max_answer - (st.n_out - answer_start)                  # (B,) tokens left
+      active = ~st.done & (room > 0)
+      force = jnp.zeros((B,), bool)
+    else:
+      budget = max_cot - st.n_think
+      active = ~st.cot_done & ~st.done
+      force = budget <= 0                                            # budget forcing
+      x1 = jnp.where(force, think_end_id, x1)
+    lp1 = sampling.logprobs_of(st.logits, x1, sample)                # the main model's
+    drafts, _, q_logp = sample_head_chain(cfg, params, st.sources, x1, keys[1:k + 1], sample,
+                                          shard, st.hmem, st.cache.lengths, with_dists=True)
+    block = jnp.concatenate([x1[:, None], drafts], 1)                # (B, k+1)
+    out, hmem = main_pass_all(params, st.cache, block, None, st.hmem)
+    p_logp = sampling.process_logits(out.logits[:, :k], sample)      # (B, k, V) at d_1..d_k
+    a, resid = speculative_accept(keys[k + 1], p_logp, q_logp, drafts, sample.greedy)
+    a = jnp.where(force, 0, a)
+    keep = 1 + a
+
+    # Cut after the first stop token among the kept ones, and at the length limits.
+    if in_answer:
+      stop = (block == eos_id) & (pos[None, :] < keep[:, None])
+      limit = room
+    else:
+      stop = (block == think_end_id) | (block == eos_id)
+      stop = stop & (pos[None, :] <= budget[:, None]) & (pos[None, :] < keep[:, None])
+      limit = budget
+    has_stop = jnp.any(stop, axis=1)
+    first = jnp.argmax(stop, axis=1)
+    n_valid = jnp.where(has_stop, first + 1, jnp.minimum(keep, limit))
+    n_valid = jnp.where(active, jnp.maximum(n_valid, 1), 0).astype(jnp.int32)
+    stop_tok = jnp.take_along_axis(block, first[:, None], 1)[:, 0]
+    ends_cot = active & has_stop & (stop_tok == think_end_id) & (not in_answer)
+    ends_seq = active & has_stop & (stop_tok == eos_id)
+    # The next x1 comes from the residual only where the rejection ended the block.
+    rejected = active & (a < k) & ~has_stop & (n_valid == keep)
+    pend = jnp.where(rejected & (not sample.greedy), resid, -1)
+    terminal_x1 = (x1 == eos_id) | (room <= 1 if in_answer else False)
+
+    lps = jnp.concatenate(
+        [lp1[:, None], jnp.take_along_axis(p_logp, drafts[..., None], -1)[..., 0]], 1)
+    n_last = jnp.maximum(n_valid, 1)
+    logits = take_last(out.logits, n_last)
+    sources = tuple(take_last(s, n_last) for s in out.sources)
+    idx = jnp.where(active[:, None], st.n_out[:, None] + pos[None, :], L)
+    src = jnp.broadcast_to(pos.astype(jnp.int32), block.shape)
+    keep_new = lambda new, old: jnp.where(  # noqa: E731
+        active.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+    st = st.replace(
+        cache=out.cache.replace(lengths=st.cache.lengths + n_valid),
+        logits=keep_new(logits, st.logits), sources=tuple(map(keep_new, sources, st.sources)),
+        tokens=write(st.tokens, idx, block), source=write(st.source, idx, src),
+        phase=write(st.phase, idx, jnp.full_like(block, int(in_answer))),
+        logprobs=write(st.logprobs, idx, lps),
+        n_out=st.n_out + n_valid, done=st.done | ends_seq,
+        passes=st.passes + (active & ~terminal_x1).astype(jnp.int32),
+        accepted=st.accepted + jnp.maximum(n_valid - 1, 0),
+        pend=jnp.where(active, pend, st.pend), key=key, hmem=hmem)
+    if not in_answer:
+      st = st.replace(n_think=st.n_think + n_valid - (ends_cot | ends_seq).astype(jnp.int32),
+                      cot_done=st.cot_done | ends_cot, forced=st.forced | (active & force))
+    return st
+
   def cot_cond(st: _State):
     return jnp.any(~st.cot_done & ~st.done)
 
@@ -215,18 +358,25 @@ def _static(cfg: Config, k: int, sample: sampling.Sampling, max_cot: int, max_an
         n_out=st.n_out + active, done=st.done | (active & (tok == eos_id)),
         last=jnp.where(active, tok, st.last), key=key)
 
+  verified = {"none": (), "answer": (1,), "all": (0, 1)}[verify] if k > 0 else ()
+
   @jax.jit
   def run_cot(params, prompt_BxP, lens_B, key):
     st = prefill(params, prompt_BxP, lens_B, key)
-    return jax.lax.while_loop(cot_cond, functools.partial(cot_body, params), st)
+    body = verified_body if 0 in verified else cot_body
+    return jax.lax.while_loop(cot_cond, functools.partial(body, params), st)
 
   @jax.jit
   def run_answer(params, st: _State):
     start = st.n_out
-    st = answer_sample(st, jnp.zeros_like(start))   # the first answer token: from h, no pass
 
     def cond(s):
       return jnp.any(~s.done & (s.n_out - start < max_answer))
+
+    if 1 in verified:
+      st = jax.lax.while_loop(cond, lambda s: verified_body(params, s, start), st)
+      return result(st)
+    st = answer_sample(st, jnp.zeros_like(start))   # the first answer token: from h, no pass
 
     def body(s):
       needs = ~s.done & (s.n_out - start < max_answer)
@@ -239,12 +389,15 @@ def _static(cfg: Config, k: int, sample: sampling.Sampling, max_cot: int, max_an
                     passes=s.passes + needs.astype(jnp.int32))
       return answer_sample(s, s.n_out - start)
 
-    st = jax.lax.while_loop(cond, body, st)
+    return result(jax.lax.while_loop(cond, body, st))
+
+  def result(st: _State) -> GenerateResult:
     valid = jnp.arange(L)[None, :] < st.n_out[:, None]
     return GenerateResult(
         tokens=jnp.where(valid, st.tokens, PAD_ID), source=jnp.where(valid, st.source, -1),
         phase=jnp.where(valid, st.phase, -1), logprobs=jnp.where(valid, st.logprobs, 0.0),
-        lengths=st.n_out, forward_passes=st.passes, finished=st.done, cot_forced=st.forced)
+        lengths=st.n_out, forward_passes=st.passes, finished=st.done, cot_forced=st.forced,
+        accepted=st.accepted)
 
   return run_cot, run_answer
 
@@ -287,7 +440,7 @@ def generate(cfg: Config, params, prompt_tokens, prompt_lengths, key: jax.Array,
              top_p: float | None = None, max_cot_tokens: int | None = None,
              max_answer_tokens: int | None = None, eos_id: int = EOS_ID,
              think_end_id: int = THINK_END_ID, mesh: Mesh | None = None,
-             head_threshold: float | None = None) -> GenerateResult:
+             head_threshold: float | None = None, verify: str | None = None) -> GenerateResult:
   """Two-phase generation for a batch of left-aligned prompts.
 
   Args:
@@ -300,6 +453,11 @@ def generate(cfg: Config, params, prompt_tokens, prompt_lengths, key: jax.Array,
     mesh: decode with the batch sharded over the data axes and the params as the rules say.
     head_threshold: adaptive blocks (default decode.head_threshold): a block is cut
       before the first head token whose probability is below it; 0: k head tokens.
+      It applies to unverified CoT blocks only.
+    verify: "none" | "answer" | "all" (default decode.verify): which phases the
+      main model verifies the head's drafts in ("answer": the answer phase, "all":
+      the CoT too, a lossless CoT). A verified phase writes k=0's tokens (greedy)
+      or samples k=0's distribution, in fewer passes when drafts are kept.
   Returns:
     GenerateResult (see its fields).
   """
@@ -313,10 +471,15 @@ def generate(cfg: Config, params, prompt_tokens, prompt_lengths, key: jax.Array,
   prompt = np.asarray(prompt_tokens)
   lens = np.asarray(prompt_lengths)
   tau = d.head_threshold if head_threshold is None else float(head_threshold)
+  verify = d.verify if verify is None else verify
   _validate(cfg, prompt, lens, k, max_cot, max_answer)
   if not 0.0 <= tau < 1.0:
     raise ValueError(f"head_threshold={tau} is not accepted: a number in [0, 1)")
-  run_cot, run_answer = _static(cfg, k, s, max_cot, max_answer, eos_id, think_end_id, mesh, tau)
+  if verify not in VERIFY:
+    raise ValueError(f"verify={verify!r} is not accepted: one of {', '.join(VERIFY)}")
+  verify = verify if k > 0 else "none"       # nothing to verify without drafts
+  run_cot, run_answer = _static(cfg, k, s, max_cot, max_answer, eos_id, think_end_id, mesh, tau,
+                                verify)
   prompt = jnp.asarray(np.where(np.arange(prompt.shape[1])[None] < lens[:, None], prompt, 0),
                        jnp.int32)
   lens = jnp.asarray(lens, jnp.int32)

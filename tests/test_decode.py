@@ -196,7 +196,8 @@ def test_loops_compile_once(tiny_cfg, dparams, prompt):
   kw = dict(k=3, max_cot_tokens=MAX_COT, max_answer_tokens=MAX_ANS, temperature=1.0)
   decode.generate(tiny_cfg, dparams, prompt, LENS, jax.random.key(0), **kw)
   run_cot, run_answer = decode._static(tiny_cfg, 3, sampling.Sampling(temperature=1.0), MAX_COT,
-                                       MAX_ANS, decode.EOS_ID, decode.THINK_END_ID, None, 0.0)
+                                       MAX_ANS, decode.EOS_ID, decode.THINK_END_ID, None, 0.0,
+                                       "none")
   sizes = (run_cot._cache_size(), run_answer._cache_size())
   iters = set()
   for seed in range(3):   # different prompts and keys: different iteration counts

@@ -34,6 +34,7 @@ def evaluate(cfg: Config, params, tok, task, batches, *, k: int, key: jax.Array,
   finished sequences and generated tokens per second.
   """
   correct, passes, cot_len, ans_len, finished, n, tokens = [], [], [], [], [], 0, 0
+  accepted = []
   t0 = time.perf_counter()
   for i, batch in enumerate(batches):
     res = decode.generate(cfg, params, batch["prompt_tokens"], batch["prompt_lengths"],
@@ -47,6 +48,7 @@ def evaluate(cfg: Config, params, tok, task, batches, *, k: int, key: jax.Array,
       cot_len.append(np.sum(res.phase[b] == 0))
       ans_len.append(np.sum(res.phase[b] == 1))
       finished.append(res.finished[b])
+      accepted.append(res.accepted[b])
       tokens += int(res.lengths[b])
       n += 1
   dt = time.perf_counter() - t0
@@ -54,7 +56,8 @@ def evaluate(cfg: Config, params, tok, task, batches, *, k: int, key: jax.Array,
           "forward_passes_std": float(np.std(passes)),
           "cot_tokens": float(np.mean(cot_len)), "answer_tokens": float(np.mean(ans_len)),
           "tokens_per_pass": tokens / max(float(np.sum(passes)), 1.0),
-          "finished": float(np.mean(finished)), "examples": n, "tokens_per_s": tokens / dt}
+          "finished": float(np.mean(finished)), "examples": n, "tokens_per_s": tokens / dt,
+          "accepted_per_pass": float(np.sum(accepted)) / max(float(np.sum(passes)), 1.0)}
 
 
 def teacher_forced_metrics(cfg: Config, params, tok, examples, batch_size: int = 128) -> dict:

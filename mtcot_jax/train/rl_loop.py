@@ -117,8 +117,12 @@ def train_rl(cfg: Config, *, stop_after: int | None = None, progress: bool = Tru
     prompt, lengths, examples = _prompts(cfg, tok, source, step)
     key = jax.random.fold_in(jax.random.wrap_key_data(np.asarray(state.key)), step)
     k = k_at(cfg, step)
+    # Rollouts are unverified whatever decode.verify says (it applies to evaluation):
+    # the objective scores each token under its writer, and a verified answer has
+    # the main model's distribution anyway.
     res = decode.generate(cfg, state.params, prompt, lengths, key, k=k, temperature=r.temperature,
-                          eos_id=tok.eos_id, think_end_id=tok.think_end_id, mesh=mesh)
+                          eos_id=tok.eos_id, think_end_id=tok.think_end_id, mesh=mesh,
+                          verify="none")
     res = jax.tree.map(host_array, res)
     rew, correct = rewards(cfg, tok, task, res, examples)
     roll = rl.build_rollouts(prompt, lengths, res)
