@@ -79,6 +79,9 @@ class HeadConfig:
   # EAGLE draft model's shape): 0 the projection head (the residual at the source
   # only), C > 0 the last C positions up to the source, -1 all of them.
   context: int = 0
+  # The head's loss also covers answer tokens (not only the CoT): what verified
+  # answers (decode.verify) need from its drafts.
+  answer_targets: bool = False
 
   def resolved_width(self, model: ModelConfig) -> int:
     return self.width or model.d_model

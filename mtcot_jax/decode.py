@@ -138,10 +138,10 @@ def speculative_accept(key, p_logp_BxKxV, q_logp_BxKxV, drafts_BxK, greedy: bool
   B, k, _ = p_logp_BxKxV.shape
   k_accept, k_resid = jax.random.split(key)
   d = drafts_BxK[..., None]
-  p_d = jnp.take_along_axis(p_logp_BxKxV, d, axis=-1)[..., 0]
-  if greedy:
+  if greedy:                                   # q_logp is not read (may be None)
     ok = drafts_BxK == jnp.argmax(p_logp_BxKxV, axis=-1)
   else:
+    p_d = jnp.take_along_axis(p_logp_BxKxV, d, axis=-1)[..., 0]
     q_d = jnp.take_along_axis(q_logp_BxKxV, d, axis=-1)[..., 0]
     u = jax.random.uniform(k_accept, (B, k), minval=jnp.finfo(jnp.float32).tiny)
     ok = jnp.log(u) < p_d - q_d
@@ -290,8 +290,13 @@ def _static(cfg: Config, k: int, sample: sampling.Sampling, max_cot: int, max_an
       force = budget <= 0                                            # budget forcing
       x1 = jnp.where(force, think_end_id, x1)
     lp1 = sampling.logprobs_of(st.logits, x1, sample)                # the main model's
-    drafts, _, q_logp = sample_head_chain(cfg, params, st.sources, x1, keys[1:k + 1], sample,
-                                          shard, st.hmem, st.cache.lengths, with_dists=True)
+    if sample.greedy:      # acceptance compares with the main model's argmax: no q needed
+      drafts, _ = sample_head_chain(cfg, params, st.sources, x1, keys[1:k + 1], sample, shard,
+                                    st.hmem, st.cache.lengths)
+      q_logp = None
+    else:
+      drafts, _, q_logp = sample_head_chain(cfg, params, st.sources, x1, keys[1:k + 1], sample,
+                                            shard, st.hmem, st.cache.lengths, with_dists=True)
     block = jnp.concatenate([x1[:, None], drafts], 1)                # (B, k+1)
     out, hmem = main_pass_all(params, st.cache, block, None, st.hmem)
     p_logp = sampling.process_logits(out.logits[:, :k], sample)      # (B, k, V) at d_1..d_k

@@ -69,15 +69,18 @@ def _reference_loss(cfg, params, b):
         main_n += 1
       for j in range(1, k + 1):      # chain at source t, depth j: predicts x[t+1+j]
         u = t + j                    # = targets[u]
-        if u < T and b["cot_mask"][i, u] and b["segment_ids"][i, u] == b["segment_ids"][i, t]:
+        ans = cfg.head.answer_targets
+        target = u < T and (b["cot_mask"][i, u] or (ans and b["answer_mask"][i, u]))
+        if target and b["segment_ids"][i, u] == b["segment_ids"][i, t]:
           head_sum[j - 1] += ce(hl[i, t, j - 1], b["targets"][i, u])
           head_n[j - 1] += 1
   head = np.mean(head_sum / np.maximum(head_n, 1))
   return main_sum / main_n + cfg.head.loss_weight * head, head_n
 
 
-def test_loss_matches_numpy_reference(tiny_cfg, tiny_params):
-  cfg = tiny_cfg.replace(head={"k": 3})
+@pytest.mark.parametrize("answer_targets", [False, True])
+def test_loss_matches_numpy_reference(tiny_cfg, tiny_params, answer_targets):
+  cfg = tiny_cfg.replace(head={"k": 3, "answer_targets": answer_targets})
   b = _batch(cfg)
   want, head_n = _reference_loss(cfg, tiny_params, b)
   jb = jax.tree.map(jnp.asarray, b)

@@ -42,6 +42,9 @@ def parse_args(argv=None):
   p.add_argument("--head-threshold", type=float, default=None,
                  help="adaptive blocks: cut a CoT block before the first head token with "
                       "probability below this (default decode.head_threshold; 0: fixed k)")
+  p.add_argument("--verify", choices=["none", "answer", "all"], default=None,
+                 help="verified phases (default decode.verify): the head drafts, the main "
+                      "model keeps what it would write itself; 'all' is a lossless CoT")
   p.add_argument("--max-cot-tokens", type=int, default=None)
   p.add_argument("--max-answer-tokens", type=int, default=None)
   p.add_argument("--seed", type=int, default=0)
@@ -82,7 +85,8 @@ def main(argv=None):
   lengths = np.array([len(r) for r in ids])
   kw = dict(k=args.k, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
             max_cot_tokens=args.max_cot_tokens, max_answer_tokens=args.max_answer_tokens,
-            eos_id=tok.eos_id, think_end_id=tok.think_end_id, head_threshold=args.head_threshold)
+            eos_id=tok.eos_id, think_end_id=tok.think_end_id, head_threshold=args.head_threshold,
+            verify=args.verify)
   key = jax.random.key(args.seed)
   mt.generate(cfg, params, prompt, lengths, key, **kw)        # compile once
   t0 = time.perf_counter()
@@ -106,10 +110,13 @@ def main(argv=None):
       line += f"   reference: {examples[i].answer!r}   {'correct' if score else 'wrong'}"
     print(line)
     print(f"    forward passes: {res.forward_passes[i]}  tokens: {n} (CoT {cot_n})  "
-          f"finished: {bool(res.finished[i])}")
+          f"finished: {bool(res.finished[i])}  drafts kept by verification: "
+          f"{res.accepted[i]}")
   total = int(np.sum(res.lengths))
-  print(f"k={k}: {total} tokens in {dt:.3f}s = {total / dt:.1f} tokens/s "
+  verify = args.verify or cfg.decode.verify
+  print(f"k={k} verify={verify}: {total} tokens in {dt:.3f}s = {total / dt:.1f} tokens/s "
         f"(batch {len(questions)}, after compilation); mean forward passes "
-        f"{np.mean(res.forward_passes):.2f}")
+        f"{np.mean(res.forward_passes):.2f}, tokens per pass "
+        f"{total / np.sum(res.forward_passes):.2f}")
   if correct:
     print(f"accuracy: {np.mean(correct):.3f} over {len(correct)} examples")

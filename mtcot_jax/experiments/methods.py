@@ -19,6 +19,9 @@ is the overrides below.
                  `main-only`), then only the head trained on it (`train.freeze_main=true`,
                  stage `head-on-main`): the main model never learns to use the channel.
   rl             GRPO (`train.stage=rl`) from the `sft` run at k = head.k.
+  verified       the `sft` run decoded with k = head.k and `decode.verify=all`: the
+                 head drafts, the main model keeps what it would write (k=0's
+                 output, in fewer passes): the lossless baseline.
 
 A spec may add methods as variants of these (`{name, like, train, decode, run}`):
 `train` overrides make training runs of their own (named by `run`, default the
@@ -63,7 +66,7 @@ class Method:
   doc: str = ""
 
 
-BUILTIN = ("cot", "mtcot-kN", "cot-truncated", "nocot", "frozen-main", "rl")
+BUILTIN = ("cot", "mtcot-kN", "cot-truncated", "nocot", "frozen-main", "rl", "verified")
 _MTCOT = re.compile(r"mtcot-k(\d+)$")
 
 SFT = Stage("sft", ())
@@ -85,6 +88,10 @@ def builtin(name: str, *, head_k: int, pair: str | None = None,
   if name == "cot":
     return Method(name, (SFT,), (Eval("k0", 0, primary=True),), decode=("decode.k=0",),
                   doc="sft, decoded with k=0")
+  if name == "verified":
+    return Method(name, (SFT,), (Eval(f"k{head_k}", head_k, primary=True),),
+                  decode=(f"decode.k={head_k}", "decode.verify=all"),
+                  doc=f"sft, k={head_k} drafts verified by the main model (lossless)")
   if name == "cot-truncated":
     if pair is None:
       raise ValueError("method 'cot-truncated' needs truncated.pair (an mtcot method) in the spec")

@@ -133,7 +133,8 @@ def _table(header: list[str], lines: list[list[str]]) -> list[str]:
 # ---------------------------------------------------------------------------- tables
 
 PRIMARY_COLUMNS = ["method", "n", "accuracy", "passes", "passes ÷ cot", "accuracy ÷ cot",
-                   "tokens/pass", "CoT tokens", "finished", "head accept by depth", "train s"]
+                   "tokens/pass", "kept/pass", "CoT tokens", "finished", "head accept by depth",
+                   "train s"]
 EVAL_COLUMNS = ["method", "eval", "n", "k", "accuracy", "passes", "max CoT tokens"]
 
 
@@ -156,6 +157,7 @@ def _primary_table(rows: list[dict]) -> list[str]:
         _fmt((r.get("forward_passes") for r in mine), 1),
         _fmt(pass_ratio, 2), _fmt(acc_ratio, 2),
         _fmt((r.get("tokens_per_pass") for r in mine), 2),
+        _fmt((r.get("accepted_per_pass") for r in mine), 2),
         _fmt((r.get("cot_tokens") for r in mine), 1),
         _fmt((r.get("finished") for r in mine), 3),
         " ".join(f"{a:.2f}" for a in accept) if accept else DASH,

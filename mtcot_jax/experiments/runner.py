@@ -203,7 +203,9 @@ def evaluate_cell(spec: Spec, cell: Cell, out: str, train_records: list[dict]) -
                  "budget": budgets[e.name],
                  **{key: r[key] for key in ("accuracy", "forward_passes", "forward_passes_std",
                                             "cot_tokens", "answer_tokens", "tokens_per_pass",
-                                            "finished", "examples", "max_cot_tokens")}})
+                                            "finished", "examples", "max_cot_tokens")},
+                 "accepted_per_pass": r.get("accepted_per_pass"),
+                 "verify": cfg.decode.verify})
   return rows
 
 

@@ -27,10 +27,13 @@ class Counts(NamedTuple):
   head: jax.Array    # (k,) head targets per depth
 
 
-def head_target_mask(batch, k: int) -> jax.Array:
+def head_target_mask(batch, k: int, answer: bool = False) -> jax.Array:
   """(B, T, k): 1 where the chain at source t has a CoT target at depth j, i.e.
-  x[t+1+j] = targets[t+j] is a CoT token of the same packed segment."""
+  x[t+1+j] = targets[t+j] is a CoT token of the same packed segment (with
+  `answer` (head.answer_targets): a CoT or answer token)."""
   cot, seg = batch["cot_mask"], batch["segment_ids"]
+  if answer:
+    cot = cot + batch["answer_mask"]
   masks = []
   for j in range(1, k + 1):
     shifted = jnp.pad(cot[:, j:], ((0, 0), (0, j)))
@@ -52,7 +55,7 @@ def head_sources(cfg: Config, batch) -> jax.Array | None:
   T = batch["cot_mask"].shape[1]
   if P == 0 or P >= T:
     return None
-  has_target = head_target_mask(batch, 1)[..., 0] > 0
+  has_target = head_target_mask(batch, 1, cfg.head.answer_targets)[..., 0] > 0
   order = jnp.argsort(~has_target, axis=1, stable=True)
   return order[:, :P].astype(jnp.int32)
 
@@ -67,7 +70,8 @@ def counts(cfg: Config, batch) -> Counts:
   main = jnp.sum(batch["cot_mask"] + batch["answer_mask"])
   if not cfg.head.k:
     return Counts(main, jnp.zeros(0))
-  mask = _gather(head_target_mask(batch, cfg.head.k), head_sources(cfg, batch))
+  mask = _gather(head_target_mask(batch, cfg.head.k, cfg.head.answer_targets),
+                 head_sources(cfg, batch))
   return Counts(main, jnp.sum(mask, axis=(0, 1)))
 
 
@@ -100,7 +104,7 @@ def loss_and_metrics(cfg: Config, params, batch, total: Counts,
   if k == 0:
     return loss, sums
 
-  head_mask = _gather(head_target_mask(batch, k), sources)          # (B, P, k)
+  head_mask = _gather(head_target_mask(batch, k, cfg.head.answer_targets), sources)  # (B,P,k)
   head_tgt = _gather(shifted_targets(batch["targets"], k), sources)
   # The main model's own greedy token for x[t+1+j] (teacher-forced): acceptance.
   main_next = _gather(shifted_targets(main_pred, k), sources)
