@@ -106,6 +106,15 @@ def check_decode_under_mesh():
     np.testing.assert_array_equal(getattr(sharded, name), getattr(local, name), err_msg=name)
   np.testing.assert_allclose(sharded.logprobs, local.logprobs, atol=1e-5)
   assert sharded.tokens.sharding.spec[0] == ("data", "fsdp"), sharded.tokens.sharding
+  # Verified decoding (every phase) under the mesh: k=0's tokens, as on one device.
+  kw = dict(max_cot_tokens=8, max_answer_tokens=3)
+  verified = decode.generate(cfg, params, prompt, lens, jax.random.key(3), mesh=mesh, k=3,
+                             verify="all", **kw)
+  plain = decode.generate(cfg, jax.device_put(params, jax.devices()[0]), prompt, lens,
+                          jax.random.key(3), k=0, **kw)
+  n = plain.tokens.shape[1]
+  np.testing.assert_array_equal(np.asarray(verified.tokens)[:, :n], plain.tokens)
+  np.testing.assert_array_equal(verified.lengths, plain.lengths)
 
 
 def check_context_head_under_mesh():
