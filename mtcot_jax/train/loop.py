@@ -1,4 +1,6 @@
-"""The SFT training loop: data, sharded steps, checkpoints, evaluation, logging."""
+"""The training loop: `run_steps`, the skeleton both stages share (progress,
+NaN stop, logging, periodic checkpoints and evaluations, exact resume, the
+final save), and SFT on it (`train`); RL supplies its own step (rl_loop.py)."""
 
 from __future__ import annotations
 
@@ -35,11 +37,42 @@ def _jsonable(metrics: dict) -> dict:
 
 
 class MetricsLog:
-  """Appends one JSON object per line to workdir/metrics.jsonl (process 0 only)."""
+  """Appends one JSON object per line to workdir/metrics.jsonl (process 0 only).
 
-  def __init__(self, workdir: str):
+  A run resumed from its checkpoint at step `resume_step` first drops what an
+  interrupted session logged after that checkpoint (those steps are about to be
+  run and logged again), its summaries, and a last line cut short by a kill, so
+  that every step appears once; the file is rewritten atomically.
+  """
+
+  def __init__(self, workdir: str, resume_step: int | None = None):
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.enabled = jax.process_index() == 0
+    self.eval_steps: set[int] = set()    # steps whose evaluation is logged
+    if self.enabled and resume_step is not None and os.path.exists(self.path):
+      self._truncate(resume_step)
+
+  def _truncate(self, resume_step: int) -> None:
+    with open(self.path) as f:
+      lines = f.read().split("\n")
+    kept = []
+    for line in lines:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        continue                     # an empty line, or one cut short by a kill
+      if isinstance(record, dict) and record.get("step", 0) <= resume_step \
+          and "summary" not in record:
+        kept.append(line)
+        if "eval" in record:
+          self.eval_steps.add(record["step"])
+    if len(kept) != sum(1 for line in lines if line):
+      tmp = self.path + ".tmp"
+      with open(tmp, "w") as f:
+        f.write("".join(line + "\n" for line in kept))
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(tmp, self.path)
 
   def write(self, record: dict) -> None:
     if self.enabled:
@@ -56,6 +89,62 @@ def check_finite(metrics: dict, step: int, mngr, workdir: str) -> None:
         f"non-finite loss or gradient at step {step} (loss={float(metrics['loss'])}); "
         f"training stopped. The last good checkpoint (step {mngr.latest_step()}) is kept in "
         f"{os.path.join(workdir, ckpt.CHECKPOINT_DIR)}")
+
+
+def run_steps(cfg: Config, state, mngr, log: MetricsLog, step_fn, *, desc: str,
+              data_state=lambda done: {}, evaluate_fn=None, postfix=lambda r: {},
+              stop_after: int | None = None, progress: bool = True):
+  """Steps int(state.step) .. train.steps - 1 of a stage.
+
+  step_fn(state, step) -> (state, record): one step (it raises on a non-finite
+  loss, see check_finite); record() gives the step's metrics as a JSON-able dict,
+  called only at logging steps. Every train.log_every steps the record is logged;
+  every train.checkpoint_every a checkpoint (with data_state(done), the input's
+  position) is started; every train.eval_every evaluate_fn(params) is logged. A
+  run resumed at a step whose evaluation an interruption lost evaluates it first
+  (bit-identical parameters give the same figures). At the end the last state is
+  saved and the manager closed. Returns (state, the last record or {}, stopped):
+  stopped when stop_after steps of this session ended it early (tests simulate
+  interruptions with it; nothing is saved then beyond what was already started).
+  """
+  t = cfg.train
+  start = int(state.step)
+
+  def due(every, done):
+    return every and done % every == 0 and done != t.steps
+
+  def run_eval(done):
+    ev = evaluate_fn(state.params)
+    log.write({"step": done, "eval": ev})
+    bar.write(f"step {done}: " + ", ".join(f"{n} acc {r['accuracy']:.3f}" for n, r in ev.items()))
+
+  bar = tqdm(range(start, t.steps), initial=start, total=t.steps, disable=not progress,
+             desc=desc, dynamic_ncols=True)
+  if evaluate_fn is not None and start and due(t.eval_every, start) \
+      and start not in log.eval_steps:
+    run_eval(start)
+  record = {}
+  for step in bar:
+    state, make_record = step_fn(state, step)
+    done = step + 1
+    if done % t.log_every == 0 or done == t.steps:
+      record = make_record()
+      log.write(record)
+      bar.set_postfix(postfix(record))
+    if due(t.checkpoint_every, done):
+      ckpt.save(mngr, state, data_state(done))
+    if evaluate_fn is not None and due(t.eval_every, done):
+      run_eval(done)
+    if stop_after is not None and done - start >= stop_after:
+      mngr.wait_until_finished()
+      mngr.close()
+      return state, record, True
+  bar.close()
+  if int(state.step) > 0 and mngr.latest_step() != int(state.step):
+    ckpt.save(mngr, state, data_state(int(state.step)))
+  mngr.wait_until_finished()
+  mngr.close()
+  return state, record, False
 
 
 def eval_settings(cfg: Config) -> list[tuple[str, int, bool]]:
@@ -143,49 +232,39 @@ def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) 
     it.set_state(data_state)
   start = int(state.step)
   shardings = jax.tree.map(lambda x: x.sharding, state) if mesh is not None else None
-  step_fn = losses.make_sft_step(cfg, mesh, optimizer, shardings)
-  log = MetricsLog(t.workdir)
+  sft_step = losses.make_sft_step(cfg, mesh, optimizer, shardings)
   tokens_per_step = t.batch_size * cfg.data.seq_len
-  last_good = mngr.latest_step()
-  bar = tqdm(range(start, t.steps), initial=start, total=t.steps, disable=not progress,
-             desc="sft", dynamic_ncols=True)
-  metrics, t_log, steps_since = {}, time.perf_counter(), 0
-  for step in bar:
-    batch = global_batch(cfg, mesh, next(it))
-    state, metrics = step_fn(state, batch)
-    steps_since += 1
+  timer = {"t": time.perf_counter(), "steps": 0}
+
+  def step_fn(state, step):
+    state, metrics = sft_step(state, global_batch(cfg, mesh, next(it)))
+    timer["steps"] += 1
     check_finite(metrics, step + 1, mngr, t.workdir)
-    done = step + 1
-    if done % t.log_every == 0 or done == t.steps:
+
+    def record():
       m = _jsonable(jax.device_get(metrics))
-      dt = time.perf_counter() - t_log
-      m.update(step=done, lr=float(optim.schedule(cfg)(done - 1)),
-               tokens_per_s=round(steps_since * tokens_per_step / dt, 1),
+      now = time.perf_counter()
+      m.update(step=step + 1, lr=float(optim.schedule(cfg)(step)),
+               tokens_per_s=round(timer["steps"] * tokens_per_step / (now - timer["t"]), 1),
                skipped_examples=it.num_skipped)
-      log.write(m)
-      bar.set_postfix(loss=f"{m['loss']:.3f}", main_acc=f"{m['main_acc']:.3f}")
-      t_log, steps_since = time.perf_counter(), 0
-    if t.checkpoint_every and done % t.checkpoint_every == 0 and done != t.steps:
-      ckpt.save(mngr, state, it.get_state())
-      last_good = done
-    if t.eval_every and done % t.eval_every == 0 and done != t.steps:
-      ev = run_evals(cfg, state.params, tok, mesh, t.seed)
-      log.write({"step": done, "eval": ev})
-      bar.write(f"step {done}: " + ", ".join(f"{n} acc {r['accuracy']:.3f}" for n, r in ev.items()))
-    if stop_after is not None and done - start >= stop_after:
-      mngr.wait_until_finished()
-      mngr.close()
-      return {"stopped_at": done, "last_checkpoint": last_good}
-  bar.close()
-  if int(state.step) > 0 and mngr.latest_step() != int(state.step):
-    ckpt.save(mngr, state, it.get_state())
-  mngr.wait_until_finished()
-  mngr.close()
+      timer.update(t=now, steps=0)
+      return m
+    return state, record
+
+  state, metrics, stopped = run_steps(
+      cfg, state, mngr, MetricsLog(t.workdir, resume_step=start), step_fn, desc="sft",
+      data_state=lambda done: it.get_state(),
+      evaluate_fn=lambda params: run_evals(cfg, params, tok, mesh, t.seed),
+      postfix=lambda m: {"loss": f"{m['loss']:.3f}", "main_acc": f"{m['main_acc']:.3f}"},
+      stop_after=stop_after, progress=progress)
+  if stopped:
+    return {"stopped_at": int(state.step)}
+  log = MetricsLog(t.workdir)
   t_train = time.perf_counter() - t_start
   evals = run_evals(cfg, state.params, tok, mesh, t.seed) if t.eval_examples else {}
   summary = {"step": int(state.step), "train_seconds": round(t_train, 1),
              "wall_seconds": round(time.perf_counter() - t_start, 1),
-             "final": _jsonable(jax.device_get(metrics)) if metrics else {}, "eval": evals}
+             "final": metrics, "eval": evals}
   log.write({"step": int(state.step), "summary": summary})
   summary["params"] = state.params
   summary["tokenizer"] = tok

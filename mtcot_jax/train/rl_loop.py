@@ -8,7 +8,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
 from mtcot_jax import decode, sampling
 from mtcot_jax import sharding as shd
@@ -18,7 +17,7 @@ from mtcot_jax.model import api
 from mtcot_jax.train import checkpoint as ckpt
 from mtcot_jax.train import optim, rl
 from mtcot_jax.train.evaluate import answer_text, host_array
-from mtcot_jax.train.loop import MetricsLog, _jsonable, check_finite, run_evals
+from mtcot_jax.train.loop import MetricsLog, _jsonable, check_finite, run_evals, run_steps
 from mtcot_jax.train.step import create_state, global_batch
 
 _PROMPT_BUCKET = 16   # prompts are padded to a multiple of this: few distinct shapes
@@ -106,14 +105,11 @@ def train_rl(cfg: Config, *, stop_after: int | None = None, progress: bool = Tru
   start = int(state.step)
   s = sampling.Sampling(temperature=r.temperature)
   shardings = jax.tree.map(lambda x: x.sharding, state)
-  step_fn = rl.make_grpo_step(cfg, mesh, optimizer, s, shardings)
+  grpo_step = rl.make_grpo_step(cfg, mesh, optimizer, s, shardings)
   ref_fn = jax.jit(lambda p, toks, src: rl.token_logprobs(cfg, p, toks, src, s,
                                                           shd.sharder(cfg, mesh)))
-  log = MetricsLog(t.workdir)
-  bar = tqdm(range(start, t.steps), initial=start, total=t.steps, disable=not progress,
-             desc="rl", dynamic_ncols=True)
-  record = {}
-  for step in bar:
+
+  def step_fn(state, step):
     prompt, lengths, examples = _prompts(cfg, tok, source, step)
     key = jax.random.fold_in(jax.random.wrap_key_data(np.asarray(state.key)), step)
     k = k_at(cfg, step)
@@ -132,34 +128,31 @@ def train_rl(cfg: Config, *, stop_after: int | None = None, progress: bool = Tru
              "advantages": rl.group_advantages(rew, r.group_size)}
     gbatch = global_batch(cfg, mesh, batch)
     for _ in range(r.updates_per_batch):   # PPO epochs: old log-probs stay the decoder's
-      state, metrics = step_fn(state, gbatch)
+      state, metrics = grpo_step(state, gbatch)
       check_finite(metrics, step + 1, mngr, t.workdir)
     if r.updates_per_batch > 1:   # the state counts rollout batches, not updates
       state = state.replace(step=jax.device_put(jnp.asarray(step + 1, state.step.dtype),
                                                 state.step.sharding))
-    done = step + 1
-    record = _jsonable(jax.device_get(metrics))
-    record.update(step=done, reward_mean=float(rew.mean()), reward_std=float(rew.std()),
-                  accuracy=float(correct.mean()), k=k,
-                  pass_fraction=float(pass_fraction(res).mean()),
-                  cot_tokens=float(np.mean(np.sum(res.phase == 0, 1))),
-                  forward_passes=float(res.forward_passes.mean()))
-    if done % t.log_every == 0 or done == t.steps:
-      log.write(record)
-    bar.set_postfix(reward=f"{record['reward_mean']:.3f}", kl=f"{record['kl']:.4f}")
-    if t.checkpoint_every and done % t.checkpoint_every == 0 and done != t.steps:
-      ckpt.save(mngr, state, {"step": done})
-    if t.eval_every and done % t.eval_every == 0 and done != t.steps:
-      log.write({"step": done, "eval": run_evals(cfg, state.params, tok, mesh, t.seed)})
-    if stop_after is not None and done - start >= stop_after:
-      mngr.wait_until_finished()
-      mngr.close()
-      return {"stopped_at": done}
-  bar.close()
-  if int(state.step) > 0 and mngr.latest_step() != int(state.step):
-    ckpt.save(mngr, state, {"step": int(state.step)})
-  mngr.wait_until_finished()
-  mngr.close()
+
+    def record():
+      out = _jsonable(jax.device_get(metrics))
+      out.update(step=step + 1, reward_mean=float(rew.mean()), reward_std=float(rew.std()),
+                 accuracy=float(correct.mean()), k=k,
+                 pass_fraction=float(pass_fraction(res).mean()),
+                 cot_tokens=float(np.mean(np.sum(res.phase == 0, 1))),
+                 forward_passes=float(res.forward_passes.mean()))
+      return out
+    return state, record
+
+  state, record, stopped = run_steps(
+      cfg, state, mngr, MetricsLog(t.workdir, resume_step=start), step_fn, desc="rl",
+      data_state=lambda done: {"step": done},
+      evaluate_fn=lambda params: run_evals(cfg, params, tok, mesh, t.seed),
+      postfix=lambda m: {"reward": f"{m['reward_mean']:.3f}", "kl": f"{m['kl']:.4f}"},
+      stop_after=stop_after, progress=progress)
+  if stopped:
+    return {"stopped_at": int(state.step)}
+  log = MetricsLog(t.workdir)
   t_train = time.perf_counter() - t_start
   evals = run_evals(cfg, state.params, tok, mesh, t.seed) if t.eval_examples else {}
   summary = {"step": int(state.step), "train_seconds": round(t_train, 1),
