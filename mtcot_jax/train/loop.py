@@ -49,6 +49,7 @@ class MetricsLog:
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.enabled = jax.process_index() == 0
     self.eval_steps: set[int] = set()    # steps whose evaluation is logged
+    self.last_record: dict = {}          # the last training step's record kept
     if self.enabled and resume_step is not None and os.path.exists(self.path):
       self._truncate(resume_step)
 
@@ -66,6 +67,8 @@ class MetricsLog:
         kept.append(line)
         if "eval" in record:
           self.eval_steps.add(record["step"])
+        elif "loss" in record:
+          self.last_record = record
     if len(kept) != sum(1 for line in lines if line):
       tmp = self.path + ".tmp"
       with open(tmp, "w") as f:
@@ -123,7 +126,7 @@ def run_steps(cfg: Config, state, mngr, log: MetricsLog, step_fn, *, desc: str,
   if evaluate_fn is not None and start and due(t.eval_every, start) \
       and start not in log.eval_steps:
     run_eval(start)
-  record = {}
+  record = log.last_record       # what a finished run resumed at its end reports
   for step in bar:
     state, make_record = step_fn(state, step)
     done = step + 1

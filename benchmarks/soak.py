@@ -1,0 +1,213 @@
+"""kill -9 a real `train.py` at random moments, restart it each time, and check
+that it ends exactly where an uninterrupted run of the same command ends.
+
+    .venv/bin/python benchmarks/soak.py                      # 6 kills of SFT, 6 of RL (~6 min)
+    .venv/bin/python benchmarks/soak.py --kills 2 --stages sft   # tests/test_soak.py's version
+
+For each stage (SFT, then RL from the reference SFT run) it runs the command once
+uninterrupted (the reference, timed), then in a fresh workdir starts it, sends
+SIGKILL at a random time (see `run_with_kills`: late in start-up, in steps, in
+asynchronous checkpoint writes, in evaluations, in the final save, in the input's
+first epoch),
+restarts it, `--kills` times in a row, and lets the last start finish. Then:
+
+* the latest checkpoint of both workdirs is at train.steps, and its parameters,
+  optimizer state, step and PRNG key are bit-identical;
+* metrics.jsonl holds every training step once, in order, with the reference's
+  logged values (timings aside), the same evaluations at the same steps, and one
+  summary.
+
+Prints one line per kill (when it landed, the latest checkpoint it left) and
+PASS/FAIL per stage; exits 1 on a failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["model.vocab_size=64", "model.d_model=32", "model.num_layers=2", "model.num_heads=4",
+        "model.num_kv_heads=2", "model.mlp_dim=64", "head.k=2", "head.width=16",
+        "head.num_heads=2", "data.task=mult", "data.task_args={digits: 2}", "data.seq_len=48",
+        "data.train_size=240", "data.eval_size=32", "decode.max_cot_tokens=24",
+        "decode.max_answer_tokens=8", "train.batch_size=8", "train.log_every=1",
+        "train.eval_examples=16"]
+SFT = ["train.steps=100", "train.warmup_steps=5", "train.checkpoint_every=8",
+       "train.eval_every=20"]
+RL = ["train.stage=rl", "train.steps=12", "train.warmup_steps=2", "train.checkpoint_every=3",
+      "train.eval_every=6", "train.learning_rate=1e-4", "rl.group_size=4",
+      "rl.prompts_per_step=2"]
+TIMING = ("tokens_per_s", "wall_seconds", "train_seconds")
+
+
+def _command(workdir: str, overrides: list[str]) -> list[str]:
+  return [sys.executable, os.path.join(ROOT, "train.py"), "--config",
+          os.path.join(ROOT, "configs", "base.yaml"), *TINY, *overrides,
+          f"train.workdir={workdir}"]
+
+
+def _env(base: str) -> dict:
+  env = dict(os.environ)
+  env.setdefault("JAX_PLATFORMS", "cpu")
+  # Restarts reuse the compiled programs (as a real restart on a pod would with a
+  # persistent cache): kills then land in training more often than in start-up.
+  env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(base, "xla_cache"))
+  return env
+
+
+def run_to_end(workdir: str, overrides: list[str], base: str) -> tuple[float, float]:
+  """Runs the command to its end. Returns (seconds, seconds until the first
+  training step was logged)."""
+  t0 = time.perf_counter()
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  first = None
+  with tempfile.TemporaryFile("w+") as out:
+    p = subprocess.Popen(_command(workdir, overrides), env=_env(base), stdout=out,
+                         stderr=subprocess.STDOUT, text=True)
+    while p.poll() is None:
+      if first is None and os.path.exists(metrics):
+        first = time.perf_counter() - t0
+      time.sleep(0.05)
+    if p.returncode:
+      out.seek(0)
+      raise RuntimeError(f"train.py failed in {workdir}:\n{out.read()[-6000:]}")
+  total = time.perf_counter() - t0
+  return total, total if first is None else first
+
+
+def _latest_step(workdir: str):
+  d = os.path.join(workdir, "checkpoints")
+  steps = [int(n) for n in os.listdir(d) if n.isdigit()] if os.path.isdir(d) else []
+  return max(steps) if steps else None
+
+
+def run_with_kills(workdir: str, overrides: list[str], kills: int, steps: int, first: float,
+                   train_seconds: float, rng: random.Random, base: str, say=print) -> None:
+  """Kill i lands at a time drawn from [0.8 f, f + 1.5 R / (kills - i)]: f is the
+  reference's time to its first step, R its training time left from the latest
+  checkpoint, so kills land late in start-up, in steps, in asynchronous checkpoint
+  writes, in evaluations and in the final save, and most leave work for the next."""
+  for i in range(kills):
+    left = (steps - (_latest_step(workdir) or 0)) / steps * train_seconds
+    delay = rng.uniform(0.8 * first, first + 1.5 * left / (kills - i))
+    p = subprocess.Popen(_command(workdir, overrides), env=_env(base), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    try:
+      p.wait(timeout=delay)
+      say(f"  kill {i + 1}: the run ended before {delay:.1f}s (exit {p.returncode})")
+    except subprocess.TimeoutExpired:
+      p.send_signal(signal.SIGKILL)
+      p.wait()
+      say(f"  kill {i + 1}: SIGKILL at {delay:.1f}s; latest checkpoint {_latest_step(workdir)}")
+  run_to_end(workdir, overrides, base)
+
+
+def _restore_all(workdir: str) -> tuple[int, dict]:
+  import orbax.checkpoint as ocp
+  mngr = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                               options=ocp.CheckpointManagerOptions(read_only=True),
+                               item_names=("params", "train", "data"))
+  step = mngr.latest_step()
+  out = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(),
+                                                   train=ocp.args.StandardRestore()))
+  mngr.close()
+  return step, {"params": out["params"], "train": out["train"]}
+
+
+def _metrics(workdir: str) -> list[dict]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _strip(obj):
+  if isinstance(obj, dict):
+    return {k: _strip(v) for k, v in obj.items() if k not in TIMING}
+  if isinstance(obj, list):
+    return [_strip(v) for v in obj]
+  return obj
+
+
+def compare(ref: str, killed: str, steps: int) -> list[str]:
+  """What differs between the two finished workdirs ([] when nothing does)."""
+  import jax
+  import numpy as np
+  problems = []
+  (sa, a), (sb, b) = _restore_all(ref), _restore_all(killed)
+  if sa != steps or sb != steps:
+    problems.append(f"latest checkpoints at steps {sa} and {sb}; expected {steps}")
+  la, lb = jax.tree.leaves_with_path(a), jax.tree.leaves_with_path(b)
+  if [p for p, _ in la] != [p for p, _ in lb]:
+    problems.append("the checkpoints' trees differ")
+  for (path, x), (_, y) in zip(la, lb):
+    if not np.array_equal(np.asarray(x), np.asarray(y)):
+      problems.append(f"{jax.tree_util.keystr(path)} differs")
+  ma, mb = _metrics(ref), _metrics(killed)
+  for name, sel in (("training", lambda r: "loss" in r), ("evaluation", lambda r: "eval" in r),
+                    ("summary", lambda r: "summary" in r)):
+    ra, rb = [_strip(r) for r in ma if sel(r)], [_strip(r) for r in mb if sel(r)]
+    steps_b = [r["step"] for r in rb]
+    if len(set(steps_b)) != len(steps_b):
+      problems.append(f"metrics.jsonl: duplicated {name} steps {sorted(steps_b)}")
+    if ra != rb:
+      problems.append(f"metrics.jsonl: {name} records differ (steps {[r['step'] for r in ra]} "
+                      f"vs {steps_b})")
+  if [r["step"] for r in ma if "loss" in r] != list(range(1, steps + 1)):
+    problems.append("the reference did not log every step (train.log_every=1 expected)")
+  return problems
+
+
+def soak(stages: tuple[str, ...], kills: int, seed: int, base: str, say=print) -> bool:
+  rng = random.Random(seed)
+  ok = True
+  sft_ref = os.path.join(base, "sft-ref")
+  for stage in stages:
+    overrides = SFT if stage == "sft" else RL + [f"train.init_from={sft_ref}"]
+    steps = int(next(o for o in overrides if o.startswith("train.steps=")).split("=")[1])
+    if stage == "rl" and "sft" not in stages:
+      run_to_end(sft_ref, SFT, base)              # the run RL starts from
+    ref = sft_ref if stage == "sft" else os.path.join(base, "rl-ref")
+    killed = os.path.join(base, f"{stage}-killed")
+    run_to_end(ref, overrides, base)              # the reference; fills the compile cache
+    # Timed on a second uninterrupted run, warm like the restarts (and checked too:
+    # a program compiled from the cache computes the same).
+    warm = os.path.join(base, f"{stage}-warm")
+    seconds, first = run_to_end(warm, overrides, base)
+    say(f"{stage}: reference {steps} steps in {seconds:.1f}s (first step logged at "
+        f"{first:.1f}s); {kills} kills")
+    run_with_kills(killed, overrides, kills, steps, first, seconds - first, rng, base, say)
+    problems = compare(ref, warm, steps) + compare(ref, killed, steps)
+    for p in problems:
+      say(f"  FAIL {p}")
+    say(f"{stage}: {'PASS' if not problems else 'FAIL'}: after {kills} kills, parameters, "
+        "optimizer state and metrics.jsonl " + ("identical" if not problems else "differ"))
+    ok &= not problems
+  return ok
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--kills", type=int, default=6)
+  p.add_argument("--stages", nargs="+", default=["sft", "rl"], choices=["sft", "rl"])
+  p.add_argument("--seed", type=int, default=0, help="seeds the kill times")
+  p.add_argument("--workdir", default="", help="default: a temporary directory, removed after")
+  a = p.parse_args(argv)
+  base = a.workdir or tempfile.mkdtemp(prefix="mtcot_soak_")
+  try:
+    ok = soak(tuple(a.stages), a.kills, a.seed, base)
+  finally:
+    if not a.workdir:
+      shutil.rmtree(base, ignore_errors=True)
+  sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+  main()
