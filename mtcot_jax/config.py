@@ -430,7 +430,14 @@ def _read_preset(path: str, seen: tuple[str, ...] = ()) -> dict[str, dict[str, A
   if not os.path.exists(path):
     raise ConfigError(f"config file {path} does not exist")
   with open(path) as f:
-    raw = yaml.safe_load(f) or {}
+    try:
+      raw = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+      where = getattr(e, "problem_mark", None)
+      at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+      raise ConfigError(f"config file {path} is not valid YAML{at}: "
+                        f"{getattr(e, 'problem', None) or e}; accepted: a YAML mapping of "
+                        "sections (model, head, data, train, rl, decode, mesh) and 'base'") from None
   if not isinstance(raw, dict):
     raise ConfigError(f"config file {path}: expected a mapping of sections, got {raw!r}")
   merged: dict[str, dict[str, Any]] = {}

@@ -1,19 +1,24 @@
 """The `decode.py` command line.
 
-  python decode.py --checkpoint runs/demo --prompt "875*342" --k 5
+  python decode.py --checkpoint runs/demo --prompt "20341:34012 03142 31204 32104" --k 5
   python decode.py --checkpoint runs/demo --prompts-file questions.txt --temperature 0.7
   python decode.py --checkpoint runs/demo --examples 8        # test examples, graded
-  python decode.py --config configs/demo.yaml --prompt "12*34" # random parameters
+  python decode.py --checkpoint runs/demo --examples 64 --verify all   # lossless, fewer passes
+  python decode.py --config configs/small.yaml --prompt "578*823"   # random parameters
 
 Prints each chain of thought with, under it, the module that wrote each token
 (0 main model, j head depth j), the answer, the forward passes and tokens/s.
-Questions are in the task's format (for `mult`: operands least-significant digit
-first, as in the training data).
+Questions are in the task's format: `perm` a start state and permutations of
+01234 (`20341:34012 03142 31204 32104`); `mult` operands written least
+significant digit first (`578*823` asks for 875 x 328). When a question parses
+as one of the run's task, the right answer is printed beside the model's, with
+a note if training never showed such a question (another size, a leading zero).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 from absl import logging as absl_logging
@@ -21,6 +26,8 @@ import jax
 import numpy as np
 
 import mtcot_jax as mt
+from mtcot_jax.cli.errors import user_errors
+from mtcot_jax.data.tasks import Example
 from mtcot_jax.train.evaluate import answer_text, render
 
 
@@ -48,6 +55,7 @@ def parse_args(argv=None):
   p.add_argument("--max-cot-tokens", type=int, default=None)
   p.add_argument("--max-answer-tokens", type=int, default=None)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--batch-size", type=int, default=64, help="questions decoded at once")
   p.add_argument("overrides", nargs="*", help="section.key=value (with --config)")
   return p.parse_args(argv)
 
@@ -61,62 +69,103 @@ def _load(args):
   return cfg, mt.init_params(cfg, jax.random.key(args.seed)), tokenizer_for(cfg)
 
 
-def main(argv=None):
-  args = parse_args(argv)
-  absl_logging.set_verbosity(absl_logging.ERROR)   # tfds/orbax info lines drown the output
-  cfg, params, tok = _load(args)
-  examples = None
+def _questions(args, cfg, tok):
+  """The questions to decode (and their Examples with --examples)."""
   if args.examples:
     from mtcot_jax.data import make_eval_batches
-    from mtcot_jax.data.builders import task_for
     batch = make_eval_batches(cfg, tok, args.examples, args.examples, cot=not args.no_cot)[0]
-    questions = [ex.question for ex in batch["examples"]]
-    examples, task = batch["examples"], task_for(cfg.data)
-  elif args.prompts_file:
-    with open(args.prompts_file) as f:
+    return [ex.question for ex in batch["examples"]], batch["examples"]
+  if args.prompts_file:
+    if not os.path.isfile(args.prompts_file):
+      raise FileNotFoundError(f"--prompts-file {args.prompts_file}: no such file")
+    with open(args.prompts_file, errors="replace") as f:
       questions = [line.strip() for line in f if line.strip()]
-  else:
-    questions = args.prompt
-  ids = [mt.encode_prompt(tok, q, cot=not args.no_cot) for q in questions]
-  P = max(map(len, ids))
-  prompt = np.zeros((len(ids), P), np.int32)
-  for i, row in enumerate(ids):
-    prompt[i, : len(row)] = row
-  lengths = np.array([len(r) for r in ids])
+    if not questions:
+      raise ValueError(f"--prompts-file {args.prompts_file} holds no question; accepted: a "
+                       "text file with one question per line")
+    return questions, None
+  return args.prompt, None
+
+
+def _encode(tok, questions, cfg, no_cot: bool, source: str) -> list[list[int]]:
+  limit = cfg.data.seq_len
+  ids = []
+  for i, q in enumerate(questions):
+    try:
+      row = mt.encode_prompt(tok, q, cot=not no_cot)
+    except ValueError as e:
+      raise ValueError(f"{source}, question {i + 1}: {e}") from None
+    if len(row) > limit:
+      raise ValueError(f"{source}, question {i + 1} is {len(row)} tokens long: the run was "
+                       f"trained on sequences of data.seq_len={limit} tokens (question, CoT "
+                       f"and answer); accepted: questions of at most {limit} tokens")
+    ids.append(row)
+  return ids
+
+
+@user_errors
+def main(argv=None):
+  args = parse_args(argv)
+  if args.batch_size < 1:
+    raise ValueError(f"--batch-size={args.batch_size}; accepted: an int >= 1")
+  absl_logging.set_verbosity(absl_logging.ERROR)   # tfds/orbax info lines drown the output
+  cfg, params, tok = _load(args)
+  from mtcot_jax.data.builders import task_for
+  task = task_for(cfg.data)
+  questions, examples = _questions(args, cfg, tok)
+  source = args.prompts_file or ("--examples" if args.examples else "--prompt")
+  ids = _encode(tok, questions, cfg, args.no_cot, source)
+  P = max(map(len, ids))                            # one prompt length: one compile
   kw = dict(k=args.k, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
             max_cot_tokens=args.max_cot_tokens, max_answer_tokens=args.max_answer_tokens,
             eos_id=tok.eos_id, think_end_id=tok.think_end_id, head_threshold=args.head_threshold,
             verify=args.verify)
   key = jax.random.key(args.seed)
-  mt.generate(cfg, params, prompt, lengths, key, **kw)        # compile once
-  t0 = time.perf_counter()
-  res = jax.tree.map(np.asarray, mt.generate(cfg, params, prompt, lengths, key, **kw))
-  dt = time.perf_counter() - t0
+  results, dt = [], 0.0
+  for start in range(0, len(ids), args.batch_size):
+    chunk = ids[start:start + args.batch_size]
+    prompt = np.zeros((args.batch_size if len(ids) > args.batch_size else len(chunk), P),
+                      np.int32)
+    prompt[:, 0] = tok.bos_id                       # rows past the chunk: BOS alone
+    lengths = np.ones(prompt.shape[0], np.int32)
+    for i, row in enumerate(chunk):
+      prompt[i, : len(row)] = row
+      lengths[i] = len(row)
+    step_key = jax.random.fold_in(key, start)
+    if start == 0:
+      mt.generate(cfg, params, prompt, lengths, step_key, **kw)     # compile once
+    t0 = time.perf_counter()
+    res = jax.tree.map(np.asarray, mt.generate(cfg, params, prompt, lengths, step_key, **kw))
+    dt += time.perf_counter() - t0
+    results += [jax.tree.map(lambda x, i=i: x[i], res) for i in range(len(chunk))]
   k = args.k if args.k is not None else (cfg.decode.k if cfg.decode.k >= 0 else cfg.head.k)
   correct = []
-  for i, q in enumerate(questions):
-    n = res.lengths[i]
-    cot_n = int(np.sum(res.phase[i] == 0))
+  for i, (q, r) in enumerate(zip(questions, results)):
+    n = r.lengths
+    cot_n = int(np.sum(r.phase == 0))
     print(f"[{i}] question: {q}")
     if cot_n:
       print("    CoT (under each character: 0 main model, j head depth j):")
-      text, marks = render(tok, res.tokens[i], res.source[i], res.phase[i], cot_n).split("\n")
+      text, marks = render(tok, r.tokens, r.source, r.phase, cot_n).split("\n")
       print("      " + text + "\n      " + marks)
-    answer = answer_text(tok, res.tokens[i], res.phase[i], n)
+    answer = answer_text(tok, r.tokens, r.phase, n)
     line = f"    answer: {answer!r}"
-    if examples is not None:
-      score = task.grade(answer, examples[i])
+    ref = (examples[i].answer, "") if examples is not None else task.reference(q)
+    if ref is not None:
+      score = task.grade(answer, examples[i] if examples is not None else
+                         Example(q, "", ref[0]))
       correct.append(score)
-      line += f"   reference: {examples[i].answer!r}   {'correct' if score else 'wrong'}"
+      line += f"   reference: {ref[0]!r}   {'correct' if score else 'wrong'}"
     print(line)
-    print(f"    forward passes: {res.forward_passes[i]}  tokens: {n} (CoT {cot_n})  "
-          f"finished: {bool(res.finished[i])}  drafts kept by verification: "
-          f"{res.accepted[i]}")
-  total = int(np.sum(res.lengths))
+    if ref is not None and ref[1]:
+      print(f"    note: outside the training distribution: {ref[1]}")
+    print(f"    forward passes: {r.forward_passes}  tokens: {n} (CoT {cot_n})  "
+          f"finished: {bool(r.finished)}  drafts kept by verification: {r.accepted}")
+  total = int(sum(r.lengths for r in results))
+  passes = int(sum(r.forward_passes for r in results))
   verify = args.verify or cfg.decode.verify
   print(f"k={k} verify={verify}: {total} tokens in {dt:.3f}s = {total / dt:.1f} tokens/s "
-        f"(batch {len(questions)}, after compilation); mean forward passes "
-        f"{np.mean(res.forward_passes):.2f}, tokens per pass "
-        f"{total / np.sum(res.forward_passes):.2f}")
+        f"(batches of {min(args.batch_size, len(ids))}, after compilation); mean forward "
+        f"passes {passes / len(results):.2f}, tokens per pass {total / passes:.2f}")
   if correct:
-    print(f"accuracy: {np.mean(correct):.3f} over {len(correct)} examples")
+    print(f"accuracy: {np.mean(correct):.3f} over {len(correct)} questions with a reference")

@@ -15,6 +15,7 @@ from absl import logging as absl_logging
 import jax
 
 import mtcot_jax as mt
+from mtcot_jax.cli.errors import user_errors
 
 DEFAULT_CONFIG = os.path.normpath(
     os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo.yaml"))
@@ -29,6 +30,7 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
+@user_errors
 def main(argv=None):
   args = parse_args(argv)
   absl_logging.set_verbosity(absl_logging.ERROR)   # tfds/orbax info lines drown the output

@@ -73,6 +73,12 @@ class Task:
     By default the grade itself; tasks with structured answers refine it."""
     return self.grade(answer_text, example)
 
+  def reference(self, question: str) -> tuple[str, str] | None:
+    """(the right answer, "" or why the question is outside what training showed)
+    for a question in this task's format; None if it is not one (or the task
+    cannot solve it)."""
+    return None
+
   def __repr__(self) -> str:
     return f"get_task({self.name!r}, {self.config_name})"
 
@@ -132,6 +138,21 @@ class Mult(Task):
     return Example(question=f"{str(a)[::-1]}*{str(b)[::-1]}", cot="".join(parts),
                    answer=str(a * b))
 
+  def reference(self, question):
+    m = re.fullmatch(r"(\d+)\*(\d+)", _no_space(question))
+    if not m:
+      return None
+    ra, rb = m.groups()
+    a, b = int(ra[::-1]), int(rb[::-1])
+    notes = []
+    want = (self.difficulty["digits_a"], self.difficulty["digits_b"])
+    if (len(ra), len(rb)) != want:
+      notes.append(f"training used {want[0]}- by {want[1]}-digit operands")
+    if ra.endswith("0") or rb.endswith("0"):
+      notes.append("an operand has a leading zero (its last digit, written reversed), "
+                   "which training never shows")
+    return str(a * b), "; ".join(notes)
+
   def grade(self, answer_text, example):
     text = _no_space(answer_text)
     if not re.fullmatch(r"[+-]?\d+", text):
@@ -175,6 +196,18 @@ class Perm(Task):
       state = "".join(state[int(i)] for i in p)
       states.append(state)
     return Example(question=f"{start}:{' '.join(perms)}", cot=" ".join(states), answer=state)
+
+  def reference(self, question):
+    m = re.fullmatch(r"([0-4]{5}):((?:[0-4]{5} )*[0-4]{5})", question.strip())
+    if not m:
+      return None
+    state, perms = m.group(1), m.group(2).split()
+    if any(sorted(p) != list(self.SYMBOLS) for p in [state] + perms):
+      return None
+    for p in perms:
+      state = "".join(state[int(i)] for i in p)
+    n = self.difficulty["num_perms"]
+    return state, "" if len(perms) == n else f"training used {n} permutations"
 
   def grade(self, answer_text, example):
     return float(_no_space(answer_text) == example.answer)
@@ -252,6 +285,21 @@ class Reach(Task):
     question = " ".join(f"{labels[u]}>{labels[v]}" for u, v in edge_list)
     return Example(question=f"{question} ? {src}>{tgt}", cot=" ".join(cot_levels),
                    answer="yes" if tgt in seen else "no")
+
+  def reference(self, question):
+    m = re.fullmatch(r"((?:\d+>\d+ )*\d+>\d+) \? (\d+)>(\d+)", question.strip())
+    if not m:
+      return None
+    succ: dict[int, set[int]] = {}
+    for edge in m.group(1).split():
+      u, v = map(int, edge.split(">"))
+      succ.setdefault(u, set()).add(v)
+    src, tgt = int(m.group(2)), int(m.group(3))
+    seen, frontier = {src}, [src]
+    while frontier:
+      frontier = [w for u in frontier for w in succ.get(u, ()) if w not in seen]
+      seen.update(frontier)
+    return "yes" if tgt in seen else "no", ""
 
   def grade(self, answer_text, example):
     return float(answer_text.strip().lower() == example.answer)

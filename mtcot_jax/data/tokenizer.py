@@ -144,8 +144,26 @@ def train_tokenizer(texts: Iterable[str], path: str, vocab_size: int,
   return tok
 
 
+def unseen_characters(tok: Tokenizer, text: str) -> list[str]:
+  """The characters of `text` the tokenizer has no piece for (they encode as the
+  unknown token, or as byte pieces no training text produced)."""
+  out = []
+  for c in dict.fromkeys(text):
+    ids = tok.encode(c)
+    if tok.unk_id in ids or any(tok.id_to_piece(i).startswith("<0x") for i in ids):
+      out.append(c)
+  return out
+
+
 def encode_prompt(tok: Tokenizer, question: str, cot: bool = True) -> list[int]:
-  """`BOS question <think>` (cot=False: `BOS question <think> </think>`) as ids."""
+  """`BOS question <think>` (cot=False: `BOS question <think> </think>`) as ids.
+  Raises ValueError on characters the tokenizer has never seen (a model would
+  read them as the unknown token, which it never met in training)."""
+  bad = unseen_characters(tok, question)
+  if bad:
+    raise ValueError(f"question {question!r} has characters the tokenizer "
+                     f"{tok.path or '(in memory)'} has never seen: {bad}; accepted: questions "
+                     "written with the task's characters (see its training examples)")
   ids = [tok.bos_id] + tok.encode(question) + [tok.think_id]
   return ids if cot else ids + [tok.think_end_id]
 

@@ -1,0 +1,36 @@
+"""What the command lines do with an error the user can fix: one sentence, no traceback.
+
+Errors raised for bad input (a config key or value, a missing or broken file, a
+prompt the tokenizer cannot write, a workdir another run holds) name the file,
+the value and what is accepted; a traceback adds nothing to them. Set
+MTCOT_TRACEBACK=1 to see it anyway. Anything else (a bug) keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+from mtcot_jax.config import ConfigError
+
+
+class RunLockedError(RuntimeError):
+  """Another process is running in this workdir."""
+
+
+USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, NotADirectoryError, RunLockedError)
+
+
+def user_errors(main):
+  """Wraps a command line's main(argv): a user error exits with status 2 and its message."""
+  @functools.wraps(main)
+  def wrapped(argv=None):
+    try:
+      return main(argv)
+    except USER_ERRORS as e:
+      if os.environ.get("MTCOT_TRACEBACK"):
+        raise
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+  return wrapped
