@@ -13,10 +13,7 @@ import os
 import sys
 
 from mtcot_jax.config import ConfigError
-
-
-class RunLockedError(RuntimeError):
-  """Another process is running in this workdir."""
+from mtcot_jax.train.checkpoint import RunLockedError
 
 
 USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, NotADirectoryError, RunLockedError)

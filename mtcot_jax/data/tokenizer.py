@@ -90,7 +90,13 @@ def load_tokenizer(path: str) -> Tokenizer:
   if not os.path.exists(path):
     raise FileNotFoundError(f"tokenizer model {path!r} does not exist")
   with open(path, "rb") as f:
-    return Tokenizer(f.read(), path)
+    proto = f.read()
+  try:
+    spm.SentencePieceProcessor(model_proto=proto)
+  except (RuntimeError, OSError) as e:
+    raise ValueError(f"tokenizer {path} is not a sentencepiece model ({e}); accepted: a "
+                     "sentencepiece .model file") from None
+  return Tokenizer(proto, path)
 
 
 _SPACE = "\u2581"  # sentencepiece's whitespace symbol

@@ -10,9 +10,14 @@ a mesh), so a checkpoint saved on one mesh or device count restores onto any oth
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
+import hashlib
 import os
 import shutil
+import time
+import warnings
 from typing import Any
 
 import jax
@@ -24,6 +29,7 @@ from mtcot_jax.model import api
 
 CONFIG_FILE = "config.yaml"
 TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_SHA_FILE = "tokenizer.sha256"
 CHECKPOINT_DIR = "checkpoints"
 
 
@@ -50,23 +56,120 @@ def _abstract(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-def restore_latest(mngr: ocp.CheckpointManager, state):
-  """Restores the latest complete checkpoint onto `state`'s shapes and shardings.
+def _restore_readable(mngr: ocp.CheckpointManager, args, step: int | None = None):
+  """Restores `step`, or else the latest checkpoint that can be read: one whose
+  files were truncated or deleted after orbax committed it (orbax never lists a
+  half-written one) is skipped with a warning naming it, and the one before it
+  restored. Returns (step, restored) or None when there is no checkpoint; raises
+  ValueError naming each broken one when none can be read."""
+  steps = [step] if step is not None else sorted(mngr.all_steps(), reverse=True)
+  broken = []
+  for s in steps:
+    try:
+      out = mngr.restore(s, args=args)
+    except Exception as e:  # noqa: BLE001  (orbax/tensorstore raise many kinds)
+      broken.append(f"step {s}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+      continue
+    if broken:
+      warnings.warn(f"unreadable checkpoints in {mngr.directory} skipped "
+                    f"({'; '.join(broken)}); restored step {s}")
+    return s, out
+  if broken:
+    raise ValueError(f"no checkpoint in {mngr.directory} can be read ({'; '.join(broken)}); "
+                     "accepted: a checkpoint directory as train.py writes it (move the broken "
+                     "step directories aside to start afresh)")
+  return None
+
+
+def _set_aside(mngr: ocp.CheckpointManager, workdir: str, newest_good: int) -> None:
+  """Moves unreadable checkpoints newer than the one restored to
+  workdir/broken_checkpoints/ (kept, not deleted), so that training can save
+  those steps again."""
+  for s in mngr.all_steps():
+    if s > newest_good:
+      dst = os.path.join(workdir, "broken_checkpoints")
+      os.makedirs(dst, exist_ok=True)
+      target = os.path.join(dst, f"{s}-{int(time.time())}")
+      os.replace(os.path.join(str(mngr.directory), str(s)), target)
+      warnings.warn(f"moved the unreadable checkpoint of step {s} to {target}")
+  mngr.reload()
+
+
+def restore_latest(mngr: ocp.CheckpointManager, state, workdir: str | None = None):
+  """Restores the latest readable checkpoint onto `state`'s shapes and shardings
+  (see `_restore_readable`; with `workdir`, unreadable newer ones are moved aside).
 
   Returns (state, data_state) or None when the workdir has no checkpoint.
   """
-  step = mngr.latest_step()
-  if step is None:
+  if mngr.latest_step() is None:
     return None
   train_like = {"opt_state": state.opt_state, "step": state.step, "key": state.key}
-  out = mngr.restore(step, args=ocp.args.Composite(
+  step, out = _restore_readable(mngr, ocp.args.Composite(
       params=ocp.args.StandardRestore(_abstract(state.params)),
       train=ocp.args.StandardRestore(_abstract(train_like)),
       data=ocp.args.JsonRestore()))
+  if workdir is not None and step != mngr.latest_step() and jax.process_index() == 0:
+    _set_aside(mngr, workdir, step)
   t = out["train"]
   state = state.replace(params=out["params"], opt_state=t["opt_state"], step=t["step"],
                         key=t["key"])
   return state, dict(out["data"] or {})
+
+
+def check_init_from(src: str, workdir: str) -> None:
+  """train.init_from must name a finished-or-running SFT run with a checkpoint,
+  other than this run's own workdir. Raises ConfigError naming what is wrong."""
+  where = f"train.init_from={src!r}"
+  if os.path.abspath(src) == os.path.abspath(workdir):
+    raise ConfigError(f"{where} is this run's own train.workdir; accepted: another run's workdir")
+  path = os.path.join(src, CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise ConfigError(f"{where} is not a run directory (no {CONFIG_FILE} in it); accepted: "
+                      "the train.workdir of an SFT run")
+  stage = load_config(path).train.stage
+  if stage != "sft":
+    raise ConfigError(f"{where} is an {stage.upper()} run (train.stage={stage} in {path}); "
+                      "accepted: the train.workdir of an SFT run")
+  mngr = manager(src, read_only=True)
+  step = mngr.latest_step()
+  mngr.close()
+  if step is None:
+    raise ConfigError(f"{where} has no complete checkpoint under "
+                      f"{os.path.join(src, CHECKPOINT_DIR)}; accepted: an SFT run that has saved one")
+
+
+LOCK_FILE = ".lock"
+
+
+class RunLockedError(RuntimeError):
+  """Another process is training in this workdir."""
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+  """Holds an exclusive lock on workdir/.lock while a run trains there (process 0
+  of a multi-host run takes it for all of them). A second run started on the same
+  workdir is refused, naming the lock and the process holding it. The operating
+  system releases the lock when its process ends, however it ends (kill -9 too)."""
+  if jax.process_index() != 0:
+    yield
+    return
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, LOCK_FILE)
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+      raise RunLockedError(
+          f"{workdir} is in use by another run (process {holder}, which holds {path}); "
+          "accepted: wait for that run to end, or give this one another train.workdir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    yield
+  finally:
+    os.close(fd)                 # closing the descriptor releases the lock
 
 
 def write_run_files(workdir: str, cfg: Config, tokenizer_path: str) -> None:
@@ -83,9 +186,43 @@ def write_run_files(workdir: str, cfg: Config, tokenizer_path: str) -> None:
   save_config(cfg, tmp)
   os.replace(tmp, path)   # atomic: a crash never leaves a half-written config
   tok = os.path.join(workdir, TOKENIZER_FILE)
-  if not os.path.exists(tok):
+  if os.path.exists(tok):
+    if os.path.abspath(tok) != os.path.abspath(tokenizer_path) and \
+        _sha256(tok) != _sha256(tokenizer_path):
+      raise ConfigError(f"{tok} differs from the tokenizer this run trains with "
+                        f"({tokenizer_path}); accepted: the same tokenizer to resume, or a new "
+                        "train.workdir")
+  else:
     shutil.copyfile(tokenizer_path, tok + ".tmp")
     os.replace(tok + ".tmp", tok)
+  sha = os.path.join(workdir, TOKENIZER_SHA_FILE)
+  if not os.path.exists(sha):
+    with open(sha + ".tmp", "w") as f:
+      f.write(_sha256(tok) + "\n")
+    os.replace(sha + ".tmp", sha)
+
+
+def _sha256(path: str) -> str:
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def check_tokenizer(workdir: str, cfg: Config, tok) -> None:
+  """The workdir's tokenizer is the one the run was trained with (its sha256 is
+  recorded when the run starts) and fits the model's vocabulary."""
+  path = os.path.join(workdir, TOKENIZER_FILE)
+  sha = os.path.join(workdir, TOKENIZER_SHA_FILE)
+  if os.path.exists(sha):
+    with open(sha) as f:
+      want = f.read().strip()
+    if _sha256(path) != want:
+      raise ValueError(f"{path} is not the tokenizer this run was trained with (its sha256 "
+                       f"differs from the one recorded in {sha}); accepted: the run's own "
+                       "tokenizer.model")
+  if tok.vocab_size > cfg.model.vocab_size:
+    raise ValueError(f"{path} has {tok.vocab_size} pieces, more than the run's "
+                     f"model.vocab_size={cfg.model.vocab_size}: it is not this run's tokenizer; "
+                     "accepted: the run's own tokenizer.model")
 
 
 def _model_part(cfg: Config):
@@ -120,13 +257,12 @@ def restore_params(workdir: str, cfg: Config, mesh: Mesh | None = None,
   (any shape or device count: orbax reads each device's slice of the saved arrays),
   or on one device without a mesh. Returns (params, step)."""
   mngr = manager(workdir, read_only=True)
-  step = mngr.latest_step() if step is None else step
-  if step is None:
+  if mngr.latest_step() is None:
     raise FileNotFoundError(f"{workdir} has no complete checkpoint under {CHECKPOINT_DIR}/")
-  params = mngr.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(abstract_params(cfg, mesh))))["params"]
+  step, out = _restore_readable(mngr, ocp.args.Composite(
+      params=ocp.args.StandardRestore(abstract_params(cfg, mesh))), step)
   mngr.close()
-  return params, step
+  return out["params"], step
 
 
 def load_run(workdir: str, mesh: Mesh | None = None, step: int | None = None) -> Run:
@@ -138,5 +274,10 @@ def load_run(workdir: str, mesh: Mesh | None = None, step: int | None = None) ->
     raise FileNotFoundError(f"{workdir} is not a run directory: no {CONFIG_FILE} in it")
   cfg = load_config(path)
   params, step = restore_params(workdir, cfg, mesh, step)
-  tok = load_tokenizer(os.path.join(workdir, TOKENIZER_FILE))
+  tok_path = os.path.join(workdir, TOKENIZER_FILE)
+  if not os.path.exists(tok_path):
+    raise FileNotFoundError(f"{workdir} has no {TOKENIZER_FILE}; accepted: a run directory "
+                            "as train.py writes it (config.yaml, tokenizer.model, checkpoints/)")
+  tok = load_tokenizer(tok_path)
+  check_tokenizer(workdir, cfg, tok)
   return Run(cfg=cfg, params=params, tokenizer=tok, step=step, workdir=workdir)

@@ -213,10 +213,17 @@ def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) 
   """Runs (or resumes) SFT in cfg.train.workdir. Returns the final summary.
 
   stop_after: leave after this many steps of this session without a final save
-  (simulates an interruption; used by tests).
+  (simulates an interruption; used by tests). Refuses a workdir another run holds.
   """
+  with ckpt.workdir_lock(cfg.train.workdir):
+    return _train(cfg, stop_after, progress)
+
+
+def _train(cfg: Config, stop_after: int | None, progress: bool) -> dict:
   t_start = time.perf_counter()
   t = cfg.train
+  if t.init_from:
+    ckpt.check_init_from(t.init_from, t.workdir)
   mesh = shd.make_mesh(cfg)
   if t.init_from and not cfg.data.tokenizer:   # the ids the parameters were trained on
     tok = mdata.load_tokenizer(os.path.join(t.init_from, ckpt.TOKENIZER_FILE))
@@ -229,7 +236,7 @@ def train(cfg: Config, *, stop_after: int | None = None, progress: bool = True) 
   optimizer = optim.make_optimizer(cfg, frozen=("main",) if t.freeze_main else ())
   mngr = ckpt.manager(t.workdir, cfg)
   state = create_state(cfg, optimizer, mesh, params=_init_params(cfg, mesh, mngr))
-  restored = ckpt.restore_latest(mngr, state)
+  restored = ckpt.restore_latest(mngr, state, t.workdir)
   if restored is not None:
     state, data_state = restored
     it.set_state(data_state)

@@ -74,11 +74,18 @@ def k_at(cfg: Config, step: int) -> int:
 
 
 def train_rl(cfg: Config, *, stop_after: int | None = None, progress: bool = True) -> dict:
-  """GRPO in cfg.train.workdir, starting from the SFT run in cfg.train.init_from."""
+  """GRPO in cfg.train.workdir, starting from the SFT run in cfg.train.init_from.
+  Refuses a workdir another run holds."""
+  with ckpt.workdir_lock(cfg.train.workdir):
+    return _train_rl(cfg, stop_after, progress)
+
+
+def _train_rl(cfg: Config, stop_after: int | None, progress: bool) -> dict:
   t_start = time.perf_counter()
   t, r = cfg.train, cfg.rl
   if not t.init_from:
     raise ConfigError("train.stage=rl needs train.init_from=<the SFT run's workdir>")
+  ckpt.check_init_from(t.init_from, t.workdir)
   mesh = shd.make_mesh(cfg)
   B = r.prompts_per_step * r.group_size
   split = shd.batch_shards(cfg, tuple(mesh.devices.shape))
@@ -99,7 +106,7 @@ def train_rl(cfg: Config, *, stop_after: int | None = None, progress: bool = Tru
   ref_params = sft.params
   state = create_state(cfg, optimizer, mesh, params=jax.tree.map(lambda x: x.copy(), sft.params))
   mngr = ckpt.manager(t.workdir, cfg)
-  restored = ckpt.restore_latest(mngr, state)
+  restored = ckpt.restore_latest(mngr, state, t.workdir)
   if restored is not None:
     state, _ = restored
   start = int(state.step)
