@@ -112,4 +112,6 @@ def test_gsm8k_absent_says_how_to_get_it(tmp_path):
   assert "tfds build gsm8k" in msg and "array_record" in msg and "data.data_dir" in msg
   assert str(tmp_path) in msg
   with pytest.raises(FileNotFoundError, match="tfds build gsm8k"):
+    builders.get_task("gsm8k", data_dir=str(tmp_path)).example(0)
+  with pytest.raises(ValueError, match="built without its records"):
     get_task("gsm8k", data_dir=str(tmp_path)).example(0)

@@ -23,7 +23,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mtcot_jax.config import DataConfig
-from mtcot_jax.data.tasks import GSM8K, Example, Task, get_task
+from mtcot_jax.data import tasks
+from mtcot_jax.data.tasks import GSM8K, Example, Task
 
 TEST_SEED_OFFSET = 2 ** 40
 _MAX_TEST_TRIES = 50   # test seeds tried per test example wanted, before giving up
@@ -33,6 +34,15 @@ def default_data_dir(data_dir: str = "") -> str:
   """`data_dir`, or $MTCOT_DATA_DIR, or ~/.cache/mtcot_jax/data (in that order)."""
   return os.path.expanduser(
       data_dir or os.environ.get("MTCOT_DATA_DIR") or "~/.cache/mtcot_jax/data")
+
+
+def get_task(name: str, **difficulty) -> Task:
+  """`tasks.get_task`, with GSM8K given its tfds training records (read lazily)."""
+  if name == "gsm8k":
+    data_dir = difficulty.get("data_dir", "")
+    task = tasks.get_task(name, **difficulty)
+    return GSM8K(task.data_dir, records=lambda: gsm8k_source(data_dir, "train"))
+  return tasks.get_task(name, **difficulty)
 
 
 def task_for(data: DataConfig) -> Task:

@@ -322,16 +322,18 @@ class GSM8K(Task):
   question: the problem; cot: the worked solution with the `<<48/2=24>>`
   calculator annotations removed; answer: the number after `####`. The grader
   compares numbers (commas, `$` and whitespace ignored). `example(seed)` is
-  training example number `seed`. The data must be prepared beforehand in
-  array_record format (see `builders.gsm8k_source`); `data_dir` "" means the
-  default data directory.
+  training example number `seed`, read from `records()`, the tfds training
+  records (`mtcot_jax.data.get_task` and `task_for` supply it: the data must be
+  prepared in array_record format, see `builders.gsm8k_source`); `data_dir` ""
+  means the default data directory.
   """
   name = "gsm8k"
   DIFFICULTY = {}
 
-  def __init__(self, data_dir: str = ""):
+  def __init__(self, data_dir: str = "", records: Callable[[], Any] | None = None):
     super().__init__()
     self.data_dir = data_dir
+    self._records = records
     self._train = None
 
   @staticmethod
@@ -345,8 +347,11 @@ class GSM8K(Task):
 
   def example(self, seed):
     if self._train is None:
-      from mtcot_jax.data import builders  # tfds loads lazily: importing tasks stays cheap
-      self._train = builders.gsm8k_source(self.data_dir, "train")
+      if self._records is None:
+        raise ValueError("task 'gsm8k' was built without its records; accepted: "
+                         "mtcot_jax.data.get_task('gsm8k', ...) or task_for(cfg.data), "
+                         "which read them from tensorflow-datasets")
+      self._train = self._records()
     if not 0 <= seed < len(self._train):
       raise ValueError(f"task 'gsm8k': seed={seed} is out of range; accepted: "
                        f"[0, {len(self._train)}) (the training examples)")
@@ -361,7 +366,8 @@ TASKS: dict[str, Callable[..., Task]] = {t.name: t for t in (Mult, Perm, Reach, 
 
 
 def get_task(name: str, **difficulty) -> Task:
-  """The task `name` at the given difficulty, e.g. `get_task("mult", digits=3)`.
+  """The task `name` at the given difficulty, e.g. `get_task("mult", digits=3)`
+  (for gsm8k use `mtcot_jax.data.get_task`, which gives it its records).
 
   Raises ValueError for an unknown name or difficulty key, or a value out of
   range, naming it and what is accepted.

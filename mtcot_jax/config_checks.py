@@ -1,0 +1,116 @@
+"""Validation of a `Config`: every value checked, and every error names the key,
+the value given and what is accepted (`ConfigError`). `config.py` builds configs
+and calls `validate` on each one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ConfigError(ValueError):
+  """A config key, type or value that is not accepted."""
+
+
+_DTYPES = ("float32", "bfloat16", "float16")
+_REMAT = ("none", "full", "dots")
+_DISTRIBUTED = ("auto", "on", "off")
+
+
+def _check(ok: bool, key: str, value: Any, accepted: str) -> None:
+  if not ok:
+    raise ConfigError(f"{key}={value!r} is not accepted: {accepted}")
+
+
+def validate(cfg) -> None:
+  """Checks values that no type can express. Raises ConfigError."""
+  m, h, d, t, r, dec = cfg.model, cfg.head, cfg.data, cfg.train, cfg.rl, cfg.decode
+  for key in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "mlp_dim"):
+    _check(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), "an int >= 1")
+  _check(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads", m.num_kv_heads,
+         f"a divisor of model.num_heads={m.num_heads}")
+  _check(m.head_dim >= 0, "model.head_dim", m.head_dim, "0 (d_model // num_heads) or an int >= 1")
+  if m.head_dim == 0:
+    _check(m.d_model % m.num_heads == 0, "model.num_heads", m.num_heads,
+           f"a divisor of model.d_model={m.d_model} (or set model.head_dim)")
+  _check(m.dh % 2 == 0, "model.head_dim", m.dh, "an even head dimension (RoPE rotates pairs)")
+  _check(m.dtype in _DTYPES, "model.dtype", m.dtype, f"one of {_DTYPES}")
+  _check(m.param_dtype in _DTYPES, "model.param_dtype", m.param_dtype, f"one of {_DTYPES}")
+  _check(m.remat in _REMAT, "model.remat", m.remat, f"one of {_REMAT}")
+  _check(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "a number > 0")
+
+  _check(h.k >= 0, "head.k", h.k, "an int >= 0 (0: no head tokens)")
+  _check(h.num_layers >= 1, "head.num_layers", h.num_layers, "an int >= 1")
+  _check(h.width >= 0, "head.width", h.width, "0 (d_model) or an int >= 1")
+  width = h.resolved_width(m)
+  _check(h.num_heads >= 1 and width % h.num_heads == 0 and (width // h.num_heads) % 2 == 0,
+         "head.num_heads", h.num_heads,
+         f"a divisor of the head width {width} leaving an even per-head dimension")
+  _check(len(h.source_layers) >= 1, "head.source_layers", h.source_layers, "at least one layer")
+  for layer in h.source_layers:
+    _check(-1 <= layer < m.num_layers, "head.source_layers", h.source_layers,
+           f"layer indices in [-1, {m.num_layers - 1}] (-1: the last layer)")
+  _check(len(set(h.source_layers)) == len(h.source_layers), "head.source_layers",
+         h.source_layers, "distinct layer indices")
+  _check(h.loss_weight >= 0, "head.loss_weight", h.loss_weight, "a number >= 0")
+  _check(h.context >= -1, "head.context", h.context,
+         "0 (the projection head), -1 (every past position) or an int >= 1 (a window)")
+  _check(0 <= h.train_positions, "head.train_positions", h.train_positions,
+         "0 (every position) or an int >= 1")
+
+  mesh_axes = cfg.mesh.shape
+  _check(all(a == -1 or a >= 1 for a in mesh_axes) and mesh_axes.count(-1) <= 1,
+         "mesh", dict(zip(("data", "fsdp", "tensor"), mesh_axes)),
+         "axis sizes >= 1, at most one of them -1")
+  mc = cfg.mesh
+  _check(mc.distributed in _DISTRIBUTED, "mesh.distributed", mc.distributed,
+         f"one of {_DISTRIBUTED}")
+  _check(mc.num_processes >= 0, "mesh.num_processes", mc.num_processes,
+         "0 (from the environment / auto-detected) or an int >= 1")
+  _check(mc.process_id >= -1, "mesh.process_id", mc.process_id,
+         "-1 (from the environment / auto-detected) or an int >= 0")
+  if mc.num_processes and mc.process_id >= 0:
+    _check(mc.process_id < mc.num_processes, "mesh.process_id", mc.process_id,
+           f"an int in [0, mesh.num_processes={mc.num_processes})")
+  for name, axes in cfg.mesh.rules:
+    names = axes if isinstance(axes, tuple) else (axes,)
+    for a in names:
+      _check(a in (None, "data", "fsdp", "tensor"), f"mesh.rules[{name}]", axes,
+             "mesh axes among data, fsdp, tensor (or null)")
+
+  _check(d.seq_len >= 4, "data.seq_len", d.seq_len, "an int >= 4")
+  _check(d.on_too_long in ("skip", "error"), "data.on_too_long", d.on_too_long, "skip or error")
+  _check(0.0 <= d.no_cot_fraction <= 1.0, "data.no_cot_fraction", d.no_cot_fraction, "in [0, 1]")
+  _check(d.train_size >= 1, "data.train_size", d.train_size, "an int >= 1")
+  _check(d.eval_size >= 1, "data.eval_size", d.eval_size, "an int >= 1")
+  _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "an int >= 0 (0: no worker processes)")
+
+  _check(t.stage in ("sft", "rl"), "train.stage", t.stage, "sft or rl")
+  _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "an int >= 1")
+  _check(t.grad_accum >= 1 and t.batch_size % t.grad_accum == 0, "train.grad_accum",
+         t.grad_accum, f"an int >= 1 dividing train.batch_size={t.batch_size}")
+  _check(t.steps >= 0, "train.steps", t.steps, "an int >= 0")
+  _check(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "a number > 0")
+  _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "in [0, 1]")
+
+  _check(r.group_size >= 2, "rl.group_size", r.group_size, "an int >= 2 (advantages need a group)")
+  _check(r.epsilon > 0, "rl.epsilon", r.epsilon, "a number > 0")
+  _check(r.beta >= 0, "rl.beta", r.beta, "a number >= 0")
+  _check(r.pass_cost >= 0, "rl.pass_cost", r.pass_cost, "a number >= 0")
+  _check(r.updates_per_batch >= 1, "rl.updates_per_batch", r.updates_per_batch, "an int >= 1")
+  steps = [s for s, _ in r.k_schedule]
+  _check(all(0 <= k <= h.k for _, k in r.k_schedule) and steps == sorted(set(steps))
+         and (not steps or steps[0] == 0), "rl.k_schedule", r.k_schedule,
+         f"(from_step, k) pairs with strictly increasing steps from 0 and 0 <= k <= head.k={h.k}")
+  _check(r.reward in ("exact", "partial"), "rl.reward", r.reward, "exact or partial")
+
+  _check(-1 <= dec.k <= h.k, "decode.k", dec.k, f"-1 (head.k) or an int in [0, head.k={h.k}]")
+  _check(dec.max_cot_tokens >= 1, "decode.max_cot_tokens", dec.max_cot_tokens, "an int >= 1")
+  _check(dec.max_answer_tokens >= 1, "decode.max_answer_tokens", dec.max_answer_tokens,
+         "an int >= 1")
+  _check(0.0 <= dec.head_threshold < 1.0, "decode.head_threshold", dec.head_threshold,
+         "a number in [0, 1) (0: fixed blocks of k head tokens)")
+  _check(dec.verify in ("none", "answer", "all"), "decode.verify", dec.verify,
+         "none, answer (the answer phase verified) or all (the CoT too)")
+  _check(dec.temperature >= 0, "decode.temperature", dec.temperature, "a number >= 0 (0: greedy)")
+  _check(dec.top_k >= 0, "decode.top_k", dec.top_k, "an int >= 0 (0: off)")
+  _check(0 < dec.top_p <= 1, "decode.top_p", dec.top_p, "a number in (0, 1]")
