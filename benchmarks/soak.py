@@ -111,16 +111,25 @@ def run_with_kills(workdir: str, overrides: list[str], kills: int, steps: int, f
   run_to_end(workdir, overrides, base)
 
 
-def _restore_all(workdir: str) -> tuple[int, dict]:
+def _restore_all(workdir: str) -> tuple[int | None, dict]:
+  """The latest checkpoint's `params` and `train` items, onto this process's first
+  device whatever mesh saved them (the runs may see other devices than we do)."""
+  import jax
   import orbax.checkpoint as ocp
-  mngr = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                               options=ocp.CheckpointManagerOptions(read_only=True),
-                               item_names=("params", "train", "data"))
-  step = mngr.latest_step()
-  out = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(),
-                                                   train=ocp.args.StandardRestore()))
-  mngr.close()
-  return step, {"params": out["params"], "train": out["train"]}
+  step = _latest_step(workdir)
+  if step is None:
+    return None, {}
+  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  ck = ocp.StandardCheckpointer()
+  out = {}
+  for item in ("params", "train"):
+    path = os.path.join(os.path.abspath(workdir), "checkpoints", str(step), item)
+    meta = ck.metadata(path)
+    tree = getattr(meta, "item_metadata", meta)
+    out[item] = ck.restore(path, jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev), tree))
+  ck.close()
+  return step, out
 
 
 def _metrics(workdir: str) -> list[dict]:

@@ -104,8 +104,11 @@ def test_write_report(tmp_path):
     assert _table_row(text, task, "cot")[2] == "0.850 ± 0.071"
     assert _table_row(text, task, "cot")[4] == "1.00 ± 0.00"
     accept = [statistics.mean(0.9 - 0.1 * d - 0.05 * s for s in SEEDS) for d in range(5)]
-    assert _table_row(text, task, "mtcot-k5")[9] == " ".join(f"{a:.2f}" for a in accept)
-    assert _table_row(text, task, "cot")[9] == "–"
+    col = report.PRIMARY_COLUMNS.index("head accept by depth")
+    assert _table_row(text, task, "mtcot-k5")[col] == " ".join(f"{a:.2f}" for a in accept)
+    assert _table_row(text, task, "cot")[col] == "–"
+    kept = report.PRIMARY_COLUMNS.index("kept/pass")
+    assert _table_row(text, task, "cot")[kept] == "–"     # rows without verification
 
   assert "| cot-truncated | trunc-24 | 2 |" in text
   assert "vs target 12.60" in text
