@@ -11,20 +11,10 @@ from scipy import stats
 import mtcot_jax as mt
 from mtcot_jax import decode, sampling
 from mtcot_jax.model import api
-from test_decode import LENS, B, P, _full_sequences, _gen, _stop_token
+from test_decode import LENS, B, _full_sequences, _gen, _stop_token
+from test_decode import dparams, prompt  # noqa: F401  (fixtures: the decode tests' batch)
 
 K = 3
-
-
-@pytest.fixture(scope="module")
-def prompt(tiny_cfg):
-  p = np.random.default_rng(0).integers(6, tiny_cfg.model.vocab_size, (B, P))
-  return np.where(np.arange(P)[None] < LENS[:, None], p, 0)
-
-
-@pytest.fixture(scope="module")
-def dparams(tiny_params):
-  return jax.tree.map(lambda x: x * 10.0 if x.ndim > 1 else x, tiny_params)
 
 
 @pytest.fixture(scope="module")

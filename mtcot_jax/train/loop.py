@@ -94,9 +94,9 @@ def check_finite(metrics: dict, step: int, mngr, workdir: str) -> None:
         f"{os.path.join(workdir, ckpt.CHECKPOINT_DIR)}")
 
 
-def run_steps(cfg: Config, state, mngr, log: MetricsLog, step_fn, *, desc: str,
+def run_steps(cfg: Config, state, mngr, log: MetricsLog, step_fn, *, desc: str, t_start: float,
               data_state=lambda done: {}, evaluate_fn=None, postfix=lambda r: {},
-              stop_after: int | None = None, progress: bool = True):
+              stop_after: int | None = None, progress: bool = True) -> dict:
   """Steps int(state.step) .. train.steps - 1 of a stage.
 
   step_fn(state, step) -> (state, record): one step (it raises on a non-finite
@@ -106,9 +106,11 @@ def run_steps(cfg: Config, state, mngr, log: MetricsLog, step_fn, *, desc: str,
   position) is started; every train.eval_every evaluate_fn(params) is logged. A
   run resumed at a step whose evaluation an interruption lost evaluates it first
   (bit-identical parameters give the same figures). At the end the last state is
-  saved and the manager closed. Returns (state, the last record or {}, stopped):
-  stopped when stop_after steps of this session ended it early (tests simulate
-  interruptions with it; nothing is saved then beyond what was already started).
+  saved, the manager closed, the final evaluation run (train.eval_examples > 0)
+  and the summary logged. Returns the summary (with "params"), or
+  {"stopped_at": step} when stop_after steps of this session ended it early
+  (tests simulate interruptions with it; nothing is saved then beyond what was
+  already started). t_start: when the stage started (for its timings).
   """
   t = cfg.train
   start = int(state.step)
@@ -141,13 +143,19 @@ def run_steps(cfg: Config, state, mngr, log: MetricsLog, step_fn, *, desc: str,
     if stop_after is not None and done - start >= stop_after:
       mngr.wait_until_finished()
       mngr.close()
-      return state, record, True
+      return {"stopped_at": done}
   bar.close()
   if int(state.step) > 0 and mngr.latest_step() != int(state.step):
     ckpt.save(mngr, state, data_state(int(state.step)))
   mngr.wait_until_finished()
   mngr.close()
-  return state, record, False
+  t_train = time.perf_counter() - t_start
+  evals = evaluate_fn(state.params) if evaluate_fn is not None and t.eval_examples else {}
+  summary = {"step": int(state.step), "train_seconds": round(t_train, 1),
+             "wall_seconds": round(time.perf_counter() - t_start, 1), "final": record,
+             "eval": evals}
+  log.write({"step": int(state.step), "summary": summary})
+  return {**summary, "params": state.params}
 
 
 def eval_settings(cfg: Config) -> list[tuple[str, int, bool]]:
@@ -261,23 +269,14 @@ def _train(cfg: Config, stop_after: int | None, progress: bool) -> dict:
       return m
     return state, record
 
-  state, metrics, stopped = run_steps(
+  summary = run_steps(
       cfg, state, mngr, MetricsLog(t.workdir, resume_step=start), step_fn, desc="sft",
-      data_state=lambda done: it.get_state(),
+      t_start=t_start, data_state=lambda done: it.get_state(),
       evaluate_fn=lambda params: run_evals(cfg, params, tok, mesh, t.seed),
       postfix=lambda m: {"loss": f"{m['loss']:.3f}", "main_acc": f"{m['main_acc']:.3f}"},
       stop_after=stop_after, progress=progress)
-  if stopped:
-    return {"stopped_at": int(state.step)}
-  log = MetricsLog(t.workdir)
-  t_train = time.perf_counter() - t_start
-  evals = run_evals(cfg, state.params, tok, mesh, t.seed) if t.eval_examples else {}
-  summary = {"step": int(state.step), "train_seconds": round(t_train, 1),
-             "wall_seconds": round(time.perf_counter() - t_start, 1),
-             "final": metrics, "eval": evals}
-  log.write({"step": int(state.step), "summary": summary})
-  summary["params"] = state.params
-  summary["tokenizer"] = tok
+  if "stopped_at" not in summary:
+    summary["tokenizer"] = tok
   return summary
 
 

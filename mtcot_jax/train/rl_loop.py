@@ -151,23 +151,12 @@ def _train_rl(cfg: Config, stop_after: int | None, progress: bool) -> dict:
       return out
     return state, record
 
-  state, record, stopped = run_steps(
+  return run_steps(
       cfg, state, mngr, MetricsLog(t.workdir, resume_step=start), step_fn, desc="rl",
-      data_state=lambda done: {"step": done},
+      t_start=t_start, data_state=lambda done: {"step": done},
       evaluate_fn=lambda params: run_evals(cfg, params, tok, mesh, t.seed),
       postfix=lambda m: {"reward": f"{m['reward_mean']:.3f}", "kl": f"{m['kl']:.4f}"},
       stop_after=stop_after, progress=progress)
-  if stopped:
-    return {"stopped_at": int(state.step)}
-  log = MetricsLog(t.workdir)
-  t_train = time.perf_counter() - t_start
-  evals = run_evals(cfg, state.params, tok, mesh, t.seed) if t.eval_examples else {}
-  summary = {"step": int(state.step), "train_seconds": round(t_train, 1),
-             "wall_seconds": round(time.perf_counter() - t_start, 1), "final": record,
-             "eval": evals}
-  log.write({"step": int(state.step), "summary": summary})
-  summary["params"] = state.params
-  return summary
 
 
 def summary_table(cfg: Config, summary: dict) -> str:
