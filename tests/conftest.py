@@ -32,3 +32,37 @@ def pytest_configure(config):
   cache = os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "jax")
   jax.config.update("jax_compilation_cache_dir", os.path.abspath(cache))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def adam_param_bound(cfg, steps: int) -> float:
+  """The most one element of two AdamW runs can differ after `steps` steps from
+  equal parameters when their gradients differ only by float32 rounding (a
+  reduction in another order). Step t moves an element by lr_t * |m_hat / sqrt(v_hat)|
+  <= lr_t * c_t, where c_t = sqrt(sum_s w_s^2 / u_s) by Cauchy-Schwarz over Adam's
+  bias-corrected averages (weights w_s of m, u_s of v; c_1 = 1, ~1.0003 at t=2):
+  where a gradient sits at the noise floor the two runs may move it in opposite
+  directions, so the bound is twice the sum. Elsewhere they agree to rounding."""
+  from mtcot_jax.train import optim
+  b1, b2 = cfg.train.b1, cfg.train.b2
+  total = 0.0
+  for t in range(1, steps + 1):
+    w = [(1 - b1) * b1 ** (t - s) / (1 - b1 ** t) for s in range(1, t + 1)]
+    u = [(1 - b2) * b2 ** (t - s) / (1 - b2 ** t) for s in range(1, t + 1)]
+    c = sum(wi * wi / ui for wi, ui in zip(w, u)) ** 0.5
+    total += float(optim.schedule(cfg)(t - 1)) * c
+  return 2 * total
+
+
+def assert_adam_params_close(got, want, cfg, steps: int) -> None:
+  """Every element within `adam_param_bound`; the median element within 1e-6 (a
+  lost or doubled update would move typical elements by ~lr, 1e3 x more; the
+  rounding of lr-sized updates is ~1e-9)."""
+  import jax
+  import numpy as np
+  bound = adam_param_bound(cfg, steps)
+  for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(got),
+                               jax.tree_util.tree_leaves_with_path(want)):
+    diff = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+    name = jax.tree_util.keystr(path)
+    assert diff.max() <= bound, (name, float(diff.max()), bound)
+    assert np.median(diff) <= 1e-6, (name, float(np.median(diff)))

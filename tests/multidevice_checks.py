@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 import mtcot_jax as mt  # noqa: E402
-from conftest import TINY  # noqa: E402
+from conftest import TINY, assert_adam_params_close  # noqa: E402
 
 
 def _cfg(*extra):
@@ -162,9 +162,10 @@ def check_train_step_matches_one_device():
     for _ in range(2):
       state, metrics = step(state, global_batch(cfg, mesh, batch))
     results.append((jax.device_get(state.params), float(metrics["loss"])))
+  # The loss after a step checks that the gradients were reduced over the mesh;
+  # parameters within AdamW's bound (conftest.assert_adam_params_close).
   np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4),
-               results[0][0], results[1][0])
+  assert_adam_params_close(results[0][0], results[1][0], cfg, steps=2)
 
 
 def check_restore_on_other_meshes():
