@@ -210,7 +210,8 @@ def _pyplot():
 
 
 def _style(i: int) -> dict:
-  return {"color": f"C{i % 10}", "marker": _MARKERS[i % len(_MARKERS)]}
+  # tab20: twenty distinguishable colours, so that up to 20 methods never share one.
+  return {"color": _pyplot().get_cmap("tab20")(i % 20), "marker": _MARKERS[i % len(_MARKERS)]}
 
 
 def _save(fig, path: str) -> None:
@@ -274,6 +275,37 @@ def _plot_accuracy(rows: list[dict], title: str, path: str) -> bool:
   ax.set_title(f"{title}: accuracy vs forward passes")
   ax.grid(alpha=0.3)
   _legend_outside(ax)
+  _save(fig, path)
+  return True
+
+
+def _plot_accuracy_by_seed(rows: list[dict], title: str, path: str) -> bool:
+  """One panel per seed: every method's primary evaluation of that seed. Where
+  seeds disagree (a run that did not learn the task on one seed), means hide what
+  each run did; the panels show it."""
+  primary = [r for r in rows if r.get("primary") and r.get("accuracy") is not None
+             and r.get("forward_passes") is not None]
+  seeds = sorted(_ordered(r.get("seed") for r in primary), key=str)
+  if len(seeds) < 2 or len(seeds) > 5:
+    return False
+  plt = _pyplot()
+  methods = _ordered(r["method"] for r in rows)
+  fig, axes = plt.subplots(1, len(seeds), figsize=(3.3 * len(seeds) + 1.8, 3.8), sharey=True,
+                           squeeze=False)
+  for ax, seed in zip(axes[0], seeds):
+    for i, method in enumerate(methods):
+      mine = [r for r in primary if r["method"] == method and r.get("seed") == seed]
+      for r in mine:
+        ax.plot(r["forward_passes"], r["accuracy"], linestyle="none", markersize=7,
+                label=method if ax is axes[0][0] else None, **_style(i))
+    ax.set_title(f"seed {seed}", fontsize=10)
+    ax.set_xlabel("forward passes per problem")
+    ax.grid(alpha=0.3)
+    ax.set_ylim(-0.03, 1.03)
+  axes[0][0].set_ylabel("accuracy on held-out problems")
+  fig.suptitle(f"{title}: accuracy vs forward passes, each seed", fontsize=11)
+  fig.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
+  fig.tight_layout()
   _save(fig, path)
   return True
 
@@ -387,6 +419,8 @@ def write_report(out_dir: str) -> str:
     for kind, label, draw in [
         ("accuracy_vs_passes", "accuracy vs passes",
          lambda p: _plot_accuracy(mine, title, p)),
+        ("accuracy_vs_passes_by_seed", "accuracy vs passes, each seed",
+         lambda p: _plot_accuracy_by_seed(mine, title, p)),
         ("head_acceptance", "head acceptance",
          lambda p: _plot_head_acceptance(mine, title, p)),
         ("rl_reward", "RL reward", lambda p: _plot_rl_reward(mine, out_dir, title, p)),
