@@ -158,6 +158,26 @@ def speculative_accept(key, p_logp_BxKxV, q_logp_BxKxV, drafts_BxK, greedy: bool
   return a, jax.random.categorical(k_resid, logr, axis=-1).astype(jnp.int32)
 
 
+def cut_block(block_BxT, keep_B, limit_B, active_B, stop_ids: tuple[int, ...],
+              stop_upto_B):
+  """How many tokens of a block are committed: through the first stop token
+  (one of `stop_ids`) among the first `keep` tokens at a position <= stop_upto,
+  else min(keep, limit); at least 1 for an active row and 0 for another.
+  The CoT passes stop_upto = limit = its thinking budget (a `</think>` after the
+  budget's last token is allowed), the answer stop_upto = limit - 1 (an EOS is
+  one of the answer's tokens). Returns (n_valid, ended: a stop token was
+  committed, the stop token)."""
+  pos = jnp.arange(block_BxT.shape[1])[None, :]
+  stop = functools.reduce(jnp.logical_or, [block_BxT == i for i in stop_ids])
+  stop = stop & (pos <= stop_upto_B[:, None]) & (pos < keep_B[:, None])
+  has_stop = jnp.any(stop, axis=1)
+  first = jnp.argmax(stop, axis=1)
+  n_valid = jnp.where(has_stop, first + 1, jnp.minimum(keep_B, limit_B))
+  n_valid = jnp.where(active_B, jnp.maximum(n_valid, 1), 0).astype(jnp.int32)
+  stop_tok = jnp.take_along_axis(block_BxT, first[:, None], 1)[:, 0]
+  return n_valid, active_B & has_stop, stop_tok
+
+
 @functools.lru_cache(maxsize=None)
 def _static(cfg: Config, k: int, sample: sampling.Sampling, max_cot: int, max_answer: int,
             eos_id: int, think_end_id: int, mesh: Mesh | None, tau: float = 0.0,
@@ -242,15 +262,10 @@ def _static(cfg: Config, k: int, sample: sampling.Sampling, max_cot: int, max_an
       keep = jnp.where(force, k + 1, 1 + jnp.sum(sure, axis=1))
     # Cut after the first </think> or EOS that falls within the budget and the block.
     pos = jnp.arange(k + 1)
-    stop = (block == think_end_id) | (block == eos_id)
-    stop = stop & (pos[None, :] <= budget[:, None]) & (pos[None, :] < keep[:, None])
-    has_stop = jnp.any(stop, axis=1)
-    first = jnp.argmax(stop, axis=1)
-    n_valid = jnp.where(has_stop, first + 1, jnp.minimum(keep, budget))
-    n_valid = jnp.where(active, jnp.maximum(n_valid, 1), 0).astype(jnp.int32)
-    stop_tok = jnp.take_along_axis(block, first[:, None], 1)[:, 0]
-    ends_cot = active & has_stop & (stop_tok == think_end_id)
-    ends_seq = active & has_stop & (stop_tok == eos_id)
+    n_valid, ended, stop_tok = cut_block(block, keep, budget, active, (think_end_id, eos_id),
+                                         budget)
+    ends_cot = ended & (stop_tok == think_end_id)
+    ends_seq = ended & (stop_tok == eos_id)
 
     idx = jnp.where(active[:, None], st.n_out[:, None] + pos[None, :], L)
     cache, logits, sources, hmem = main_pass(params, st.cache, block, jnp.maximum(n_valid, 1),
@@ -306,21 +321,14 @@ def _static(cfg: Config, k: int, sample: sampling.Sampling, max_cot: int, max_an
 
     # Cut after the first stop token among the kept ones, and at the length limits.
     if in_answer:
-      stop = (block == eos_id) & (pos[None, :] < keep[:, None])
-      limit = room
+      n_valid, ended, stop_tok = cut_block(block, keep, room, active, (eos_id,), room - 1)
     else:
-      stop = (block == think_end_id) | (block == eos_id)
-      stop = stop & (pos[None, :] <= budget[:, None]) & (pos[None, :] < keep[:, None])
-      limit = budget
-    has_stop = jnp.any(stop, axis=1)
-    first = jnp.argmax(stop, axis=1)
-    n_valid = jnp.where(has_stop, first + 1, jnp.minimum(keep, limit))
-    n_valid = jnp.where(active, jnp.maximum(n_valid, 1), 0).astype(jnp.int32)
-    stop_tok = jnp.take_along_axis(block, first[:, None], 1)[:, 0]
-    ends_cot = active & has_stop & (stop_tok == think_end_id) & (not in_answer)
-    ends_seq = active & has_stop & (stop_tok == eos_id)
+      n_valid, ended, stop_tok = cut_block(block, keep, budget, active,
+                                           (think_end_id, eos_id), budget)
+    ends_cot = ended & (stop_tok == think_end_id) & (not in_answer)
+    ends_seq = ended & (stop_tok == eos_id)
     # The next x1 comes from the residual only where the rejection ended the block.
-    rejected = active & (a < k) & ~has_stop & (n_valid == keep)
+    rejected = active & (a < k) & ~ended & (n_valid == keep)
     pend = jnp.where(rejected & (not sample.greedy), resid, -1)
     terminal_x1 = (x1 == eos_id) | (room <= 1 if in_answer else False)
 

@@ -39,7 +39,8 @@ def test_killed_sft_run_resumes_bit_identical(tmp_path):
       records = f.read().splitlines()
     with open(os.path.join(bad, "metrics.jsonl"), "w") as f:
       f.write("\n".join(change(records)) + "\n")
-    problems = soak.compare(ref, bad, 100)
+    steps = int(next(o for o in soak.SFT if o.startswith("train.steps=")).split("=")[1])
+    problems = soak.compare(ref, bad, steps)
     assert any(needle in p for p in problems), problems
 
 

@@ -208,3 +208,29 @@ def test_verify_bad_input(tiny_cfg, dparams, prompt):
     decode.generate(tiny_cfg, dparams, prompt, LENS, jax.random.key(0), k=3, verify="maybe")
   with pytest.raises(ValueError, match="decode.verify"):
     mt.load_config(None, ["decode.verify=yes"])
+
+
+def test_cut_block_commits_what_the_limits_allow():
+  """Hand-made blocks (E = EOS, T = </think>) against the rules written out: the
+  CoT may end with </think> just after its last budgeted token; an answer never
+  exceeds its room, even through a kept EOS beyond it (a case the verified answer
+  once committed, past max_answer_tokens)."""
+  E, T, x = 2, 5, 9
+  block = jnp.array([[x, x, x, E],     # answer, room 2: EOS at 3 is past the room
+                     [x, E, x, x],     # answer, room 2: EOS at 1 ends it
+                     [x, x, T, x],     # CoT, budget 2: </think> right after the budget
+                     [x, x, x, T],     # CoT, budget 2, keep 4: cut at the budget
+                     [x, T, x, x]])    # inactive
+  keep = jnp.array([4, 4, 4, 4, 4])
+  limit = jnp.array([2, 2, 2, 2, 2])
+  active = jnp.array([True, True, True, True, False])
+  n, ended, tok = decode.cut_block(block[:2], keep[:2], limit[:2], active[:2], (E,), limit[:2] - 1)
+  np.testing.assert_array_equal(n, [2, 2])
+  np.testing.assert_array_equal(ended, [False, True])
+  n, ended, tok = decode.cut_block(block[2:], keep[2:], limit[2:], active[2:], (T, E), limit[2:])
+  np.testing.assert_array_equal(n, [3, 2, 0])
+  np.testing.assert_array_equal(ended, [True, False, False])
+  assert int(tok[0]) == T
+  n, _, _ = decode.cut_block(block[:1], jnp.array([1]), jnp.array([3]), active[:1], (E,),
+                             jnp.array([2]))
+  np.testing.assert_array_equal(n, [1])              # only x1 kept: the drafts never count

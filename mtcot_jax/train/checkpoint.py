@@ -135,7 +135,8 @@ def check_init_from(src: str, workdir: str) -> None:
   mngr.close()
   if step is None:
     raise ConfigError(f"{where} has no complete checkpoint under "
-                      f"{os.path.join(src, CHECKPOINT_DIR)}; accepted: an SFT run that has saved one")
+                      f"{os.path.join(src, CHECKPOINT_DIR)}; accepted: an SFT run that has "
+                      "saved one")
 
 
 LOCK_FILE = ".lock"

@@ -94,7 +94,7 @@ def check_finite(metrics: dict, step: int, mngr, workdir: str) -> None:
         f"{os.path.join(workdir, ckpt.CHECKPOINT_DIR)}")
 
 
-def run_steps(cfg: Config, state, mngr, log: MetricsLog, step_fn, *, desc: str, t_start: float,
+def run_steps(cfg: Config, state, mngr, step_fn, *, desc: str, t_start: float,
               data_state=lambda done: {}, evaluate_fn=None, postfix=lambda r: {},
               stop_after: int | None = None, progress: bool = True) -> dict:
   """Steps int(state.step) .. train.steps - 1 of a stage.
@@ -114,6 +114,7 @@ def run_steps(cfg: Config, state, mngr, log: MetricsLog, step_fn, *, desc: str, 
   """
   t = cfg.train
   start = int(state.step)
+  log = MetricsLog(t.workdir, resume_step=start)
 
   def due(every, done):
     return every and done % every == 0 and done != t.steps
@@ -248,7 +249,6 @@ def _train(cfg: Config, stop_after: int | None, progress: bool) -> dict:
   if restored is not None:
     state, data_state = restored
     it.set_state(data_state)
-  start = int(state.step)
   shardings = jax.tree.map(lambda x: x.sharding, state) if mesh is not None else None
   sft_step = losses.make_sft_step(cfg, mesh, optimizer, shardings)
   tokens_per_step = t.batch_size * cfg.data.seq_len
@@ -270,7 +270,7 @@ def _train(cfg: Config, stop_after: int | None, progress: bool) -> dict:
     return state, record
 
   summary = run_steps(
-      cfg, state, mngr, MetricsLog(t.workdir, resume_step=start), step_fn, desc="sft",
+      cfg, state, mngr, step_fn, desc="sft",
       t_start=t_start, data_state=lambda done: it.get_state(),
       evaluate_fn=lambda params: run_evals(cfg, params, tok, mesh, t.seed),
       postfix=lambda m: {"loss": f"{m['loss']:.3f}", "main_acc": f"{m['main_acc']:.3f}"},

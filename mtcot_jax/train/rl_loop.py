@@ -17,7 +17,7 @@ from mtcot_jax.model import api
 from mtcot_jax.train import checkpoint as ckpt
 from mtcot_jax.train import optim, rl
 from mtcot_jax.train.evaluate import answer_text, host_array
-from mtcot_jax.train.loop import MetricsLog, _jsonable, check_finite, run_evals, run_steps
+from mtcot_jax.train.loop import _jsonable, check_finite, run_evals, run_steps
 from mtcot_jax.train.step import create_state, global_batch
 
 _PROMPT_BUCKET = 16   # prompts are padded to a multiple of this: few distinct shapes
@@ -109,7 +109,6 @@ def _train_rl(cfg: Config, stop_after: int | None, progress: bool) -> dict:
   restored = ckpt.restore_latest(mngr, state, t.workdir)
   if restored is not None:
     state, _ = restored
-  start = int(state.step)
   s = sampling.Sampling(temperature=r.temperature)
   shardings = jax.tree.map(lambda x: x.sharding, state)
   grpo_step = rl.make_grpo_step(cfg, mesh, optimizer, s, shardings)
@@ -152,7 +151,7 @@ def _train_rl(cfg: Config, stop_after: int | None, progress: bool) -> dict:
     return state, record
 
   return run_steps(
-      cfg, state, mngr, MetricsLog(t.workdir, resume_step=start), step_fn, desc="rl",
+      cfg, state, mngr, step_fn, desc="rl",
       t_start=t_start, data_state=lambda done: {"step": done},
       evaluate_fn=lambda params: run_evals(cfg, params, tok, mesh, t.seed),
       postfix=lambda m: {"reward": f"{m['reward_mean']:.3f}", "kl": f"{m['kl']:.4f}"},
