@@ -113,7 +113,8 @@ def test_write_report(tmp_path):
   assert "| cot-truncated | trunc-24 | 2 |" in text
   assert "vs target 12.60" in text
   for task in TASKS:
-    for kind in ["accuracy_vs_passes", "head_acceptance", "rl_reward"]:
+    for kind in ["accuracy_vs_passes", "accuracy_vs_passes_by_seed", "head_acceptance",
+                 "rl_reward"]:
       png = os.path.join(out, "plots", f"{task}_{kind}.png")
       assert f"(plots/{task}_{kind}.png)" in text
       assert os.path.getsize(png) > 1000
@@ -131,6 +132,7 @@ def test_single_seed_without_heads_or_rl(tmp_path):
   assert _table_row(text, "mult3", "nocot")[2:5] == ["0.300", "5.0", "0.12"]
   assert os.path.exists(os.path.join(out, "plots", "mult3_accuracy_vs_passes.png"))
   assert not os.path.exists(os.path.join(out, "plots", "mult3_head_acceptance.png"))
+  assert not os.path.exists(os.path.join(out, "plots", "mult3_accuracy_vs_passes_by_seed.png"))
   assert not os.path.exists(os.path.join(out, "plots", "mult3_rl_reward.png"))
 
 

@@ -40,8 +40,7 @@ def get_task(name: str, **difficulty) -> Task:
   """`tasks.get_task`, with GSM8K given its tfds training records (read lazily)."""
   if name == "gsm8k":
     data_dir = difficulty.get("data_dir", "")
-    task = tasks.get_task(name, **difficulty)
-    return GSM8K(task.data_dir, records=lambda: gsm8k_source(data_dir, "train"))
+    difficulty["records"] = lambda: gsm8k_source(data_dir, "train")
   return tasks.get_task(name, **difficulty)
 
 
