@@ -124,8 +124,7 @@ def main(argv=None):
   results, dt = [], 0.0
   for start in range(0, len(ids), args.batch_size):
     chunk = ids[start:start + args.batch_size]
-    prompt = np.zeros((args.batch_size if len(ids) > args.batch_size else len(chunk), P),
-                      np.int32)
+    prompt = np.zeros((min(args.batch_size, len(ids)), P), np.int32)   # one batch shape
     prompt[:, 0] = tok.bos_id                       # rows past the chunk: BOS alone
     lengths = np.ones(prompt.shape[0], np.int32)
     for i, row in enumerate(chunk):
