@@ -90,24 +90,48 @@ def _latest_step(workdir: str):
   return max(steps) if steps else None
 
 
+def _logged_step(workdir: str) -> int:
+  """The last training step metrics.jsonl holds (0 if none)."""
+  try:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      lines = f.read().splitlines()
+  except FileNotFoundError:
+    return 0
+  for line in reversed(lines):
+    try:
+      return int(json.loads(line).get("step", 0))
+    except (json.JSONDecodeError, AttributeError):
+      continue
+  return 0
+
+
 def run_with_kills(workdir: str, overrides: list[str], kills: int, steps: int, first: float,
-                   train_seconds: float, rng: random.Random, base: str, say=print) -> None:
+                   train_seconds: float, rng: random.Random, base: str, say=print,
+                   kill_after_step: int | None = None) -> None:
   """Kill i lands at a time drawn from [0.8 f, f + 1.5 R / (kills - i)]: f is the
   reference's time to its first step, R its training time left from the latest
   checkpoint, so kills land late in start-up, in steps, in asynchronous checkpoint
-  writes, in evaluations and in the final save, and most leave work for the next."""
+  writes, in evaluations and in the final save, and most leave work for the next.
+  With `kill_after_step` a kill lands instead as soon as metrics.jsonl logs that
+  step (whatever the machine's speed: always in training)."""
   for i in range(kills):
     left = (steps - (_latest_step(workdir) or 0)) / steps * train_seconds
     delay = rng.uniform(0.8 * first, first + 1.5 * left / (kills - i))
     p = subprocess.Popen(_command(workdir, overrides), env=_env(base), stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
+    t0 = time.perf_counter()
+    if kill_after_step is not None:
+      while p.poll() is None and _logged_step(workdir) < kill_after_step:
+        time.sleep(0.02)
+      delay = time.perf_counter() - t0
     try:
-      p.wait(timeout=delay)
+      p.wait(timeout=0 if kill_after_step is not None else delay)
       say(f"  kill {i + 1}: the run ended before {delay:.1f}s (exit {p.returncode})")
     except subprocess.TimeoutExpired:
       p.send_signal(signal.SIGKILL)
       p.wait()
-      say(f"  kill {i + 1}: SIGKILL at {delay:.1f}s; latest checkpoint {_latest_step(workdir)}")
+      say(f"  kill {i + 1}: SIGKILL at {delay:.1f}s (step {_logged_step(workdir)} logged); "
+          f"latest checkpoint {_latest_step(workdir)}")
   run_to_end(workdir, overrides, base)
 
 
@@ -174,7 +198,8 @@ def compare(ref: str, killed: str, steps: int) -> list[str]:
   return problems
 
 
-def soak(stages: tuple[str, ...], kills: int, seed: int, base: str, say=print) -> bool:
+def soak(stages: tuple[str, ...], kills: int, seed: int, base: str, say=print,
+         kill_after_step: int | None = None) -> bool:
   rng = random.Random(seed)
   ok = True
   sft_ref = os.path.join(base, "sft-ref")
@@ -192,7 +217,8 @@ def soak(stages: tuple[str, ...], kills: int, seed: int, base: str, say=print) -
     seconds, first = run_to_end(warm, overrides, base)
     say(f"{stage}: reference {steps} steps in {seconds:.1f}s (first step logged at "
         f"{first:.1f}s); {kills} kills")
-    run_with_kills(killed, overrides, kills, steps, first, seconds - first, rng, base, say)
+    run_with_kills(killed, overrides, kills, steps, first, seconds - first, rng, base, say,
+                   kill_after_step)
     problems = compare(ref, warm, steps) + compare(ref, killed, steps)
     for p in problems:
       say(f"  FAIL {p}")

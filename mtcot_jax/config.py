@@ -38,8 +38,13 @@ class ModelConfig:
   head_dim: int = 0            # 0: d_model // num_heads
   mlp_dim: int = 512           # F (SwiGLU hidden width)
   rope_theta: float = 10000.0
+  # RoPE frequency scaling, as Hugging Face configs write it: () none;
+  # {type: linear, factor: f}; {type: llama3, factor, low_freq_factor,
+  # high_freq_factor, original_max_position_embeddings}.
+  rope_scaling: tuple[tuple[str, Any], ...] = ()
   norm_eps: float = 1e-6
   tie_embeddings: bool = True
+  qkv_bias: bool = False       # biases on the q, k, v projections (Qwen2)
   init_std: float = 0.02
   dtype: str = "float32"       # compute dtype
   param_dtype: str = "float32"
@@ -149,6 +154,9 @@ class TrainConfig:
   stage: str = "sft"           # sft | rl
   workdir: str = "runs/demo"
   init_from: str = ""          # a workdir to start from (rl: the SFT run)
+  # SFT from a Hugging Face Llama/Qwen2 directory (mtcot_jax.hf): the model section,
+  # the main model's weights and the tokenizer come from it; the head starts fresh.
+  init_from_hf: str = ""
   steps: int = 1000
   batch_size: int = 32         # global, in sequences
   grad_accum: int = 1

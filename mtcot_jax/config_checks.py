@@ -21,6 +21,29 @@ def _check(ok: bool, key: str, value: Any, accepted: str) -> None:
     raise ConfigError(f"{key}={value!r} is not accepted: {accepted}")
 
 
+_ROPE_SCALING = {"linear": {"factor"},
+                 "llama3": {"factor", "low_freq_factor", "high_freq_factor",
+                            "original_max_position_embeddings"}}
+
+
+def _check_rope_scaling(scaling) -> None:
+  if not scaling:
+    return
+  s = dict(scaling)
+  kind = s.get("type")
+  accepted = ("() (none), {type: linear, factor: F} or {type: llama3, factor, low_freq_factor, "
+              "high_freq_factor, original_max_position_embeddings}")
+  _check(kind in _ROPE_SCALING, "model.rope_scaling", scaling, accepted)
+  need = _ROPE_SCALING[kind]
+  _check(set(s) == need | {"type"}, "model.rope_scaling", scaling, accepted)
+  for key in need:
+    _check(isinstance(s[key], (int, float)) and not isinstance(s[key], bool) and s[key] > 0,
+           f"model.rope_scaling.{key}", s[key], "a number > 0")
+  if kind == "llama3":
+    _check(s["high_freq_factor"] > s["low_freq_factor"], "model.rope_scaling.high_freq_factor",
+           s["high_freq_factor"], f"a number > low_freq_factor={s['low_freq_factor']}")
+
+
 def validate(cfg) -> None:
   """Checks values that no type can express. Raises ConfigError."""
   m, h, d, t, r, dec = cfg.model, cfg.head, cfg.data, cfg.train, cfg.rl, cfg.decode
@@ -37,6 +60,7 @@ def validate(cfg) -> None:
   _check(m.param_dtype in _DTYPES, "model.param_dtype", m.param_dtype, f"one of {_DTYPES}")
   _check(m.remat in _REMAT, "model.remat", m.remat, f"one of {_REMAT}")
   _check(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "a number > 0")
+  _check_rope_scaling(m.rope_scaling)
 
   _check(h.k >= 0, "head.k", h.k, "an int >= 0 (0: no head tokens)")
   _check(h.num_layers >= 1, "head.num_layers", h.num_layers, "an int >= 1")
@@ -85,6 +109,9 @@ def validate(cfg) -> None:
   _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "an int >= 0 (0: no worker processes)")
 
   _check(t.stage in ("sft", "rl"), "train.stage", t.stage, "sft or rl")
+  _check(not (t.init_from_hf and (t.init_from or t.stage == "rl")), "train.init_from_hf",
+         t.init_from_hf, "a Hugging Face directory for SFT (train.stage=sft) without "
+         "train.init_from; RL starts from the SFT run that imported it (train.init_from)")
   _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "an int >= 1")
   _check(t.grad_accum >= 1 and t.batch_size % t.grad_accum == 0, "train.grad_accum",
          t.grad_accum, f"an int >= 1 dividing train.batch_size={t.batch_size}")

@@ -1,9 +1,11 @@
 """The `train.py` command line: `python train.py [--config X.yaml] [section.key=value ...]`.
 
-Trains (or resumes) the run in train.workdir, logging to metrics.jsonl, then
-prints a summary table, the evaluation accuracies and a sample chain of thought
-with the head's tokens marked. On a TPU pod slice or a GPU cluster run the same
-command on every host (see docs/scaling.md and `mtcot_jax.distributed`).
+Trains (or resumes) the run in train.workdir, logging to metrics.jsonl and
+TensorBoard (WORKDIR/tensorboard), then prints a summary table and the
+evaluation accuracies, writes the run's plots to WORKDIR/plots and prints a
+sample chain of thought with the head's tokens marked. On a TPU pod slice or a
+GPU cluster run the same command on every host (see docs/scaling.md and
+`mtcot_jax.distributed`).
 """
 
 from __future__ import annotations
@@ -30,11 +32,26 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
+def write_plots(cfg) -> None:
+  """The run's curves as PNGs in WORKDIR/plots (process 0)."""
+  if jax.process_index() != 0:
+    return
+  from mtcot_jax.tools import plot
+  from mtcot_jax.train.loop import TENSORBOARD_DIR
+  out = os.path.join(cfg.train.workdir, "plots")
+  paths = plot.plot_runs([cfg.train.workdir], out)
+  print(f"\nplots ({len(paths)} PNGs) in {out}; TensorBoard: "
+        f"tensorboard --logdir {os.path.join(cfg.train.workdir, TENSORBOARD_DIR)}")
+
+
 @user_errors
 def main(argv=None):
   args = parse_args(argv)
   absl_logging.set_verbosity(absl_logging.ERROR)   # tfds/orbax info lines drown the output
   cfg = mt.load_config(args.config, args.overrides)
+  if cfg.train.init_from_hf:   # the model section comes from the checkpoint
+    from mtcot_jax import hf
+    cfg = hf.config_for(cfg.train.init_from_hf, base=cfg)
   # Multi-host: every process runs this command; the runtime must start before
   # anything below touches a device.
   from mtcot_jax import distributed
@@ -44,10 +61,12 @@ def main(argv=None):
     from mtcot_jax.train import rl_loop
     summary = rl_loop.train_rl(cfg)
     print(rl_loop.summary_table(cfg, summary))
+    write_plots(cfg)
     return
   from mtcot_jax.train import loop
   summary = loop.train(cfg)
   print(loop.summary_table(cfg, summary))
+  write_plots(cfg)
   if jax.process_count() > 1:   # the sample below decodes host-local arrays
     return
   k = cfg.decode.k if cfg.decode.k >= 0 else cfg.head.k

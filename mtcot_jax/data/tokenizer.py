@@ -74,6 +74,10 @@ class Tokenizer:
   def id_to_piece(self, i: int) -> str:
     return self._sp.id_to_piece(int(i))
 
+  def serialize(self) -> bytes:
+    """The .model file's bytes."""
+    return self._proto
+
   def __getstate__(self):
     return {"model_proto": self._proto, "path": self.path}
 
@@ -84,11 +88,16 @@ class Tokenizer:
     return f"Tokenizer({self.path!r}, vocab_size={self.vocab_size})"
 
 
-def load_tokenizer(path: str) -> Tokenizer:
-  """Loads a sentencepiece `.model` file. Raises ValueError if it lacks a special token."""
+def load_tokenizer(path: str):
+  """Loads a sentencepiece `.model` file, or the `tokenizer.json` a run started
+  from a Hugging Face checkpoint keeps (`hf_tokenizer.HFTokenizer`). Raises
+  ValueError if it lacks a special token."""
   path = os.fspath(path)
   if not os.path.exists(path):
     raise FileNotFoundError(f"tokenizer model {path!r} does not exist")
+  if path.endswith(".json"):
+    from mtcot_jax.data.hf_tokenizer import load_hf_tokenizer_file
+    return load_hf_tokenizer_file(path)
   with open(path, "rb") as f:
     proto = f.read()
   try:

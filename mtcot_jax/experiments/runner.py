@@ -100,8 +100,8 @@ def _link_cell(cfg: Config, cell_dir: str, run_dir: str) -> None:
   save_config(cfg, os.path.join(cell_dir, ckpt.CONFIG_FILE + ".tmp"))
   os.replace(os.path.join(cell_dir, ckpt.CONFIG_FILE + ".tmp"),
              os.path.join(cell_dir, ckpt.CONFIG_FILE))
-  shutil.copyfile(os.path.join(run_dir, ckpt.TOKENIZER_FILE),
-                  os.path.join(cell_dir, ckpt.TOKENIZER_FILE))
+  tok = ckpt.tokenizer_file(run_dir)
+  shutil.copyfile(tok, os.path.join(cell_dir, os.path.basename(tok)))
   for name in (ckpt.CHECKPOINT_DIR, "metrics.jsonl"):
     link = os.path.join(cell_dir, name)
     if os.path.lexists(link):

@@ -80,6 +80,10 @@ def _init_boxed(cfg: Config, key: jax.Array):
   k_main, k_head = jax.random.split(key)
   tokens = jnp.zeros((1, 2), jnp.int32)
   main = main_module(cfg).init(k_main, tokens)["params"]
+  return {"main": main, "head": _init_head_boxed(cfg, k_head)}
+
+
+def _init_head_boxed(cfg: Config, k_head: jax.Array):
   D = cfg.model.d_model
   sources = tuple(jnp.zeros((1, D), jnp.dtype(cfg.model.dtype)) for _ in cfg.head.source_layers)
   embed = jnp.zeros((cfg.model.vocab_size, D), jnp.dtype(cfg.model.param_dtype))
@@ -89,7 +93,7 @@ def _init_boxed(cfg: Config, key: jax.Array):
                                  embed, one, one, jnp.ones((1, 1, 1), bool))["params"]
   else:
     head = head_module(cfg).init(k_head, sources, jnp.zeros((1, 1), jnp.int32), embed)["params"]
-  return {"main": main, "head": head}
+  return head
 
 
 def param_specs(cfg: Config):
@@ -137,21 +141,33 @@ def to_plain_layout(params):
   return {**params, "main": main}
 
 
+def _rbg(key: jax.Array) -> jax.Array:
+  # Initializers draw from an RBG key seeded by `key`: XLA compiles one
+  # threefry per parameter otherwise, which dominates start-up on a CPU.
+  return jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl="rbg")
+
+
 @functools.lru_cache(maxsize=16)
-def _init_fn(cfg: Config, mesh: Mesh | None):
-  def init(key):
-    # Initializers draw from an RBG key seeded by `key`: XLA compiles one
-    # threefry per parameter otherwise, which dominates start-up on a CPU.
-    rbg = jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl="rbg")
-    return nn.meta.unbox(_init_boxed(cfg, rbg))
-  if mesh is None:
-    return jax.jit(init)
-  return jax.jit(init, out_shardings=param_shardings(cfg, mesh))
+def _init_fn(cfg: Config, mesh: Mesh | None, head_only: bool = False):
+  if head_only:
+    init = lambda key: nn.meta.unbox(  # noqa: E731
+        _init_head_boxed(cfg, jax.random.split(_rbg(key))[1]))
+    shardings = None if mesh is None else param_shardings(cfg, mesh)["head"]
+  else:
+    init = lambda key: nn.meta.unbox(_init_boxed(cfg, _rbg(key)))  # noqa: E731
+    shardings = None if mesh is None else param_shardings(cfg, mesh)
+  return jax.jit(init) if mesh is None else jax.jit(init, out_shardings=shardings)
 
 
 def init_params(cfg: Config, key: jax.Array, mesh: Mesh | None = None):
   """Random parameters {"main": ..., "head": ...}; sharded by the rules on `mesh`."""
   return _init_fn(cfg, mesh)(key)
+
+
+def init_head_params(cfg: Config, key: jax.Array, mesh: Mesh | None = None):
+  """The head's part of `init_params(cfg, key)`, without initialising the main
+  model (for a main model that comes from elsewhere: `mtcot_jax.hf`)."""
+  return _init_fn(cfg, mesh, True)(key)
 
 
 def unembed_matrix(cfg: Config, params) -> jax.Array:

@@ -30,6 +30,8 @@ class BlockDims:
   dtype: str
   param_dtype: str
   embed_axis: str = "embed"   # the logical name of this block's width dimension
+  rope_scaling: tuple = ()    # ModelConfig.rope_scaling
+  qkv_bias: bool = False
 
 
 def _param(module: nn.Module, name: str, shape, names, std: float, dtype):
@@ -51,10 +53,32 @@ class RMSNorm(nn.Module):
     return (y * scale.astype(jnp.float32)).astype(jnp.dtype(self.dtype))
 
 
-def rope(x_BxTxNxDh: jax.Array, pos_BxT: jax.Array, theta: float) -> jax.Array:
+def rope_frequencies(dh: int, theta: float, scaling: tuple = ()) -> jax.Array:
+  """(Dh/2,) float32 angular frequencies theta^(-2i/Dh), with Hugging Face's
+  `linear` (all divided by the factor) or `llama3` scaling (wavelengths longer
+  than original_len / low_freq_factor divided by the factor, shorter than
+  original_len / high_freq_factor kept, interpolated smoothly in between)."""
+  freq = 1.0 / (theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
+  if not scaling:
+    return freq
+  s = dict(scaling)
+  factor = float(s["factor"])
+  if s["type"] == "linear":
+    return freq / factor
+  lo, hi = float(s["low_freq_factor"]), float(s["high_freq_factor"])
+  old_len = float(s["original_max_position_embeddings"])
+  wavelen = 2 * jnp.pi / freq
+  smooth = (old_len / wavelen - lo) / (hi - lo)
+  mid = (1 - smooth) * freq / factor + smooth * freq
+  return jnp.where(wavelen < old_len / hi, freq, jnp.where(wavelen > old_len / lo,
+                                                            freq / factor, mid))
+
+
+def rope(x_BxTxNxDh: jax.Array, pos_BxT: jax.Array, theta: float,
+         scaling: tuple = ()) -> jax.Array:
   """Rotary position embedding (rotate-half form), computed in float32."""
   dh = x_BxTxNxDh.shape[-1]
-  freq = theta ** (-jnp.arange(0, dh, 2, dtype=jnp.float32) / dh)            # (Dh/2,)
+  freq = rope_frequencies(dh, theta, scaling)                                # (Dh/2,)
   ang_BxTx1xR = (pos_BxT.astype(jnp.float32)[..., None] * freq)[:, :, None, :]
   sin, cos = jnp.sin(ang_BxTx1xR), jnp.cos(ang_BxTx1xR)
   x = x_BxTxNxDh.astype(jnp.float32)
@@ -87,9 +111,18 @@ class Attention(nn.Module):
     wo = _param(self, "o", (H, Dh, D), ("heads", "head_dim", ax), d.init_std, d.param_dtype)
 
     x = x_BxTxD.astype(dt)
-    q_BxTxHxDh = rope(jnp.einsum("btd,dhk->bthk", x, wq.astype(dt)), pos_BxT, d.rope_theta)
-    k_BxTxKxDh = rope(jnp.einsum("btd,dhk->bthk", x, wk.astype(dt)), pos_BxT, d.rope_theta)
+    q_BxTxHxDh = jnp.einsum("btd,dhk->bthk", x, wq.astype(dt))
+    k_BxTxKxDh = jnp.einsum("btd,dhk->bthk", x, wk.astype(dt))
     v_BxTxKxDh = jnp.einsum("btd,dhk->bthk", x, wv.astype(dt))
+    if d.qkv_bias:
+      bias = lambda name, n: self.param(  # noqa: E731
+          name, nn.with_logical_partitioning(nn.initializers.zeros, (n, "head_dim")),
+          (H if n == "heads" else K, Dh), jnp.dtype(d.param_dtype)).astype(dt)
+      q_BxTxHxDh += bias("q_bias", "heads")
+      k_BxTxKxDh += bias("k_bias", "kv_heads")
+      v_BxTxKxDh += bias("v_bias", "kv_heads")
+    q_BxTxHxDh = rope(q_BxTxHxDh, pos_BxT, d.rope_theta, d.rope_scaling)
+    k_BxTxKxDh = rope(k_BxTxKxDh, pos_BxT, d.rope_theta, d.rope_scaling)
     q_BxTxHxDh = self.shard(q_BxTxHxDh, ("batch", "length", "act_heads", None))
 
     B, T = q_BxTxHxDh.shape[:2]

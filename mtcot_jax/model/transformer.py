@@ -59,7 +59,8 @@ def block_dims(cfg: ModelConfig) -> BlockDims:
   return BlockDims(d_model=cfg.d_model, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
                    head_dim=cfg.dh, mlp_dim=cfg.mlp_dim, rope_theta=cfg.rope_theta,
                    norm_eps=cfg.norm_eps, init_std=cfg.init_std, dtype=cfg.dtype,
-                   param_dtype=cfg.param_dtype)
+                   param_dtype=cfg.param_dtype, rope_scaling=cfg.rope_scaling,
+                   qkv_bias=cfg.qkv_bias)
 
 
 class Transformer(nn.Module):

@@ -28,7 +28,8 @@ from mtcot_jax.config import Config, ConfigError, load_config, save_config
 from mtcot_jax.model import api
 
 CONFIG_FILE = "config.yaml"
-TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILE = "tokenizer.model"         # a sentencepiece model (the tokenizer trained here)
+HF_TOKENIZER_FILE = "tokenizer.json"       # a Hugging Face checkpoint's (data/hf_tokenizer.py)
 TOKENIZER_SHA_FILE = "tokenizer.sha256"
 CHECKPOINT_DIR = "checkpoints"
 
@@ -173,7 +174,24 @@ def workdir_lock(workdir: str):
     os.close(fd)                 # closing the descriptor releases the lock
 
 
-def write_run_files(workdir: str, cfg: Config, tokenizer_path: str) -> None:
+def tokenizer_file(workdir: str) -> str:
+  """The path of a workdir's tokenizer: tokenizer.model, or tokenizer.json for a
+  run started from a Hugging Face checkpoint. Raises FileNotFoundError."""
+  for name in (TOKENIZER_FILE, HF_TOKENIZER_FILE):
+    path = os.path.join(workdir, name)
+    if os.path.exists(path):
+      return path
+  raise FileNotFoundError(f"{workdir} has no {TOKENIZER_FILE} (or {HF_TOKENIZER_FILE}); "
+                          "accepted: a run directory as train.py writes it (config.yaml, "
+                          "the tokenizer, checkpoints/)")
+
+
+def _tokenizer_bytes(tok) -> tuple[str, bytes]:
+  """(file name, contents) of `tok` as a workdir keeps it."""
+  return (HF_TOKENIZER_FILE if hasattr(tok, "backend") else TOKENIZER_FILE), tok.serialize()
+
+
+def write_run_files(workdir: str, cfg: Config, tok) -> None:
   """config.yaml and the tokenizer, next to the checkpoints (kept if present)."""
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, CONFIG_FILE)
@@ -186,20 +204,24 @@ def write_run_files(workdir: str, cfg: Config, tokenizer_path: str) -> None:
   tmp = path + ".tmp"
   save_config(cfg, tmp)
   os.replace(tmp, path)   # atomic: a crash never leaves a half-written config
-  tok = os.path.join(workdir, TOKENIZER_FILE)
-  if os.path.exists(tok):
-    if os.path.abspath(tok) != os.path.abspath(tokenizer_path) and \
-        _sha256(tok) != _sha256(tokenizer_path):
-      raise ConfigError(f"{tok} differs from the tokenizer this run trains with "
-                        f"({tokenizer_path}); accepted: the same tokenizer to resume, or a new "
-                        "train.workdir")
-  else:
-    shutil.copyfile(tokenizer_path, tok + ".tmp")
-    os.replace(tok + ".tmp", tok)
+  name, data = _tokenizer_bytes(tok)
+  dest = os.path.join(workdir, name)
+  other = [n for n in (TOKENIZER_FILE, HF_TOKENIZER_FILE)
+           if n != name and os.path.exists(os.path.join(workdir, n))]
+  if other or (os.path.exists(dest) and _sha256(dest) != hashlib.sha256(data).hexdigest()):
+    raise ConfigError(f"{os.path.join(workdir, (other or [name])[0])} differs from the "
+                      f"tokenizer this run trains with ({tok.path or 'in memory'}); accepted: "
+                      "the same tokenizer to resume, or a new train.workdir")
+  if not os.path.exists(dest):
+    with open(dest + ".tmp", "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(dest + ".tmp", dest)
   sha = os.path.join(workdir, TOKENIZER_SHA_FILE)
   if not os.path.exists(sha):
     with open(sha + ".tmp", "w") as f:
-      f.write(_sha256(tok) + "\n")
+      f.write(_sha256(dest) + "\n")
     os.replace(sha + ".tmp", sha)
 
 
@@ -211,7 +233,7 @@ def _sha256(path: str) -> str:
 def check_tokenizer(workdir: str, cfg: Config, tok) -> None:
   """The workdir's tokenizer is the one the run was trained with (its sha256 is
   recorded when the run starts) and fits the model's vocabulary."""
-  path = os.path.join(workdir, TOKENIZER_FILE)
+  path = tokenizer_file(workdir)
   sha = os.path.join(workdir, TOKENIZER_SHA_FILE)
   if os.path.exists(sha):
     with open(sha) as f:
@@ -219,11 +241,11 @@ def check_tokenizer(workdir: str, cfg: Config, tok) -> None:
     if _sha256(path) != want:
       raise ValueError(f"{path} is not the tokenizer this run was trained with (its sha256 "
                        f"differs from the one recorded in {sha}); accepted: the run's own "
-                       "tokenizer.model")
+                       f"{os.path.basename(path)}")
   if tok.vocab_size > cfg.model.vocab_size:
     raise ValueError(f"{path} has {tok.vocab_size} pieces, more than the run's "
                      f"model.vocab_size={cfg.model.vocab_size}: it is not this run's tokenizer; "
-                     "accepted: the run's own tokenizer.model")
+                     f"accepted: the run's own {os.path.basename(path)}")
 
 
 def _model_part(cfg: Config):
@@ -275,10 +297,6 @@ def load_run(workdir: str, mesh: Mesh | None = None, step: int | None = None) ->
     raise FileNotFoundError(f"{workdir} is not a run directory: no {CONFIG_FILE} in it")
   cfg = load_config(path)
   params, step = restore_params(workdir, cfg, mesh, step)
-  tok_path = os.path.join(workdir, TOKENIZER_FILE)
-  if not os.path.exists(tok_path):
-    raise FileNotFoundError(f"{workdir} has no {TOKENIZER_FILE}; accepted: a run directory "
-                            "as train.py writes it (config.yaml, tokenizer.model, checkpoints/)")
-  tok = load_tokenizer(tok_path)
+  tok = load_tokenizer(tokenizer_file(workdir))
   check_tokenizer(workdir, cfg, tok)
   return Run(cfg=cfg, params=params, tokenizer=tok, step=step, workdir=workdir)

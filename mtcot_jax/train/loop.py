@@ -36,13 +36,52 @@ def _jsonable(metrics: dict) -> dict:
   return out
 
 
+TENSORBOARD_DIR = "tensorboard"   # beside metrics.jsonl: `tensorboard --logdir WORKDIR/tensorboard`
+
+
+def tb_scalars(record: dict) -> dict[str, float]:
+  """The TensorBoard scalars of one metrics.jsonl record, by tag.
+
+  A training record's numbers keep their names (`loss`, `lr`, `kl`, ...); a list
+  (one entry per head depth) gives `head_acc/depth1` .. `head_acc/depthK`; an
+  evaluation, or a summary's final one, gives `eval/<setting>/<name>`
+  (`eval/k5/accuracy`). `step` is the x axis, not a scalar; `finite` is always 1
+  in a logged record (a non-finite step stops the run first).
+  """
+  if "summary" in record:
+    return _flat("eval", record["summary"].get("eval", {}))
+  if "eval" in record:
+    return _flat("eval", record["eval"])
+  return _flat("", {k: v for k, v in record.items() if k not in ("step", "finite")})
+
+
+def _flat(prefix: str, value) -> dict[str, float]:
+  if isinstance(value, dict):
+    out = {}
+    for k, v in value.items():
+      out.update(_flat(f"{prefix}/{k}" if prefix else k, v))
+    return out
+  if isinstance(value, (list, tuple)):
+    return {f"{prefix}/depth{j + 1}": float(v) for j, v in enumerate(value)
+            if isinstance(v, (int, float))}
+  if isinstance(value, (int, float)):
+    return {prefix: float(value)}
+  return {}                                      # text: not a curve
+
+
 class MetricsLog:
-  """Appends one JSON object per line to workdir/metrics.jsonl (process 0 only).
+  """Appends one JSON object per line to workdir/metrics.jsonl and writes the same
+  numbers as TensorBoard scalars (`tb_scalars`) under workdir/tensorboard, on
+  process 0 only.
 
   A run resumed from its checkpoint at step `resume_step` first drops what an
   interrupted session logged after that checkpoint (those steps are about to be
   run and logged again), its summaries, and a last line cut short by a kill, so
-  that every step appears once; the file is rewritten atomically.
+  that every step appears once; the file is rewritten atomically. Its new event
+  file starts with a purge at `resume_step` (TensorBoard hides the events of
+  earlier files from that step on; tensorboardX's `purge_step`), then repeats the
+  kept records of `resume_step` itself, so that TensorBoard shows what
+  metrics.jsonl holds. Call close() at the end (it flushes the event file).
   """
 
   def __init__(self, workdir: str, resume_step: int | None = None):
@@ -50,13 +89,31 @@ class MetricsLog:
     self.enabled = jax.process_index() == 0
     self.eval_steps: set[int] = set()    # steps whose evaluation is logged
     self.last_record: dict = {}          # the last training step's record kept
-    if self.enabled and resume_step is not None and os.path.exists(self.path):
-      self._truncate(resume_step)
+    self.writer = None
+    if not self.enabled:
+      return
+    at_resume = []
+    if resume_step is not None and os.path.exists(self.path):
+      at_resume = self._truncate(resume_step)
+    from tensorboardX import SummaryWriter
+    tb_dir = os.path.join(workdir, TENSORBOARD_DIR)
+    os.makedirs(tb_dir, exist_ok=True)
+    # Event files are read in name order: time (whole seconds), host, then this
+    # session's number, which orders two sessions started within one second.
+    # The writer's thread writes the events and flushes them within flush_secs
+    # (its flush() does not wait for the thread): a kill loses about a second.
+    session = sum(1 for f in os.listdir(tb_dir) if ".tfevents." in f)
+    self.writer = SummaryWriter(tb_dir, purge_step=resume_step, flush_secs=1,
+                                filename_suffix=f".{session:04d}")
+    for record in at_resume:
+      self._add_scalars(record)
 
-  def _truncate(self, resume_step: int) -> None:
+  def _truncate(self, resume_step: int) -> list[dict]:
+    """Rewrites metrics.jsonl without the records after `resume_step`; returns the
+    kept records of `resume_step` itself."""
     with open(self.path) as f:
       lines = f.read().split("\n")
-    kept = []
+    kept, at_resume = [], []
     for line in lines:
       try:
         record = json.loads(line)
@@ -65,6 +122,8 @@ class MetricsLog:
       if isinstance(record, dict) and record.get("step", 0) <= resume_step \
           and "summary" not in record:
         kept.append(line)
+        if record.get("step") == resume_step:
+          at_resume.append(record)
         if "eval" in record:
           self.eval_steps.add(record["step"])
         elif "loss" in record:
@@ -76,11 +135,24 @@ class MetricsLog:
         f.flush()
         os.fsync(f.fileno())
       os.replace(tmp, self.path)
+    return at_resume
+
+  def _add_scalars(self, record: dict) -> None:
+    for tag, value in tb_scalars(record).items():
+      self.writer.add_scalar(tag, value, global_step=record["step"])
 
   def write(self, record: dict) -> None:
     if self.enabled:
       with open(self.path, "a") as f:
         f.write(json.dumps(record) + "\n")
+      if self.writer is not None:
+        self._add_scalars(record)
+        self.writer.flush()
+
+  def close(self) -> None:
+    if self.writer is not None:
+      self.writer.close()
+      self.writer = None
 
 
 def check_finite(metrics: dict, step: int, mngr, workdir: str) -> None:
@@ -144,6 +216,7 @@ def run_steps(cfg: Config, state, mngr, step_fn, *, desc: str, t_start: float,
     if stop_after is not None and done - start >= stop_after:
       mngr.wait_until_finished()
       mngr.close()
+      log.close()
       return {"stopped_at": done}
   bar.close()
   if int(state.step) > 0 and mngr.latest_step() != int(state.step):
@@ -156,6 +229,7 @@ def run_steps(cfg: Config, state, mngr, step_fn, *, desc: str, t_start: float,
              "wall_seconds": round(time.perf_counter() - t_start, 1), "final": record,
              "eval": evals}
   log.write({"step": int(state.step), "summary": summary})
+  log.close()
   return {**summary, "params": state.params}
 
 
@@ -204,13 +278,29 @@ def sample_generation(cfg: Config, params, tok, k: int, index: int = 0) -> str:
           + f"\nforward passes: {res.forward_passes[0]}, tokens: {res.lengths[0]}")
 
 
+def _hf_tokenizer(path: str):
+  from mtcot_jax.data.hf_tokenizer import from_hf_dir
+  tok, _ = from_hf_dir(path)
+  if tok is None:
+    raise ConfigError(f"train.init_from_hf={path!r} has no tokenizer.json or tokenizer.model; "
+                      "accepted: a Hugging Face directory with its tokenizer")
+  return tok
+
+
 def _init_params(cfg: Config, mesh, mngr):
   """The parameters of the run in train.init_from (a fresh optimizer starts on them),
   or None: random ones. Not read when this workdir already has a checkpoint."""
   src = cfg.train.init_from
-  if not src or mngr.latest_step() is not None:
+  if mngr.latest_step() is not None:
     return None
   from mtcot_jax.model import api
+  if cfg.train.init_from_hf:
+    from mtcot_jax import hf
+    params = hf.load_hf(cfg.train.init_from_hf, base=cfg,
+                        key=jax.random.split(jax.random.key(cfg.train.seed))[0]).params
+    return params if mesh is None else jax.device_put(params, api.param_shardings(cfg, mesh))
+  if not src:
+    return None
   run = ckpt.load_run(src, mesh)
   if api.param_shapes(run.cfg) != api.param_shapes(cfg):
     raise ConfigError(f"train.init_from={src!r}: its model/head config differs from this one; "
@@ -233,14 +323,19 @@ def _train(cfg: Config, stop_after: int | None, progress: bool) -> dict:
   t = cfg.train
   if t.init_from:
     ckpt.check_init_from(t.init_from, t.workdir)
+  if t.init_from_hf:   # the model section is the checkpoint's
+    from mtcot_jax import hf
+    cfg = hf.config_for(t.init_from_hf, base=cfg)
   mesh = shd.make_mesh(cfg)
   if t.init_from and not cfg.data.tokenizer:   # the ids the parameters were trained on
-    tok = mdata.load_tokenizer(os.path.join(t.init_from, ckpt.TOKENIZER_FILE))
+    tok = mdata.load_tokenizer(ckpt.tokenizer_file(t.init_from))
+  elif t.init_from_hf:
+    tok = _hf_tokenizer(t.init_from_hf)
   else:
     tok = mdata.tokenizer_for(cfg)
   _check_vocab(cfg, tok)
   if jax.process_index() == 0:
-    ckpt.write_run_files(t.workdir, cfg, tok.path)
+    ckpt.write_run_files(t.workdir, cfg, tok)
   it = mdata.make_train_iterator(cfg, tok)
   optimizer = optim.make_optimizer(cfg, frozen=("main",) if t.freeze_main else ())
   mngr = ckpt.manager(t.workdir, cfg)

@@ -10,11 +10,15 @@ from mtcot_jax.config import Config
 
 
 def schedule(cfg: Config) -> optax.Schedule:
+  """The learning rate at each optimizer update. RL takes rl.updates_per_batch
+  updates per step, so its warmup and decay span steps x updates_per_batch
+  updates (train.steps and train.warmup_steps still count steps)."""
   t = cfg.train
-  warmup = min(t.warmup_steps, max(t.steps - 1, 0))
+  per = cfg.rl.updates_per_batch if t.stage == "rl" else 1
+  warmup = min(t.warmup_steps, max(t.steps - 1, 0)) * per
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=t.learning_rate, warmup_steps=warmup,
-      decay_steps=max(t.steps, warmup + 1), end_value=t.learning_rate * t.min_lr_ratio)
+      decay_steps=max(t.steps * per, warmup + 1), end_value=t.learning_rate * t.min_lr_ratio)
 
 
 def module_labels(params, frozen: tuple[str, ...] = ()):

@@ -98,7 +98,7 @@ def _train_rl(cfg: Config, stop_after: int | None, progress: bool) -> dict:
                       "accepted: the same model and head shapes")
   tok = sft.tokenizer
   if jax.process_index() == 0:
-    ckpt.write_run_files(t.workdir, cfg, tok.path)
+    ckpt.write_run_files(t.workdir, cfg, tok)
   task = builders.task_for(cfg.data)
   source = builders.split_source(cfg.data, "train")
   frozen = tuple(m for m, on in (("main", r.train_main), ("head", r.train_head)) if not on)
@@ -146,7 +146,9 @@ def _train_rl(cfg: Config, stop_after: int | None, progress: bool) -> dict:
                  accuracy=float(correct.mean()), k=k,
                  pass_fraction=float(pass_fraction(res).mean()),
                  cot_tokens=float(np.mean(np.sum(res.phase == 0, 1))),
-                 forward_passes=float(res.forward_passes.mean()))
+                 forward_passes=float(res.forward_passes.mean()),
+                 # the optimizer counts updates, rl.updates_per_batch per step
+                 lr=float(optim.schedule(cfg)(step * r.updates_per_batch)))
       return out
     return state, record
 
