@@ -214,6 +214,10 @@ class DecodeConfig:
   # (the CoT too: lossless). See decode.py.
   verify: str = "none"
   temperature: float = 0.0     # 0: greedy
+  # The ids that end the sequence and the CoT when `generate` is not given them; -1:
+  # mtcot_jax's tokenizers' (2, 5). train.init_from_hf records its tokenizer's here.
+  eos_id: int = -1
+  think_end_id: int = -1
   top_k: int = 0               # 0: off
   top_p: float = 1.0
 

@@ -140,4 +140,8 @@ def validate(cfg) -> None:
          "none, answer (the answer phase verified) or all (the CoT too)")
   _check(dec.temperature >= 0, "decode.temperature", dec.temperature, "a number >= 0 (0: greedy)")
   _check(dec.top_k >= 0, "decode.top_k", dec.top_k, "an int >= 0 (0: off)")
+  for key in ("eos_id", "think_end_id"):
+    v = getattr(dec, key)
+    _check(-1 <= v < m.vocab_size, f"decode.{key}", v,
+           f"-1 (mtcot_jax's tokenizers' id) or an id in [0, model.vocab_size={m.vocab_size})")
   _check(0 < dec.top_p <= 1, "decode.top_p", dec.top_p, "a number in (0, 1]")

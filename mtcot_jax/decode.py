@@ -451,8 +451,8 @@ def _validate(cfg: Config, prompt, lens, k: int, max_cot: int, max_answer: int) 
 def generate(cfg: Config, params, prompt_tokens, prompt_lengths, key: jax.Array, *,
              k: int | None = None, temperature: float | None = None, top_k: int | None = None,
              top_p: float | None = None, max_cot_tokens: int | None = None,
-             max_answer_tokens: int | None = None, eos_id: int = EOS_ID,
-             think_end_id: int = THINK_END_ID, mesh: Mesh | None = None,
+             max_answer_tokens: int | None = None, eos_id: int | None = None,
+             think_end_id: int | None = None, mesh: Mesh | None = None,
              head_threshold: float | None = None, verify: str | None = None) -> GenerateResult:
   """Two-phase generation for a batch of left-aligned prompts.
 
@@ -485,6 +485,10 @@ def generate(cfg: Config, params, prompt_tokens, prompt_lengths, key: jax.Array,
   lens = np.asarray(prompt_lengths)
   tau = d.head_threshold if head_threshold is None else float(head_threshold)
   verify = d.verify if verify is None else verify
+  if eos_id is None:
+    eos_id = d.eos_id if d.eos_id >= 0 else EOS_ID
+  if think_end_id is None:
+    think_end_id = d.think_end_id if d.think_end_id >= 0 else THINK_END_ID
   _validate(cfg, prompt, lens, k, max_cot, max_answer)
   if not 0.0 <= tau < 1.0:
     raise ValueError(f"head_threshold={tau} is not accepted: a number in [0, 1)")

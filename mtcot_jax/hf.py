@@ -115,14 +115,17 @@ def model_fields(hf: dict) -> dict[str, Any]:
 def config_for(path: str, base: Config | None = None, overrides: Sequence[str] = ()) -> Config:
   """`base` (or the defaults) with the model section of the checkpoint at `path`
   (compute/param dtypes, scan_layers and remat kept from `base`) and `overrides`
-  applied after. The vocabulary grows by the thinking tokens the tokenizer lacks."""
+  applied after. The vocabulary grows by the thinking tokens the tokenizer lacks,
+  and decode.eos_id / decode.think_end_id are the tokenizer's."""
   from mtcot_jax.config import parse_override
   hf = read_config(path)
   fields = model_fields(hf)
-  tok_vocab = _tokenizer_vocab_after_adding(path)
-  if tok_vocab is not None:
-    fields["vocab_size"] = max(fields["vocab_size"], tok_vocab)
+  from mtcot_jax.data.hf_tokenizer import from_hf_dir
+  tok, _ = from_hf_dir(path)
   sections = (base or Config()).to_dict()
+  if tok is not None:   # the vocabulary grows by the thinking tokens; generate's stop ids
+    fields["vocab_size"] = max(fields["vocab_size"], tok.vocab_size)
+    sections["decode"].update(eos_id=tok.eos_id, think_end_id=tok.think_end_id)
   for text in overrides:
     section, key, value = parse_override(text)
     if section == "model" and key in fields:
@@ -132,12 +135,6 @@ def config_for(path: str, base: Config | None = None, overrides: Sequence[str] =
     sections[section][key] = value
   sections["model"].update(fields)
   return config_from_dict(sections)
-
-
-def _tokenizer_vocab_after_adding(path: str) -> int | None:
-  from mtcot_jax.data.hf_tokenizer import from_hf_dir
-  tok, _ = from_hf_dir(path)
-  return None if tok is None else tok.vocab_size
 
 
 def read_weights(path: str) -> dict[str, np.ndarray]:

@@ -240,8 +240,9 @@ def test_sft_from_hf_then_decode(tmp_path):
   ids = mt.encode_prompt(run.tokenizer, q)
   res = mt.generate(run.cfg, run.params, jnp.asarray([ids], jnp.int32),
                     jnp.asarray([len(ids)], jnp.int32), jax.random.key(0), k=2,
-                    max_cot_tokens=8, max_answer_tokens=4, eos_id=run.tokenizer.eos_id,
-                    think_end_id=run.tokenizer.think_end_id)
+                    max_cot_tokens=8, max_answer_tokens=4)   # the stop ids: the config's
+  assert (run.cfg.decode.eos_id, run.cfg.decode.think_end_id) == (
+      run.tokenizer.eos_id, run.tokenizer.think_end_id)
   assert int(res.forward_passes[0]) >= 1
 
 
