@@ -12,9 +12,11 @@ as x @ W.T; ours are (in, ...) einsum kernels, so q_proj (H*Dh, D) becomes q
 (D, H, Dh) = W.T reshaped, o_proj (D, H*Dh) becomes o (H, Dh, D). Qwen2's q/k/v
 biases become `model.qkv_bias`; RoPE's theta and `linear`/`llama3` scaling,
 RMSNorm's eps, tied or untied embeddings and the head dimension come from the
-config. Where the tokenizer lacks `<think>`/`</think>` they are appended
-(`data/hf_tokenizer.py`) and the embedding (and unembedding) grow by rows set to
-the mean of the existing ones, so the new tokens start as an average token.
+config (a tied checkpoint that stores an lm_head.weight unlike its embedding is
+untied, as transformers does). Where the tokenizer lacks `<think>`/`</think>`
+they are appended (`data/hf_tokenizer.py`) and the embedding (and unembedding)
+grow by rows set to the mean of the existing ones (in a padded vocabulary they
+take unused rows, set the same way), so the new tokens start as an average token.
 
 Export writes a `LlamaForCausalLM` directory that `transformers` loads: a model
 with q/k/v biases (imported from Qwen2) is a Llama with `attention_bias` and an
@@ -28,6 +30,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
+import struct
 from typing import Any, Sequence
 
 import jax
@@ -71,11 +75,12 @@ def read_config(path: str) -> dict:
 
 
 def _rope(hf: dict) -> tuple[float, dict]:
-  """(theta, scaling) from either form: transformers 5 `rope_parameters`, or
-  `rope_theta` + `rope_scaling` (older files)."""
-  params = dict(hf.get("rope_parameters") or {})
-  theta = float(params.pop("rope_theta", hf.get("rope_theta", 10000.0)))
-  scaling = params or dict(hf.get("rope_scaling") or {})
+  """(theta, scaling) as transformers reads them: `rope_scaling` (older files)
+  where set, else transformers 5's `rope_parameters`; theta from that dict or
+  the top-level `rope_theta`; llama3's original length from the top level, the
+  dict, or max_position_embeddings, in that order."""
+  scaling = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+  theta = float(scaling.pop("rope_theta", None) or hf.get("rope_theta") or 10000.0)
   kind = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
   if kind == "default":
     return theta, {}
@@ -84,6 +89,14 @@ def _rope(hf: dict) -> tuple[float, dict]:
   if kind not in keep:
     raise ValueError(f"RoPE scaling {kind!r} is not supported; accepted: default, "
                      "linear, llama3")
+  if kind == "llama3":
+    scaling["original_max_position_embeddings"] = (
+        hf.get("original_max_position_embeddings")
+        or scaling.get("original_max_position_embeddings") or hf.get("max_position_embeddings"))
+  missing = [k for k in keep[kind] if scaling.get(k) is None]
+  if missing:
+    raise ValueError(f"RoPE scaling {kind!r} in config.json lacks {missing}; accepted: "
+                     f"{list(keep[kind])} all given")
   return theta, {"type": kind, **{k: scaling[k] for k in keep[kind]}}
 
 
@@ -120,6 +133,8 @@ def config_for(path: str, base: Config | None = None, overrides: Sequence[str] =
   from mtcot_jax.config import parse_override
   hf = read_config(path)
   fields = model_fields(hf)
+  if fields["tie_embeddings"] and _unties(path):
+    fields["tie_embeddings"] = False
   from mtcot_jax.data.hf_tokenizer import from_hf_dir
   tok, _ = from_hf_dir(path)
   sections = (base or Config()).to_dict()
@@ -137,29 +152,56 @@ def config_for(path: str, base: Config | None = None, overrides: Sequence[str] =
   return config_from_dict(sections)
 
 
+def _weight_files(path: str) -> list[str]:
+  """The checkpoint's safetensors files (one, or the shards of its index)."""
+  index = os.path.join(path, "model.safetensors.index.json")
+  if os.path.exists(index):
+    return sorted(set(_read_json(index)["weight_map"].values()))
+  if os.path.exists(os.path.join(path, "model.safetensors")):
+    return ["model.safetensors"]
+  raise FileNotFoundError(f"{path} has no model.safetensors (or its index); accepted: "
+                          "safetensors weights as save_pretrained writes them")
+
+
 def read_weights(path: str) -> dict[str, np.ndarray]:
   """Every tensor of the checkpoint (model.safetensors, or the shards its
   model.safetensors.index.json lists) as float32 numpy arrays."""
   from safetensors import safe_open
-  index = os.path.join(path, "model.safetensors.index.json")
-  if os.path.exists(index):
-    files = sorted(set(_read_json(index)["weight_map"].values()))
-  elif os.path.exists(os.path.join(path, "model.safetensors")):
-    files = ["model.safetensors"]
-  else:
-    raise FileNotFoundError(f"{path} has no model.safetensors (or its index); accepted: "
-                            "safetensors weights as save_pretrained writes them")
   out = {}
-  for name in files:
+  for name in _weight_files(path):
     with safe_open(os.path.join(path, name), framework="flax") as f:
       for key in f.keys():
         out[key] = np.asarray(f.get_tensor(key).astype(jnp.float32))
   return out
 
 
-def main_params_from_hf(cfg: Config, weights: dict[str, np.ndarray]) -> dict:
+def _raw_tensor(path: str, name: str) -> tuple | None:
+  """(dtype, shape, bytes) of one stored tensor, or None; read without JAX (this
+  runs before the distributed runtime starts) and whatever the dtype (bf16)."""
+  for file in _weight_files(path):
+    with open(os.path.join(path, file), "rb") as f:
+      n = struct.unpack("<Q", f.read(8))[0]
+      info = json.loads(f.read(n)).get(name)
+      if info is not None:
+        start, end = info["data_offsets"]
+        f.seek(8 + n + start)
+        return info["dtype"], info["shape"], f.read(end - start)
+  return None
+
+
+def _unties(path: str) -> bool:
+  """Whether a checkpoint with tie_word_embeddings stores an lm_head.weight unlike
+  its embedding: transformers then leaves the two untied, and so does the import."""
+  head = _raw_tensor(path, "lm_head.weight")
+  return head is not None and head != _raw_tensor(path, "model.embed_tokens.weight")
+
+
+def main_params_from_hf(cfg: Config, weights: dict[str, np.ndarray],
+                        new_ids: Sequence[int] = ()) -> dict:
   """The main model's parameters (plain layout, float32 numpy) from Hugging Face
-  tensors; the vocabulary is padded to cfg.model.vocab_size with mean rows."""
+  tensors. Rows past the checkpoint's vocabulary (up to cfg.model.vocab_size) and
+  those of `new_ids` (tokens appended to the tokenizer, which in a padded
+  vocabulary take unused rows) are the mean of the rows below them."""
   m = cfg.model
   H, K, Dh, D = m.num_heads, m.num_kv_heads, m.dh, m.d_model
   used = set()
@@ -175,10 +217,11 @@ def main_params_from_hf(cfg: Config, weights: dict[str, np.ndarray]) -> dict:
     return w
 
   def grow(w_VxD):
-    extra = m.vocab_size - w_VxD.shape[0]
-    if extra <= 0:
-      return w_VxD
-    return np.concatenate([w_VxD, np.repeat(w_VxD.mean(0, keepdims=True), extra, 0)])
+    V0 = w_VxD.shape[0]
+    mean_1xD = w_VxD[:min([V0, *new_ids])].mean(0, keepdims=True)
+    out = np.concatenate([w_VxD, np.repeat(mean_1xD, max(0, m.vocab_size - V0), 0)])
+    out[[i for i in new_ids if i < V0]] = mean_1xD
+    return out
 
   V0 = weights["model.embed_tokens.weight"].shape[0] if "model.embed_tokens.weight" in \
       weights else m.vocab_size
@@ -208,7 +251,8 @@ def main_params_from_hf(cfg: Config, weights: dict[str, np.ndarray]) -> dict:
                 "up": get(p + "mlp.up_proj.weight", (m.mlp_dim, D)).T,
                 "down": get(p + "mlp.down_proj.weight", (D, m.mlp_dim)).T},
         "mlp_norm": {"scale": get(p + "post_attention_layernorm.weight", (D,))}}
-  left = sorted(set(weights) - used - {"lm_head.weight"})  # a tied checkpoint may keep it
+  left = sorted(k for k in set(weights) - used - {"lm_head.weight"}   # a tied one may keep it
+                if not k.endswith("rotary_emb.inv_freq"))   # old files; transformers skips them
   if left:
     raise ValueError(f"the checkpoint has tensors this model does not use: {left[:5]}"
                      f"{' ...' if len(left) > 5 else ''}")
@@ -284,11 +328,13 @@ def load_hf(path: str, overrides: Sequence[str] = (), key: jax.Array | None = No
   initialised from `key` (default key 0)} and the tokenizer (None if the
   directory has none) with the thinking tokens appended where missing."""
   from mtcot_jax.data.hf_tokenizer import from_hf_dir
+  from mtcot_jax.data.tokenizer import THINK
   from mtcot_jax.model import api
   cfg = config_for(path, base, overrides)
   tok, added = from_hf_dir(path)
   plain = cfg.replace(model={"scan_layers": False})
-  main = main_params_from_hf(plain, read_weights(path))
+  new_ids = [tok.think_id if piece == THINK else tok.think_end_id for piece in added]
+  main = main_params_from_hf(plain, read_weights(path), new_ids)
   pdt = jnp.dtype(cfg.model.param_dtype)
   params = {"main": jax.tree.map(lambda x: jnp.asarray(x, pdt), main),
             "head": _fresh_head(cfg, jax.random.key(0) if key is None else key)}
@@ -317,54 +363,72 @@ def save_hf(run, path: str) -> None:
   `params` and optionally `tokenizer`) to `path`: config.json and
   model.safetensors of a `LlamaForCausalLM`, the head as mtcot_head.safetensors +
   mtcot_head.json, and the tokenizer (tokenizer.json and tokenizer_config.json,
-  or the sentencepiece tokenizer.model). Files appear atomically; an existing
-  non-empty directory is refused."""
+  or the sentencepiece tokenizer.model). The directory appears whole or not at
+  all (written beside it, then renamed); an existing non-empty one is refused."""
   from safetensors.numpy import save_file
   from mtcot_jax.config import save_config
   from mtcot_jax.model import api
   cfg, params = run.cfg, jax.device_get(run.params)
   tok = getattr(run, "tokenizer", None)
-  if os.path.isdir(path) and os.listdir(path):
-    raise FileExistsError(f"{path} exists and is not empty; accepted: a new directory "
-                          "(save_hf never overwrites)")
+  path = os.path.normpath(path)
+  if os.path.lexists(path) and not (os.path.isdir(path) and not os.listdir(path)):
+    raise FileExistsError(f"{path} exists and is not an empty directory; accepted: a new "
+                          "directory (save_hf never overwrites)")
   if "layers" in params["main"]:
     params = api.to_plain_layout(params)
-  os.makedirs(path, exist_ok=True)
+  stage = os.path.join(os.path.dirname(path),
+                       f".{os.path.basename(path)}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+  os.makedirs(stage)
 
   def write(name, fn):
-    tmp = os.path.join(path, name + ".tmp")
-    fn(tmp)
-    os.replace(tmp, os.path.join(path, name))
+    file = os.path.join(stage, name)
+    fn(file)
+    fd = os.open(file, os.O_RDONLY)
+    try:
+      os.fsync(fd)
+    finally:
+      os.close(fd)
+
+  def write_text(file, text, mode="w"):
+    with open(file, mode) as f:
+      f.write(text)
 
   def write_json(name, obj):
-    write(name, lambda p: open(p, "w").write(json.dumps(obj, indent=2) + "\n"))
+    write(name, lambda p: write_text(p, json.dumps(obj, indent=2) + "\n"))
 
-  write("model.safetensors", lambda p: save_file(main_params_to_hf(cfg, params["main"]), p,
-                                                 metadata={"format": "pt"}))
-  write(HEAD_WEIGHTS, lambda p: save_file(_flat(params["head"]), p))
-  write("mtcot_config.yaml", lambda p: save_config(cfg, p))
-  write_json(HEAD_CONFIG, {
-      "format": "mtcot_jax head", "head": cfg.to_dict()["head"],
-      "reads": "the main model's residual stream at head.source_layers (-1: the last "
-               "layer's output before the final norm) and its embedding/unembedding",
-      "weights": HEAD_WEIGHTS, "full_config": "mtcot_config.yaml",
-      "load": "mtcot_jax.hf.load_head(path)"})
-  write_json("config.json", hf_config(cfg, tok))
-  if tok is not None:
-    _save_tokenizer(tok, path, write, write_json)
+  try:
+    write("model.safetensors", lambda p: save_file(main_params_to_hf(cfg, params["main"]), p,
+                                                   metadata={"format": "pt"}))
+    write(HEAD_WEIGHTS, lambda p: save_file(_flat(params["head"]), p))
+    write("mtcot_config.yaml", lambda p: save_config(cfg, p))
+    write_json(HEAD_CONFIG, {
+        "format": "mtcot_jax head", "head": cfg.to_dict()["head"],
+        "reads": "the main model's residual stream at head.source_layers (-1: the last "
+                 "layer's output before the final norm) and its embedding/unembedding",
+        "weights": HEAD_WEIGHTS, "full_config": "mtcot_config.yaml",
+        "load": "mtcot_jax.hf.load_head(path)"})
+    write_json("config.json", hf_config(cfg, tok))
+    if tok is not None:
+      _save_tokenizer(tok, write, write_json, write_text)
+    # rename(2) replaces an empty directory and fails on a non-empty one (one
+    # made meanwhile), so nothing at `path` is ever overwritten.
+    os.replace(stage, path)
+  except BaseException:
+    shutil.rmtree(stage, ignore_errors=True)
+    raise
 
 
-def _save_tokenizer(tok, path, write, write_json) -> None:
+def _save_tokenizer(tok, write, write_json, write_text) -> None:
   names = {"bos_token": tok.bos_id, "eos_token": tok.eos_id, "pad_token": tok.pad_id}
   if tok.unk_id >= 0:
     names["unk_token"] = tok.unk_id
   tcfg = {k: tok.id_to_piece(i) for k, i in names.items()}
   if getattr(tok, "backend", "sentencepiece") == "tokenizers":
-    write("tokenizer.json", lambda p: open(p, "w").write(tok._model))
+    write("tokenizer.json", lambda p: write_text(p, tok._model))
     write_json("tokenizer_config.json", {**tcfg, "tokenizer_class": "PreTrainedTokenizerFast"})
   else:
-    write("tokenizer.model", lambda p: open(p, "wb").write(
-        tok._model if hasattr(tok, "backend") else tok.serialize()))
+    write("tokenizer.model", lambda p: write_text(
+        p, tok._model if hasattr(tok, "backend") else tok.serialize(), "wb"))
     write_json("tokenizer_config.json", {**tcfg, "tokenizer_class": "LlamaTokenizer"})
 
 

@@ -256,3 +256,132 @@ def test_bad_checkpoints_get_a_sentence(tmp_path):
     hf.load_hf(str(bad))
   with pytest.raises(mt.ConfigError, match="train.init_from_hf"):
     mt.load_config(None, ["train.init_from_hf=x", "train.init_from=y"])
+
+
+def _transformers_rope(tmp_path, config: dict) -> dict:
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  rope = dict(transformers.AutoConfig.from_pretrained(str(tmp_path)).rope_parameters)
+  rope.pop("type", None)   # kept beside rope_type when the file names it so
+  return rope
+
+
+@pytest.mark.parametrize("rope", [
+    # An older file: `type`, and llama3 without original_max_position_embeddings
+    # (transformers takes max_position_embeddings).
+    {"rope_theta": 5e5, "rope_scaling": {"type": "llama3", "factor": 8.0,
+                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0}},
+    # Both forms, differing: transformers reads rope_scaling (and the top-level theta).
+    {"rope_theta": 1e4, "rope_scaling": {"rope_type": "linear", "factor": 4.0},
+     "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}])
+def test_rope_config_read_as_transformers_reads_it(tmp_path, rope):
+  config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": V,
+            "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "max_position_embeddings": 128, **rope}
+  want = _transformers_rope(tmp_path, config)
+  theta, scaling = hf._rope(config)
+  assert {"rope_theta": theta, "rope_type": scaling.pop("type"), **scaling} == want
+
+
+def test_tied_checkpoint_that_stores_another_lm_head(tmp_path):
+  """tie_word_embeddings with a stored lm_head.weight unlike the embedding:
+  transformers unties them, and so does the import; one equal to it stays tied.
+  An old file's rotary_emb.inv_freq buffers are skipped, as transformers does."""
+  from safetensors.torch import load_file, save_file
+  torch.manual_seed(2)
+  model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+      vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+      num_attention_heads=4, initializer_range=0.15, tie_word_embeddings=True))
+  tokens = np.random.RandomState(0).randint(0, V, (1, 24))
+  for name, other in (("same", False), ("other", True)):
+    path = str(tmp_path / name)
+    model.save_pretrained(path)
+    file = os.path.join(path, "model.safetensors")
+    sd = load_file(file)
+    emb = sd["model.embed_tokens.weight"]
+    sd["lm_head.weight"] = torch.randn_like(emb) if other else emb.clone()
+    sd["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    save_file(sd, file, metadata={"format": "pt"})
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    run = hf.load_hf(path, ["head.k=1", "head.num_heads=2"])
+    assert run.cfg.model.tie_embeddings == (not other)
+    got = np.asarray(mt.forward(run.cfg, run.params, jnp.asarray(tokens, jnp.int32)).logits)
+    np.testing.assert_allclose(got, _torch_logits(ref, tokens), rtol=0, atol=TOL)
+
+
+def test_thinking_tokens_already_in_the_model_vocabulary(tmp_path):
+  """`<think>` as an ordinary piece of the vocabulary (tokenizer.json or a
+  sentencepiece model) keeps its id and is matched whole."""
+  import sentencepiece as spm
+  from sentencepiece import sentencepiece_model_pb2 as pb
+  from mtcot_jax.data.hf_tokenizer import from_hf_dir
+  bpe = tmp_path / "bpe"
+  n = _bpe_tokenizer_dir(str(bpe), TEXTS)
+  tj = json.loads((bpe / "tokenizer.json").read_text())
+  tj["model"]["vocab"].update({"<think>": n, "</think>": n + 1})
+  (bpe / "tokenizer.json").write_text(json.dumps(tj))
+  sp = tmp_path / "sp"
+  sp.mkdir()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(TEXTS), model_prefix=str(sp / "tokenizer"), vocab_size=40,
+      model_type="bpe", hard_vocab_limit=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+      minloglevel=2)
+  m = pb.ModelProto()
+  m.ParseFromString((sp / "tokenizer.model").read_bytes())
+  for piece in ("<think>", "</think>"):
+    p = m.pieces.add()
+    p.piece, p.score, p.type = piece, -100.0, pb.ModelProto.SentencePiece.NORMAL
+  (sp / "tokenizer.model").write_bytes(m.SerializeToString())
+  for path, size in ((bpe, n + 2), (sp, len(m.pieces))):
+    tok, added = from_hf_dir(str(path))
+    assert added == [] and tok.vocab_size == size
+    assert (tok.think_id, tok.think_end_id) == (size - 2, size - 1)
+    ids = tok.encode("12<think>34</think>0")
+    assert ids.count(size - 2) == 1 and ids.count(size - 1) == 1
+    assert tok.decode(ids, keep_special=True) == "12<think>34</think>0"
+
+
+def test_thinking_tokens_in_a_padded_vocabulary_start_as_the_mean(tmp_path):
+  """Qwen2's embedding has rows past its tokenizer's ids: the appended tokens take
+  two of them, set to the mean of the tokenizer's rows like grown ones."""
+  path = str(tmp_path / "m")
+  n = _bpe_tokenizer_dir(path, TEXTS)
+  model = _build("qwen2", vocab=n + 30)
+  model.save_pretrained(path)
+  run = hf.load_hf(path, ["head.k=1", "head.num_heads=2"])
+  assert (run.tokenizer.think_id, run.cfg.model.vocab_size) == (n, n + 30)
+  want = model.model.embed_tokens.weight.detach().numpy()
+  emb = np.asarray(run.params["main"]["embed"])
+  np.testing.assert_allclose(emb[n:n + 2], np.repeat(want[:n].mean(0, keepdims=True), 2, 0),
+                             rtol=1e-6, atol=1e-7)
+  np.testing.assert_array_equal(np.delete(emb, [n, n + 1], 0), np.delete(want, [n, n + 1], 0))
+
+
+def _small_checkpoint(tmp_path) -> str:
+  torch.manual_seed(3)
+  path = str(tmp_path / "ckpt")
+  transformers.LlamaForCausalLM(transformers.LlamaConfig(
+      vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+      num_attention_heads=2)).save_pretrained(path)
+  return path
+
+
+def test_save_hf_leaves_nothing_behind_when_it_fails(tmp_path, monkeypatch):
+  run = hf.load_hf(_small_checkpoint(tmp_path), ["head.k=1", "head.num_heads=2"])
+  (tmp_path / "file").write_text("keep")
+  with pytest.raises(FileExistsError, match="never overwrites"):
+    mt.save_hf(run, str(tmp_path / "file"))
+  assert (tmp_path / "file").read_text() == "keep"
+
+  def fail(*args):
+    raise OSError("disk full")
+  monkeypatch.setattr(hf, "hf_config", fail)
+  with pytest.raises(OSError, match="disk full"):
+    mt.save_hf(run, str(tmp_path / "out"))
+  assert sorted(os.listdir(tmp_path)) == ["ckpt", "file"]   # no half-written directory
+  monkeypatch.undo()
+  (tmp_path / "empty").mkdir()
+  mt.save_hf(run, str(tmp_path / "empty"))
+  written = set(os.listdir(tmp_path / "empty"))
+  assert {"config.json", "model.safetensors", hf.HEAD_WEIGHTS} <= written
+  assert sorted(os.listdir(tmp_path)) == ["ckpt", "empty", "file"]
+

@@ -5,8 +5,10 @@ it; Llama 3, Qwen2 and most Llama 2 repositories have one) or only a sentencepie
 `tokenizer.model`; the special tokens are named in `tokenizer_config.json` (or,
 for BOS/EOS ids, in `config.json`). Where the vocabulary lacks the thinking
 tokens they are appended as new ids (the model's embedding grows to match: see
-`mtcot_jax.hf`). Models without a BOS token (Qwen2) start sequences with their
-EOS token; without a pad token, EOS pads (padding is never attended to).
+`mtcot_jax.hf`); where they are ordinary pieces of it, they keep their ids and
+become added (user-defined) tokens, so that text matches them whole. Models
+without a BOS token (Qwen2) start sequences with their EOS token; without a pad
+token, EOS pads (padding is never attended to).
 
 A run that starts from such a checkpoint keeps its tokenizer in the workdir as
 one file, `tokenizer.json`: {"format", "backend", "model", "special"} with the
@@ -154,10 +156,14 @@ def from_hf_dir(path: str) -> tuple[HFTokenizer | None, list[str]]:
   if os.path.exists(tj):
     import tokenizers
     tk = tokenizers.Tokenizer.from_file(tj)
+    have = {t.content for t in tk.get_added_tokens_decoder().values()}
     for piece in (THINK, THINK_END):
-      if tk.token_to_id(piece) is None:
+      # A piece of the model's own vocabulary is split by the pre-tokenizer like
+      # any text: made an added token, it keeps its id and is matched whole.
+      if piece not in have:
+        if tk.token_to_id(piece) is None:
+          added.append(piece)
         tk.add_special_tokens([tokenizers.AddedToken(piece, special=True, normalized=False)])
-        added.append(piece)
     backend, model, to_id = "tokenizers", tk.to_str(), tk.token_to_id
   elif os.path.exists(sp_path):
     import sentencepiece as spm
@@ -167,12 +173,15 @@ def from_hf_dir(path: str) -> tuple[HFTokenizer | None, list[str]]:
     m = pb.ModelProto()
     m.ParseFromString(proto)
     have = {p.piece: i for i, p in enumerate(m.pieces)}
+    user = pb.ModelProto.SentencePiece.USER_DEFINED
     for piece in (THINK, THINK_END):
       if piece not in have:
         p = m.pieces.add()
-        p.piece, p.score, p.type = piece, 0.0, pb.ModelProto.SentencePiece.USER_DEFINED
+        p.piece, p.score, p.type = piece, 0.0, user
         have[piece] = len(m.pieces) - 1
         added.append(piece)
+      else:   # a normal (or control) piece: user-defined ones are matched whole in text
+        m.pieces[have[piece]].type = user
     model = m.SerializeToString()
     sp = spm.SentencePieceProcessor(model_proto=model)
     backend = "sentencepiece"
