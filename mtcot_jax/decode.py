@@ -214,8 +214,9 @@ def _static(cfg: Config, k: int, sample: sampling.Sampling, max_cot: int, max_an
     B, P = prompt_BxP.shape
     capacity = P + max_cot + 1 + (k + 1) + max_answer
     cache = KVCache.empty(cfg.model, B, capacity)
-    cache = cache.replace(k=shard(cache.k, (None, "batch", "act_kv_heads", None, None)),
-                          v=shard(cache.v, (None, "batch", "act_kv_heads", None, None)))
+    spec = ("batch", "act_kv_heads", None, None)
+    cache = cache.replace(k=tuple(shard(a, spec) for a in cache.k),
+                          v=tuple(shard(a, spec) for a in cache.v))
     hmem = None
     if cfg.head.context and k > 0:
       hd = api.head_dims_of(cfg)

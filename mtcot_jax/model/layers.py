@@ -90,17 +90,18 @@ def rope(x_BxTxNxDh: jax.Array, pos_BxT: jax.Array, theta: float,
 class Attention(nn.Module):
   """Grouped-query attention of T new tokens over themselves and, optionally, a cache.
 
-  `mask_BxTxS` is (B, T, T) without a cache. With `cache_kv = (k_BxKxSxDh,
-  v_BxKxSxDh)` (kv-head-major, the layout attention reads without a transpose)
-  it is (B, T, S + T): the first S columns mask the cache slots,
-  the last T the new tokens. Returns the output and the new tokens' (k, v),
-  which the caller writes into the cache (so the cache is never copied here).
+  Without a cache `mask_BxTxS` is (B, T, T). With `cache_kv = (k_BxKxDhxS,
+  v_BxKxSxDh)` (kv-head-major, the layouts attention reads without a transpose)
+  and `write = (b, k, s)` (index arrays broadcasting to (B, K, T): the slots the
+  new tokens take), the new keys and values are written into the cache first and
+  the tokens attend over the whole cache: `mask_BxTxS` is (B, T, S) over its
+  slots. Returns the output and the updated (k, v) cache (None without one).
   """
   dims: BlockDims
   shard: Sharder = Sharder()
 
   @nn.compact
-  def __call__(self, x_BxTxD, pos_BxT, mask_BxTxS, cache_kv=None):
+  def __call__(self, x_BxTxD, pos_BxT, mask_BxTxS, cache_kv=None, write=None):
     d = self.dims
     D, H, K, Dh = d.d_model, d.num_heads, d.num_kv_heads, d.head_dim
     dt = jnp.dtype(d.dtype)
@@ -128,21 +129,25 @@ class Attention(nn.Module):
     B, T = q_BxTxHxDh.shape[:2]
     G = H // K
     q_BxTxKxGxDh = q_BxTxHxDh.reshape(B, T, K, G, Dh) * jnp.asarray(Dh ** -0.5, dt)
-    scores = lambda spec, keys: jnp.einsum(  # noqa: E731
-        spec, q_BxTxKxGxDh, keys.astype(dt)).astype(jnp.float32)
-    logits_BxKxGxTxS = scores("btkgd,bskd->bkgts", k_BxTxKxDh)
-    if cache_kv is not None:
-      logits_BxKxGxTxS = jnp.concatenate(
-          [scores("btkgd,bksd->bkgts", cache_kv[0]), logits_BxKxGxTxS], axis=-1)
+    new_cache = None
+    if cache_kv is None:
+      keys, values, spec = k_BxTxKxDh, v_BxTxKxDh, "bskd"
+    else:
+      # Keys (B, K, Dh, S): the Dh slice between the indices puts the indexed
+      # dimensions first, so both updates are (B, K, T, Dh) (NumPy's rule).
+      b, k, s = write
+      to_cache = lambda x, c: x.transpose(0, 2, 1, 3).astype(c.dtype)  # noqa: E731  (B,K,T,Dh)
+      new_cache = (cache_kv[0].at[b, k, :, s].set(to_cache(k_BxTxKxDh, cache_kv[0]), mode="drop"),
+                   cache_kv[1].at[b, k, s].set(to_cache(v_BxTxKxDh, cache_kv[1]), mode="drop"))
+      keys, values, spec = new_cache[0], new_cache[1], "bksd"
+    kspec = "bkds" if cache_kv is not None else "bskd"
+    logits_BxKxGxTxS = jnp.einsum(f"btkgd,{kspec}->bkgts", q_BxTxKxGxDh,
+                                  keys.astype(dt)).astype(jnp.float32)
     logits_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], logits_BxKxGxTxS, -1e30)
     probs = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(dt)
-    mix = lambda spec, p, vals: jnp.einsum(spec, p, vals.astype(dt))  # noqa: E731
-    out_BxTxKxGxDh = mix("bkgts,bskd->btkgd", probs[..., -T:], v_BxTxKxDh)
-    if cache_kv is not None:
-      S = cache_kv[1].shape[2]
-      out_BxTxKxGxDh += mix("bkgts,bksd->btkgd", probs[..., :S], cache_kv[1])
+    out_BxTxKxGxDh = jnp.einsum(f"bkgts,{spec}->btkgd", probs, values.astype(dt))
     out_BxTxD = jnp.einsum("bthk,hkd->btd", out_BxTxKxGxDh.reshape(B, T, H, Dh), wo.astype(dt))
-    return out_BxTxD, (k_BxTxKxDh, v_BxTxKxDh)
+    return out_BxTxD, new_cache
 
 
 class SwiGLU(nn.Module):
@@ -169,11 +174,11 @@ class Block(nn.Module):
   shard: Sharder = Sharder()
 
   @nn.compact
-  def __call__(self, x_BxTxD, pos_BxT, mask_BxTxS, cache_kv=None):
+  def __call__(self, x_BxTxD, pos_BxT, mask_BxTxS, cache_kv=None, write=None):
     d = self.dims
     norm = lambda name: RMSNorm(d.norm_eps, d.dtype, d.param_dtype, name=name)  # noqa: E731
     h, new_kv = Attention(d, self.shard, name="attn")(
-        norm("attn_norm")(x_BxTxD), pos_BxT, mask_BxTxS, cache_kv)
+        norm("attn_norm")(x_BxTxD), pos_BxT, mask_BxTxS, cache_kv, write)
     x_BxTxD = x_BxTxD + h
     x_BxTxD = x_BxTxD + SwiGLU(d, self.shard, name="mlp")(norm("mlp_norm")(x_BxTxD))
     x_BxTxD = self.shard(x_BxTxD, ("batch", "length", "act_embed"))

@@ -32,20 +32,31 @@ _REMAT_POLICIES = {
 
 @flax.struct.dataclass
 class KVCache:
-  """Keys and values of every layer, and each sequence's filled length."""
-  k: jax.Array        # (L, B, K, S, Dh)
-  v: jax.Array        # (L, B, K, S, Dh)
-  lengths: jax.Array  # (B,) int32
+  """Keys and values of every layer, one array per layer, and each sequence's
+  filled length.
+
+  One array per layer (not one stacked (L, ...) array): each layer writes its new
+  keys and values into its own array and then attends over it, so that inside the
+  decode loop's `while_loop` XLA updates every array in place. With a stacked
+  array, read by every layer and written once after the last, XLA copied the
+  whole cache in every pass. Keys are stored with the head dimension before the
+  slots, so that the new tokens' scores q·kᵀ are a plain matmul (G, Dh) x (Dh, S):
+  with (S, Dh) keys XLA transposed each layer's key cache in every pass.
+  """
+  k: tuple[jax.Array, ...]   # L x (B, K, Dh, S): keys transposed
+  v: tuple[jax.Array, ...]   # L x (B, K, S, Dh)
+  lengths: jax.Array         # (B,) int32
 
   @property
   def capacity(self) -> int:
-    return self.k.shape[3]
+    return self.v[0].shape[2]
 
   @classmethod
   def empty(cls, cfg: ModelConfig, batch: int, capacity: int) -> "KVCache":
-    shape = (cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.dh)
-    zeros = jnp.zeros(shape, jnp.dtype(cfg.dtype))
-    return cls(k=zeros, v=zeros, lengths=jnp.zeros((batch,), jnp.int32))
+    B, K, Dh, dt = batch, cfg.num_kv_heads, cfg.dh, jnp.dtype(cfg.dtype)
+    return cls(k=tuple(jnp.zeros((B, K, Dh, capacity), dt) for _ in range(cfg.num_layers)),
+               v=tuple(jnp.zeros((B, K, capacity, Dh), dt) for _ in range(cfg.num_layers)),
+               lengths=jnp.zeros((batch,), jnp.int32))
 
 
 class MainOutput(NamedTuple):
@@ -87,20 +98,21 @@ class Transformer(nn.Module):
       mask_BxTxS = jnp.broadcast_to(idx[:, None] >= idx[None, :], (B, T, T))
       if segment_ids_BxT is not None:
         mask_BxTxS = mask_BxTxS & (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])
+      write = None
     else:
+      # New token t of sequence b goes to slot lengths[b] + t (its position) and
+      # attends to every slot up to its own. Slots past the capacity are dropped,
+      # never clamped onto valid entries (callers size the cache; `extend` checks).
       slots_BxT = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
       positions_BxT = slots_BxT
-      old_BxTxS = jnp.broadcast_to(
-          jnp.arange(cache.capacity)[None, None, :] < cache.lengths[:, None, None],
-          (B, T, cache.capacity))
-      idx = jnp.arange(T)
-      new_BxTxT = jnp.broadcast_to(idx[:, None] >= idx[None, :], (B, T, T))
-      mask_BxTxS = jnp.concatenate([old_BxTxS, new_BxTxT], axis=-1)
+      mask_BxTxS = jnp.arange(cache.capacity)[None, None, :] <= slots_BxT[:, :, None]
+      write = (jnp.arange(B)[:, None, None], jnp.arange(c.num_kv_heads)[None, :, None],
+               slots_BxT[:, None, :])
 
     kv = None if cache is None else (cache.k, cache.v)
     want = {(l % c.num_layers) for l in self.source_layers}
     layers = self._scanned if c.scan_layers else self._unrolled
-    x_BxTxD, new_kv, layer_out = layers(x_BxTxD, positions_BxT, mask_BxTxS, kv, want)
+    x_BxTxD, new_kv, layer_out = layers(x_BxTxD, positions_BxT, mask_BxTxS, kv, write, want)
 
     h_BxTxD = RMSNorm(c.norm_eps, c.dtype, c.param_dtype, name="final_norm")(x_BxTxD)
     if c.tie_embeddings:
@@ -114,19 +126,8 @@ class Transformer(nn.Module):
     new_cache = None
     if cache is not None:
       num_new_B = jnp.full((B,), T, jnp.int32) if num_new_B is None else num_new_B
-      # One scatter for all layers; slots past the capacity are dropped, never
-      # clamped onto valid entries (callers size the cache; `extend` checks).
-      b_idx = jnp.arange(B)[:, None, None]
-      k_idx = jnp.arange(c.num_kv_heads)[None, :, None]
-      s_idx = slots_BxT[:, None, :]
-      to_cache = lambda x: x.transpose(0, 1, 3, 2, 4)  # noqa: E731  (L,B,T,K,Dh) -> (L,B,K,T,Dh)
-      new_k_LxBxTxKxDh, new_v_LxBxTxKxDh = new_kv
-      new_cache = KVCache(
-          k=cache.k.at[:, b_idx, k_idx, s_idx].set(
-              to_cache(new_k_LxBxTxKxDh).astype(cache.k.dtype), mode="drop"),
-          v=cache.v.at[:, b_idx, k_idx, s_idx].set(
-              to_cache(new_v_LxBxTxKxDh).astype(cache.v.dtype), mode="drop"),
-          lengths=cache.lengths + num_new_B.astype(jnp.int32))
+      new_cache = KVCache(k=new_kv[0], v=new_kv[1],
+                          lengths=cache.lengths + num_new_B.astype(jnp.int32))
     sources = tuple(layer_out[l % c.num_layers] for l in self.source_layers)
     return MainOutput(logits_BxTxV, x_BxTxD, sources, new_cache)
 
@@ -137,43 +138,49 @@ class Transformer(nn.Module):
     # recomputation into the forward pass, so CSE prevention is not needed there.
     return nn.remat(Block, policy=_REMAT_POLICIES[self.cfg.remat], prevent_cse=not scanned)
 
-  def _unrolled(self, x_BxTxD, positions_BxT, mask_BxTxS, kv, want):
-    """One `layer_{i}` per layer. Returns x, the new tokens' (k, v) stacked
-    (L, B, T, K, Dh) (None without a cache) and {i: layer i's output} for `want`."""
+  def _unrolled(self, x_BxTxD, positions_BxT, mask_BxTxS, kv, write, want):
+    """One `layer_{i}` per layer. Returns x, the layers' updated caches (tuples of
+    keys and values; None without a cache) and {i: layer i's output} for `want`."""
     c = self.cfg
     block_cls = self._block(scanned=False)
     layer_out, new_k, new_v = {}, [], []
     for i in range(c.num_layers):
       layer_kv = None if kv is None else (kv[0][i], kv[1][i])
       x_BxTxD, layer_kv = block_cls(block_dims(c), self.shard, name=f"layer_{i}")(
-          x_BxTxD, positions_BxT, mask_BxTxS, layer_kv)
+          x_BxTxD, positions_BxT, mask_BxTxS, layer_kv, write)
       if kv is not None:
         new_k.append(layer_kv[0])
         new_v.append(layer_kv[1])
       if i in want:
         layer_out[i] = x_BxTxD
-    new_kv = None if kv is None else (jnp.stack(new_k), jnp.stack(new_v))
+    new_kv = None if kv is None else (tuple(new_k), tuple(new_v))
     return x_BxTxD, new_kv, layer_out
 
-  def _scanned(self, x_BxTxD, positions_BxT, mask_BxTxS, kv, want):
+  def _scanned(self, x_BxTxD, positions_BxT, mask_BxTxS, kv, write, want):
     """`nn.scan` over one block whose parameters are stacked under `layers` with a
     leading (L,) axis, logical name "layers"; same returns as `_unrolled`.
 
-    The cache's (L, ...) arrays are scanned over; the residual stream of every
-    layer is kept as a scan output only when a head source layer is not the last.
+    The layers' caches are stacked to be scanned over (a copy per call: decode
+    with the unrolled layout, `api.to_plain_layout`, for speed); the residual
+    stream of every layer is kept as a scan output only when a head source layer
+    is not the last.
     """
     c = self.cfg
     last = c.num_layers - 1
     emit = bool(want - {last})
 
-    def body(block, x_BxTxD, layer_kv, pos_BxT, mask):
-      x_BxTxD, new_kv = block(x_BxTxD, pos_BxT, mask, layer_kv)
+    def body(block, x_BxTxD, layer_kv, pos_BxT, mask, write):
+      x_BxTxD, new_kv = block(x_BxTxD, pos_BxT, mask, layer_kv, write)
       return x_BxTxD, (new_kv if layer_kv is not None else None, x_BxTxD if emit else None)
 
     scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
-                   in_axes=(0, nn.broadcast, nn.broadcast), length=c.num_layers,
+                   in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers,
                    metadata_params={nn.PARTITION_NAME: "layers"})
     block = self._block(scanned=True)(block_dims(c), self.shard, name="layers")
-    x_BxTxD, (new_kv, outs_LxBxTxD) = scan(block, x_BxTxD, kv, positions_BxT, mask_BxTxS)
+    stacked = None if kv is None else (jnp.stack(kv[0]), jnp.stack(kv[1]))
+    x_BxTxD, (new_kv, outs_LxBxTxD) = scan(block, x_BxTxD, stacked, positions_BxT, mask_BxTxS,
+                                           write)
+    if new_kv is not None:
+      new_kv = tuple(tuple(a[i] for i in range(c.num_layers)) for a in new_kv)
     layer_out = {i: (x_BxTxD if i == last else outs_LxBxTxD[i]) for i in want}
     return x_BxTxD, new_kv, layer_out
