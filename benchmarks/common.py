@@ -191,3 +191,29 @@ def op_times(fn: Callable[..., Any], *args, repeats: int = 1) -> dict[str, float
         if "ThunkExecutor" not in ev.name:
           times[ev.name] += ev.duration_ns * 1e-9 / repeats
   return dict(times)
+
+
+# Nominal peak memory bandwidth of accelerators the GPU script may meet, bytes/s.
+NOMINAL_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}
+
+
+def memory_bandwidth(nbytes: int, repeats: int = 20) -> float:
+  """Bytes/s of a jitted float32 mat-vec over an array of about `nbytes` (a
+  weight-sized read): what one decode pass, which reads every weight once, is
+  bounded by on this machine. Median of `repeats` warm calls."""
+  cols = 4096
+  rows = max(nbytes // (4 * cols), 1)
+  w = jnp.ones((rows, cols), jnp.float32)
+  x = jnp.ones((cols,), jnp.float32)
+  t = time_fn(jax.jit(lambda w, x: w @ x), w, x, repeats=repeats)["median"]
+  return w.nbytes / t
+
+
+def nominal_bandwidth() -> tuple[str, float] | None:
+  """(name, bytes/s) of the first device when it is a GPU we know, else None."""
+  kind = getattr(jax.devices()[0], "device_kind", "")
+  for name, bw in NOMINAL_BANDWIDTH.items():
+    if name in kind:
+      return name, bw
+  return None
+

@@ -4,6 +4,12 @@
     .venv/bin/python benchmarks/decode.py --quick         # tiny sizes, a smoke test (seconds)
     .venv/bin/python benchmarks/decode.py --models 25m --batch 1 --ks 0 5
 
+Every row is also printed as a fraction of its memory-bandwidth bound: the bytes
+one pass reads (every main weight once, the KV cache at that context, k times the
+head's weights) over the bandwidth of a jitted mat-vec measured in the same run
+(`common.memory_bandwidth`); on a GPU we know, also over its nominal bandwidth
+(H200: 4.8 TB/s). `--contexts` times k=0 per token at several context lengths.
+
 Random weights, greedy sampling. What is measured, per (model, batch):
 
 * CoT phase, for each k: `run_cot` (the jitted prefill + CoT `while_loop` of
@@ -78,6 +84,8 @@ def _parse(argv):
   p.add_argument("--no-breakdown", action="store_true", help="skip the per-iteration split")
   p.add_argument("--no-ynn", action="store_true",
                  help="XLA:CPU without YNNPACK dot fusions (sets XLA_FLAGS before jax starts)")
+  p.add_argument("--contexts", nargs="+", type=int, default=None,
+                 help="k=0 per-token time at these context lengths, batch 1 (default 128 2048)")
   p.add_argument("--json", default="", help="also write the rows to this file")
   p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in seconds")
   a = p.parse_args(argv)
@@ -88,6 +96,7 @@ def _parse(argv):
   a.max_cot = a.max_cot or (16 if q else 128)
   a.max_answer = a.max_answer or (16 if q else 128)
   a.repeats = a.repeats or (1 if q else 3)
+  a.contexts = a.contexts or ([64, 256] if q else [128, 2048])
   if q:
     a.no_hf = True
   return a
@@ -102,7 +111,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common import cpu_info, time_fn  # noqa: E402
+from common import cpu_info, memory_bandwidth, nominal_bandwidth, time_fn  # noqa: E402
 
 import mtcot_jax as mt  # noqa: E402
 from mtcot_jax import decode, sampling  # noqa: E402
@@ -205,6 +214,39 @@ def naive_loop(cfg, params, prompt, lens, n_tokens: int, capacity: int, repeats:
   run()  # compile
   t = statistics.median(run() for _ in range(repeats))
   return prompt.shape[0] * n_tokens / t, t
+
+
+# ----------------------------------------------------------------------------- the bound
+
+def nbytes(tree) -> int:
+  return int(sum(x.nbytes for x in jax.tree.leaves(tree)))
+
+
+def kv_bytes(cfg: mt.Config, B: int, context: int) -> int:
+  """Bytes of keys and values one pass reads at `context` filled slots."""
+  m = cfg.model
+  return 2 * m.num_layers * B * m.num_kv_heads * context * m.dh * jnp.dtype(m.dtype).itemsize
+
+
+def bound_ms(cfg: mt.Config, params, B: int, context: int, bandwidth: float, k: int = 0) -> float:
+  """The memory-bandwidth bound of one pass: every main weight read once, the KV
+  cache at `context`, and with k > 0 the head's weights once per chain step."""
+  read = nbytes(params["main"]) + kv_bytes(cfg, B, context) + k * nbytes(params["head"])
+  return 1e3 * read / bandwidth
+
+
+def bench_context(cfg, params, context: int, a) -> float:
+  """ms per k=0 token (batch 1) at about `context` tokens of context: the loop's
+  time for 96 - 32 more CoT tokens from a prompt of context - 64 (the prefill
+  and the loop's fixed costs cancel)."""
+  V = cfg.model.vocab_size
+  P = max(context - 64, 2)
+  prompt, lens = prompts(cfg, 1, P, seed=7, no_cot=False)
+  t = {}
+  for n in (32, 96):
+    run_cot, _ = decode._static(cfg, 0, GREEDY, n, 96, V, V, None)   # same capacity
+    t[n], _ = timed(run_cot, params, prompt, lens, jax.random.key(0), repeats=a.repeats)
+  return 1e3 * (t[96] - t[32]) / 64
 
 
 # ----------------------------------------------------------------------------- rows
@@ -342,33 +384,51 @@ def main(a) -> None:
           f"{m.num_kv_heads} kv mlp={m.mlp_dim} vocab={m.vocab_size} | head width="
           f"{cfg.head.resolved_width(m)} layers={cfg.head.num_layers} k<={cfg.head.k} | "
           f"params main {n_params(params['main'])/1e6:.2f}M head {n_params(params['head'])/1e6:.2f}M")
+    bw = memory_bandwidth(nbytes(params["main"]))
+    nominal = nominal_bandwidth()
+    print(f"memory bandwidth (jitted mat-vec over {nbytes(params['main'])/1e6:.1f} MB, the main "
+          f"weights' size): {bw/1e9:.1f} GB/s" + (f"; nominal {nominal[0]}: "
+                                                   f"{nominal[1]/1e12:.2f} TB/s" if nominal else ""))
+    results.setdefault("bandwidth", {})[name] = bw
     for B in a.batch:
       rows = [bench_cot(name, cfg, params, B, k, a) for k in ks]
       base = next((r for r in rows if r.k == 0), None)
       print(f"\n### {name}, batch {B}: CoT phase (run_cot, prefill subtracted)")
       print(f"{'k':>2} {'CoT tok':>7} {'iters':>5} {'forced':>6} {'run_cot ms':>10} {'prefill':>7} "
-            f"{'tok/s':>8} {'vs k=0':>6} | {'ms/iter':>7} {'main(k+1)':>9} {'main(1)':>7} "
-            f"{'ratio':>5} {'head':>6} {'other':>6}")
+            f"{'tok/s':>8} {'vs k=0':>6} | {'ms/iter':>7} {'bound':>6} {'of bnd':>6} "
+            f"{'main(k+1)':>9} {'main(1)':>7} {'ratio':>5} {'head':>6} {'other':>6}")
+      mid = a.prompt_len + a.max_cot // 2
       for r in rows:
         ratio = r.tok_s / base.tok_s if base else float("nan")
         head = f"{r.head_ms:6.2f}" if r.k else f"{'-':>6}"
+        bnd = bound_ms(cfg, params, B, mid, bw, r.k)
         print(f"{r.k:>2} {r.cot_tokens:>7} {r.iterations:>5} {r.forced:>3}/{B:<2} "
               f"{1e3*r.t_run_cot:>10.1f} {1e3*r.t_prefill:>7.2f} {r.tok_s:>8.1f} {ratio:>5.2f}x | "
-              f"{r.iter_ms:>7.2f} {r.main_block_ms:>9.2f} {r.main_one_ms:>7.2f} "
+              f"{r.iter_ms:>7.2f} {bnd:>6.2f} {bnd/r.iter_ms:>6.2f} "
+              f"{r.main_block_ms:>9.2f} {r.main_one_ms:>7.2f} "
               f"{r.main_block_ms/r.main_one_ms:>4.2f}x {head} {r.other_ms:>6.2f}")
         results["cot"].append({**dataclasses.asdict(r), "tok_s": r.tok_s, "vs_k0": ratio,
-                               "iter_ms": r.iter_ms, "other_ms": r.other_ms})
+                               "iter_ms": r.iter_ms, "other_ms": r.other_ms,
+                               "bound_ms": bnd, "of_bound": bnd / r.iter_ms})
       ans_tps, ans_n, ans_t = bench_answer(name, cfg, params, B, a)
       cap0 = a.prompt_len + a.max_cot + 2 + a.max_answer
       prompt, lens = prompts(cfg, B, a.prompt_len, seed=B, no_cot=False)
       naive_tps, naive_t = naive_loop(cfg, params, prompt, lens, a.max_cot, cap0, a.repeats)
+      ans_pass = 1e3 * ans_t / max(ans_n // B - 1, 1)
+      ans_bnd = bound_ms(cfg, params, B, a.prompt_len + a.max_answer // 2, bw)
       print(f"answer phase (run_answer): {ans_n} tokens in {1e3*ans_t:.1f} ms = {ans_tps:.1f} tok/s"
-            f" ({1e3*ans_t/max(ans_n // B - 1, 1):.2f} ms/pass)")
+            f" ({ans_pass:.2f} ms/pass; bound {ans_bnd:.2f} ms: {ans_bnd/ans_pass:.2f} of it)")
       print(f"naive Python loop of a jitted 1-token step: {B*a.max_cot} tokens in "
             f"{1e3*naive_t:.1f} ms = {naive_tps:.1f} tok/s"
             + (f" (k=0 while_loop: {base.tok_s:.1f}, {base.tok_s/naive_tps:.2f}x)" if base else ""))
+      if nominal:   # the same passes against the device's nominal bandwidth
+        parts = [f"k={r.k} {bound_ms(cfg, params, B, mid, nominal[1], r.k) / r.iter_ms:.3f}"
+                 for r in rows]
+        parts.append(f"answer {bound_ms(cfg, params, B, a.prompt_len + a.max_answer // 2, nominal[1]) / ans_pass:.3f}")
+        print(f"of the {nominal[0]}'s nominal {nominal[1]/1e12:.2f} TB/s bound: " + ", ".join(parts))
       results["answer"].append({"model": name, "B": B, "tok_s": ans_tps, "tokens": ans_n,
-                                "seconds": ans_t})
+                                "seconds": ans_t, "ms_pass": ans_pass, "bound_ms": ans_bnd,
+                                "of_bound": ans_bnd / ans_pass})
       results["naive"].append({"model": name, "B": B, "tok_s": naive_tps, "seconds": naive_t})
       best = max(rows, key=lambda r: r.k)
       if base and best.k > 0:
@@ -377,6 +437,23 @@ def main(a) -> None:
               f"{'MET' if ok else 'NOT MET'}")
       if base and B == 1:
         k0_b1[name] = base.tok_s
+
+  if a.contexts:
+    name = "tiny" if a.quick else "25m"
+    cfg = load(name)
+    params = api.init_params(cfg, jax.random.key(0))
+    bw = memory_bandwidth(nbytes(params["main"]))
+    print(f"\n## long context: {name}, k=0, batch 1, ms per token at a context of")
+    per = {}
+    for c in a.contexts:
+      per[c] = bench_context(cfg, params, c, a)
+      bnd = bound_ms(cfg, params, 1, c, bw)
+      print(f"{c:>6} tokens: {per[c]:.2f} ms/token (bound {bnd:.2f} ms: {bnd/per[c]:.2f} of it)")
+    lo, hi = min(a.contexts), max(a.contexts)
+    r = per[hi] / per[lo]
+    print(f"{hi} / {lo}: {r:.2f}x (target <= 1.5x: {'MET' if r <= 1.5 else 'NOT MET'}; "
+          f"the bound's own ratio {bound_ms(cfg, params, 1, hi, bw)/bound_ms(cfg, params, 1, lo, bw):.2f}x)")
+    results["context"] = {str(c): v for c, v in per.items()}
 
   if not a.no_hf and "25m" in a.models:
     cfg = load("25m")
@@ -393,6 +470,8 @@ def main(a) -> None:
   elif a.no_hf:
     print("\nHF comparison: skipped (--no-hf or --quick)")
   print("\n# columns: tok/s = CoT tokens / (run_cot - prefill); ms/iter = that time / iterations;"
+        " bound = the bytes a pass reads (main weights, KV cache at mid-CoT, k x the head's weights)"
+        " / the measured bandwidth; of bnd = bound / ms/iter;"
         " main(k+1), main(1) = one jitted extend over a (B, k+1) / (B, 1) block; ratio = their"
         " quotient; head = the head chain as decode.py runs it (decode.sample_head_chain);"
         " other = ms/iter - main(k+1) - head")
