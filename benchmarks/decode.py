@@ -410,6 +410,16 @@ def main(a) -> None:
         results["cot"].append({**dataclasses.asdict(r), "tok_s": r.tok_s, "vs_k0": ratio,
                                "iter_ms": r.iter_ms, "other_ms": r.other_ms,
                                "bound_ms": bnd, "of_bound": bnd / r.iter_ms})
+      if base is not None:   # the same k=0 loop reading bfloat16 weights (decode.weights_dtype)
+        cfg16 = cfg.replace(decode={"weights_dtype": "bfloat16"})
+        r16 = bench_cot(name, cfg16, params, B, 0, argparse.Namespace(**{**vars(a),
+                                                                          "no_breakdown": True}))
+        bnd16 = bound_ms(cfg, params, B, mid, bw) - 0.5e3 * nbytes(params["main"]) / bw
+        print(f"k=0, decode.weights_dtype=bfloat16: {r16.iter_ms:.2f} ms/iter, {r16.tok_s:.1f} tok/s "
+              f"({r16.tok_s / base.tok_s:.2f}x float32's; its bound {bnd16:.2f} ms: "
+              f"{bnd16 / r16.iter_ms:.2f} of it)")
+        results.setdefault("bf16", []).append({"model": name, "B": B, "iter_ms": r16.iter_ms,
+                                               "tok_s": r16.tok_s, "bound_ms": bnd16})
       ans_tps, ans_n, ans_t = bench_answer(name, cfg, params, B, a)
       cap0 = a.prompt_len + a.max_cot + 2 + a.max_answer
       prompt, lens = prompts(cfg, B, a.prompt_len, seed=B, no_cot=False)

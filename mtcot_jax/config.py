@@ -213,6 +213,10 @@ class DecodeConfig:
   # phase drafts with the head and keeps what the main model would write), "all"
   # (the CoT too: lossless). See decode.py.
   verify: str = "none"
+  # The dtype of the weights the decode loops read: bfloat16 halves the bytes a pass
+  # reads (the bound at small batch on accelerators); compute stays model.dtype.
+  # On a CPU without bfloat16 dots XLA converts each pass: much slower there.
+  weights_dtype: str = "float32"
   temperature: float = 0.0     # 0: greedy
   # The ids that end the sequence and the CoT when `generate` is not given them; -1:
   # mtcot_jax's tokenizers' (2, 5). train.init_from_hf records its tokenizer's here.

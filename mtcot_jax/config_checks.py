@@ -136,6 +136,8 @@ def validate(cfg) -> None:
          "an int >= 1")
   _check(0.0 <= dec.head_threshold < 1.0, "decode.head_threshold", dec.head_threshold,
          "a number in [0, 1) (0: fixed blocks of k head tokens)")
+  _check(dec.weights_dtype in ("float32", "bfloat16"), "decode.weights_dtype",
+         dec.weights_dtype, "float32 or bfloat16")
   _check(dec.verify in ("none", "answer", "all"), "decode.verify", dec.verify,
          "none, answer (the answer phase verified) or all (the CoT too)")
   _check(dec.temperature >= 0, "decode.temperature", dec.temperature, "a number >= 0 (0: greedy)")

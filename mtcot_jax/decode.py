@@ -190,6 +190,14 @@ def _static(cfg: Config, k: int, sample: sampling.Sampling, max_cot: int, max_an
     rows = jnp.arange(buf.shape[0])[:, None]
     return buf.at[rows, idx_BxN].set(val_BxN.astype(buf.dtype), mode="drop")
 
+  def narrow(params):
+    """decode.weights_dtype: every matrix in that dtype (norm scales and biases
+    kept), cast once per call outside the loop; the layers compute in model.dtype."""
+    wdt = jnp.dtype(cfg.decode.weights_dtype)
+    if wdt == jnp.dtype(cfg.model.param_dtype):
+      return params
+    return jax.tree.map(lambda w: w.astype(wdt) if w.ndim >= 2 else w, params)
+
   def take_last(x_BxTx, n_B):
     return jnp.take_along_axis(x_BxTx, (n_B - 1)[:, None, None], axis=1)[:, 0]
 
@@ -376,12 +384,14 @@ def _static(cfg: Config, k: int, sample: sampling.Sampling, max_cot: int, max_an
 
   @jax.jit
   def run_cot(params, prompt_BxP, lens_B, key):
+    params = narrow(params)
     st = prefill(params, prompt_BxP, lens_B, key)
     body = verified_body if 0 in verified else cot_body
     return jax.lax.while_loop(cot_cond, functools.partial(body, params), st)
 
   @jax.jit
   def run_answer(params, st: _State):
+    params = narrow(params)
     start = st.n_out
 
     def cond(s):
