@@ -49,9 +49,6 @@ def main(argv=None):
   args = parse_args(argv)
   absl_logging.set_verbosity(absl_logging.ERROR)   # tfds/orbax info lines drown the output
   cfg = mt.load_config(args.config, args.overrides)
-  if cfg.train.init_from_hf:   # the model section comes from the checkpoint
-    from mtcot_jax import hf
-    cfg = hf.config_for(cfg.train.init_from_hf, base=cfg)
   # Multi-host: every process runs this command; the runtime must start before
   # anything below touches a device.
   from mtcot_jax import distributed
@@ -65,6 +62,7 @@ def main(argv=None):
     return
   from mtcot_jax.train import loop
   summary = loop.train(cfg)
+  cfg = summary.get("cfg", cfg)   # train.init_from_hf: the checkpoint's model section
   print(loop.summary_table(cfg, summary))
   write_plots(cfg)
   if jax.process_count() > 1:   # the sample below decodes host-local arrays

@@ -371,7 +371,7 @@ def _train(cfg: Config, stop_after: int | None, progress: bool) -> dict:
       postfix=lambda m: {"loss": f"{m['loss']:.3f}", "main_acc": f"{m['main_acc']:.3f}"},
       stop_after=stop_after, progress=progress)
   if "stopped_at" not in summary:
-    summary["tokenizer"] = tok
+    summary.update(tokenizer=tok, cfg=cfg)
   return summary
 
 
