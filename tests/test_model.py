@@ -124,12 +124,12 @@ def test_cache_never_writes_out_of_bounds(tiny_cfg, tiny_params):
       cache, jnp.array([[5, 6, 7]], jnp.int32)).cache
   over = jax.jit(lambda c, t: api.extend(tiny_cfg, tiny_params, c, t))(
       first, jnp.array([[8, 9, 10]], jnp.int32)).cache
-  over_k, first_k = np.stack(over.v), np.stack(first.v)                   # (L, B, K, S, Dh)
-  np.testing.assert_array_equal(over_k[..., :3, :], first_k[..., :3, :])  # history intact
-  assert not np.array_equal(over_k[..., 3, :], first_k[..., 3, :])        # slot 3 written
-  keys_over, keys_first = np.stack(over.k), np.stack(first.k)             # (L, B, K, Dh, S)
-  np.testing.assert_array_equal(keys_over[..., :3], keys_first[..., :3])
-  assert not np.array_equal(keys_over[..., 3], keys_first[..., 3])
+  vals_over, vals_first = np.stack(over.v), np.stack(first.v)             # (L, B, K, Dh, S)
+  np.testing.assert_array_equal(vals_over[..., :3], vals_first[..., :3])  # history intact
+  assert not np.array_equal(vals_over[..., 3], vals_first[..., 3])        # slot 3 written
+  keys_over, keys_first = np.stack(over.k), np.stack(first.k)             # (L, B, K, S, Dh)
+  np.testing.assert_array_equal(keys_over[..., :3, :], keys_first[..., :3, :])
+  assert not np.array_equal(keys_over[..., 3, :], keys_first[..., 3, :])
 
 
 def test_head_decode_mode_equals_training_mode(tiny_cfg, tiny_params):

@@ -90,8 +90,8 @@ def rope(x_BxTxNxDh: jax.Array, pos_BxT: jax.Array, theta: float,
 class Attention(nn.Module):
   """Grouped-query attention of T new tokens over themselves and, optionally, a cache.
 
-  Without a cache `mask_BxTxS` is (B, T, T). With `cache_kv = (k_BxKxDhxS,
-  v_BxKxSxDh)` (kv-head-major, the layouts attention reads without a transpose)
+  Without a cache `mask_BxTxS` is (B, T, T). With `cache_kv = (k_BxKxSxDh,
+  v_BxKxDhxS)` (kv-head-major, the layouts attention reads without a transpose)
   and `write = (b, k, s)` (index arrays broadcasting to (B, K, T): the slots the
   new tokens take), the new keys and values are written into the cache first and
   the tokens attend over the whole cache: `mask_BxTxS` is (B, T, S) over its
@@ -133,14 +133,14 @@ class Attention(nn.Module):
     if cache_kv is None:
       keys, values, spec = k_BxTxKxDh, v_BxTxKxDh, "bskd"
     else:
-      # Keys (B, K, Dh, S): the Dh slice between the indices puts the indexed
+      # Values (B, K, Dh, S): the Dh slice between the indices puts the indexed
       # dimensions first, so both updates are (B, K, T, Dh) (NumPy's rule).
       b, k, s = write
       to_cache = lambda x, c: x.transpose(0, 2, 1, 3).astype(c.dtype)  # noqa: E731  (B,K,T,Dh)
-      new_cache = (cache_kv[0].at[b, k, :, s].set(to_cache(k_BxTxKxDh, cache_kv[0]), mode="drop"),
-                   cache_kv[1].at[b, k, s].set(to_cache(v_BxTxKxDh, cache_kv[1]), mode="drop"))
-      keys, values, spec = new_cache[0], new_cache[1], "bksd"
-    kspec = "bkds" if cache_kv is not None else "bskd"
+      new_cache = (cache_kv[0].at[b, k, s].set(to_cache(k_BxTxKxDh, cache_kv[0]), mode="drop"),
+                   cache_kv[1].at[b, k, :, s].set(to_cache(v_BxTxKxDh, cache_kv[1]), mode="drop"))
+      keys, values, spec = new_cache[0], new_cache[1], "bkds"
+    kspec = "bksd" if cache_kv is not None else "bskd"
     logits_BxKxGxTxS = jnp.einsum(f"btkgd,{kspec}->bkgts", q_BxTxKxGxDh,
                                   keys.astype(dt)).astype(jnp.float32)
     logits_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], logits_BxKxGxTxS, -1e30)

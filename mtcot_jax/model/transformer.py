@@ -39,23 +39,25 @@ class KVCache:
   keys and values into its own array and then attends over it, so that inside the
   decode loop's `while_loop` XLA updates every array in place. With a stacked
   array, read by every layer and written once after the last, XLA copied the
-  whole cache in every pass. Keys are stored with the head dimension before the
-  slots, so that the new tokens' scores q·kᵀ are a plain matmul (G, Dh) x (Dh, S):
-  with (S, Dh) keys XLA transposed each layer's key cache in every pass.
+  whole cache in every pass. Keys are stored (S, Dh) and values (Dh, S): both
+  attention dots then contract the minor dimension, the operand layout XLA:CPU's
+  dot kernels take. With the opposite layouts (keys (Dh, S), values (S, Dh)) XLA
+  transposed both caches of every layer in every pass (`benchmarks/decode.py
+  --contexts` shows the cost: docs/results.md).
   """
-  k: tuple[jax.Array, ...]   # L x (B, K, Dh, S): keys transposed
-  v: tuple[jax.Array, ...]   # L x (B, K, S, Dh)
+  k: tuple[jax.Array, ...]   # L x (B, K, S, Dh)
+  v: tuple[jax.Array, ...]   # L x (B, K, Dh, S): values transposed
   lengths: jax.Array         # (B,) int32
 
   @property
   def capacity(self) -> int:
-    return self.v[0].shape[2]
+    return self.k[0].shape[2]
 
   @classmethod
   def empty(cls, cfg: ModelConfig, batch: int, capacity: int) -> "KVCache":
     B, K, Dh, dt = batch, cfg.num_kv_heads, cfg.dh, jnp.dtype(cfg.dtype)
-    return cls(k=tuple(jnp.zeros((B, K, Dh, capacity), dt) for _ in range(cfg.num_layers)),
-               v=tuple(jnp.zeros((B, K, capacity, Dh), dt) for _ in range(cfg.num_layers)),
+    return cls(k=tuple(jnp.zeros((B, K, capacity, Dh), dt) for _ in range(cfg.num_layers)),
+               v=tuple(jnp.zeros((B, K, Dh, capacity), dt) for _ in range(cfg.num_layers)),
                lengths=jnp.zeros((batch,), jnp.int32))
 
 
