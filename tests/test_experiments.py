@@ -182,3 +182,25 @@ def test_variants_share_a_named_run(tmp_path):
                                      "train: [head.context=4], run: c,\n"))
   with pytest.raises(ConfigError, match="training run 'sft\\+c'"):
     load_spec(str(p))
+
+
+def test_stage_overrides_apply_to_one_stage_last(tmp_path):
+  """`stages: {rl: [...]}` changes the RL run alone, after the variant's train
+  overrides: the RL stage of a longer SFT run keeps its own length."""
+  p = tmp_path / "s.yaml"
+  head = (f"base: {os.path.join(ROOT, 'configs', 'small.yaml')}\n"
+          "tasks: {m: {task: mult, args: {digits: 2}}}\nrl: {overrides: [train.steps=7]}\n")
+  p.write_text(head + "methods: [{name: r, like: rl, run: long, train: [train.steps=90],\n"
+                      "           stages: {rl: [train.steps=11]}},\n"
+                      "          {name: s, like: mtcot-k5, run: long, train: [train.steps=90]}]\n")
+  spec = load_spec(str(p))
+  sft, rl = spec.method("r").stages
+  assert sft == spec.method("s").stages[0]           # the SFT run is shared, unchanged
+  cell = next(c for c in cells(spec) if c.method.name == "r")
+  assert stage_config(spec, cell, sft, str(tmp_path / "a")).train.steps == 90
+  assert stage_config(spec, cell, rl, str(tmp_path / "b")).train.steps == 11
+  for bad, match in (("stages: {sft2: [train.steps=3]}", "sft2"),
+                     ("stages: [train.steps=3]", "a mapping")):
+    p.write_text(head + "methods: [{name: r, like: rl, train: [train.steps=90], " + bad + "}]\n")
+    with pytest.raises(ConfigError, match=match):
+      load_spec(str(p))

@@ -118,14 +118,26 @@ def builtin(name: str, *, head_k: int, pair: str | None = None,
 
 
 def variant(base: Method, name: str, train: tuple[str, ...], decode: tuple[str, ...],
-            run: str | None = None) -> Method:
+            run: str | None = None, stage_train: dict[str, tuple[str, ...]] | None = None
+            ) -> Method:
   """`base` with extra training overrides (its stages become runs of their own,
   named `<stage>+<run>`, `run` defaulting to the method's name: variants that
-  name the same run share it) and extra decode overrides."""
+  name the same run share it) and extra decode overrides. `stage_train` maps a
+  stage of `base` (`sft`, `rl`, `main-only`, `head-on-main`, `nocot`) to
+  overrides applied last to that stage alone: e.g. `{rl: [train.steps=100]}`
+  when `train` lengthens the SFT run that RL starts from."""
   stages = base.stages
+  stage_train = dict(stage_train or {})
+  unknown = set(stage_train) - {s.name for s in stages}
+  if unknown:
+    raise ValueError(f"method {name!r}: stages {sorted(unknown)} are not stages of "
+                     f"{base.name!r}; accepted: {[s.name for s in stages]}")
+  if not train and stage_train:
+    raise ValueError(f"method {name!r}: `stages` needs `train` overrides (a run of its own)")
   if train:
     rename = {s.name: f"{s.name}+{run or name}" for s in stages}
-    stages = tuple(Stage(rename[s.name], s.overrides + tuple(train),
+    stages = tuple(Stage(rename[s.name],
+                         s.overrides + tuple(train) + tuple(stage_train.get(s.name, ())),
                          rename.get(s.init_from) if s.init_from else None) for s in stages)
   return dataclasses.replace(base, name=name, stages=stages, decode=base.decode + tuple(decode),
                              doc=f"{base.name} with " + " ".join(train + decode))

@@ -8,7 +8,9 @@
     tasks:
       mult3: {task: mult, args: {digits: 3}, overrides: []}
     methods: [cot, mtcot-k5, cot-truncated, nocot, frozen-main, rl,
-              {name: mtcot-k5-wide, like: mtcot-k5, train: [head.width=128]}]
+              {name: mtcot-k5-wide, like: mtcot-k5, train: [head.width=128]},
+              {name: rl-long, like: rl, train: [train.steps=3200],   # a longer sft run,
+               stages: {rl: [train.steps=100]}}]                   # RL kept at 100 steps
     truncated: {pair: mtcot-k5, fractions: [0.25, 0.5, 0.75]}
     frozen_main: {overrides: [train.steps=800]}   # the head-only stage
     rl: {overrides: [train.steps=100]}            # the GRPO stage
@@ -157,14 +159,20 @@ def load_spec(path: str, seeds: int | None = None) -> Spec:
       if isinstance(m, str):
         methods.append(mm.builtin(m, **kw))
       elif isinstance(m, dict) and {"name", "like"} <= set(m) <= {"name", "like", "train",
-                                                                     "decode", "run"}:
+                                                                     "decode", "run", "stages"}:
+        per_stage = m.get("stages") or {}
+        if not isinstance(per_stage, dict):
+          raise _err(path, f"{m['name']}.stages", per_stage,
+                     "a mapping {stage: [section.key=value, ...]}")
         methods.append(mm.variant(mm.builtin(m["like"], **kw), str(m["name"]),
                                   _str_list(path, f"{m['name']}.train", m.get("train")),
                                   _str_list(path, f"{m['name']}.decode", m.get("decode")),
-                                  m.get("run")))
+                                  m.get("run"),
+                                  {str(st): _str_list(path, f"{m['name']}.stages.{st}", ov)
+                                   for st, ov in per_stage.items()}))
       else:
         raise ValueError(f"method {m!r}: accepted a name or a mapping "
-                         "{name, like, train, decode, run}")
+                         "{name, like, train, decode, run, stages}")
     except ValueError as e:
       raise ConfigError(f"{path}: {e}") from None
   names = [m.name for m in methods]
