@@ -290,14 +290,18 @@ def _plot_accuracy_by_seed(rows: list[dict], title: str, path: str) -> bool:
     return False
   plt = _pyplot()
   methods = _ordered(r["method"] for r in rows)
+  # One passes axis for every seed (a seed with few cells must not get a zoomed
+  # axis), and each method labelled where it first appears.
   fig, axes = plt.subplots(1, len(seeds), figsize=(3.3 * len(seeds) + 1.8, 3.8), sharey=True,
-                           squeeze=False)
+                           sharex=True, squeeze=False)
+  labelled = set()
   for ax, seed in zip(axes[0], seeds):
     for i, method in enumerate(methods):
       mine = [r for r in primary if r["method"] == method and r.get("seed") == seed]
       for r in mine:
         ax.plot(r["forward_passes"], r["accuracy"], linestyle="none", markersize=7,
-                label=method if ax is axes[0][0] else None, **_style(i))
+                label=None if method in labelled else method, **_style(i))
+        labelled.add(method)
     ax.set_title(f"seed {seed}", fontsize=10)
     ax.set_xlabel("forward passes per problem")
     ax.grid(alpha=0.3)
