@@ -131,7 +131,7 @@ class Attention(nn.Module):
     q_BxTxKxGxDh = q_BxTxHxDh.reshape(B, T, K, G, Dh) * jnp.asarray(Dh ** -0.5, dt)
     new_cache = None
     if cache_kv is None:
-      keys, values, spec = k_BxTxKxDh, v_BxTxKxDh, "bskd"
+      keys, values, kspec, vspec = k_BxTxKxDh, v_BxTxKxDh, "bskd", "bskd"
     else:
       # Values (B, K, Dh, S): the Dh slice between the indices puts the indexed
       # dimensions first, so both updates are (B, K, T, Dh) (NumPy's rule).
@@ -139,13 +139,12 @@ class Attention(nn.Module):
       to_cache = lambda x, c: x.transpose(0, 2, 1, 3).astype(c.dtype)  # noqa: E731  (B,K,T,Dh)
       new_cache = (cache_kv[0].at[b, k, s].set(to_cache(k_BxTxKxDh, cache_kv[0]), mode="drop"),
                    cache_kv[1].at[b, k, :, s].set(to_cache(v_BxTxKxDh, cache_kv[1]), mode="drop"))
-      keys, values, spec = new_cache[0], new_cache[1], "bkds"
-    kspec = "bksd" if cache_kv is not None else "bskd"
+      keys, values, kspec, vspec = new_cache[0], new_cache[1], "bksd", "bkds"
     logits_BxKxGxTxS = jnp.einsum(f"btkgd,{kspec}->bkgts", q_BxTxKxGxDh,
                                   keys.astype(dt)).astype(jnp.float32)
     logits_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], logits_BxKxGxTxS, -1e30)
     probs = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(dt)
-    out_BxTxKxGxDh = jnp.einsum(f"bkgts,{spec}->btkgd", probs, values.astype(dt))
+    out_BxTxKxGxDh = jnp.einsum(f"bkgts,{vspec}->btkgd", probs, values.astype(dt))
     out_BxTxD = jnp.einsum("bthk,hkd->btd", out_BxTxKxGxDh.reshape(B, T, H, Dh), wo.astype(dt))
     return out_BxTxD, new_cache
 
