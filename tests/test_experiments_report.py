@@ -142,3 +142,19 @@ def test_report_does_not_import_jax():
           "spec.loader.exec_module(importlib.util.module_from_spec(spec)); "
           "assert 'jax' not in sys.modules")
   subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_by_seed_plot_labels_every_method_on_one_passes_axis(monkeypatch, tmp_path):
+  """A method missing from the first seed still gets a legend entry, and a seed
+  with few cells is drawn on the same passes axis as the others."""
+  figs = []
+  monkeypatch.setattr(report, "_save", lambda fig, path: figs.append(fig))
+  rows = [dict(method="a", seed=0, primary=True, accuracy=1.0, forward_passes=30.0),
+          dict(method="a", seed=1, primary=True, accuracy=0.5, forward_passes=10.0),
+          dict(method="b", seed=1, primary=True, accuracy=0.9, forward_passes=8.0)]
+  assert report._plot_accuracy_by_seed(rows, "t", str(tmp_path / "p.png"))
+  (fig,) = figs
+  labels = [t.get_text() for t in fig.legends[0].get_texts()]
+  assert sorted(labels) == ["a", "b"]
+  lims = {ax.get_xlim() for ax in fig.axes}
+  assert len(lims) == 1 and min(lims)[0] < 8.0 and min(lims)[1] > 30.0
