@@ -156,23 +156,23 @@ def timed(fn, *args, repeats: int):
 # ----------------------------------------------------------------------------- pieces
 
 @functools.lru_cache(maxsize=None)
-def _prefill_fn(cfg: mt.Config, capacity: int):
+def _prefill_fn(cfg: mt.Config, capacity: int, out_in: bool):
   """The prefill's main pass as `decode.py` runs it (an empty cache of the loop's capacity)."""
   @jax.jit
   def prefill(params, prompt_BxP, lens_B):
     cache = KVCache.empty(cfg.model, prompt_BxP.shape[0], capacity)
-    out = api.extend(cfg, params, cache, prompt_BxP, lens_B)
+    out = api.extend(cfg, params, cache, prompt_BxP, lens_B, out_in=out_in)
     return out.cache, out.logits[:, -1], out.sources[0][:, -1]
   return prefill
 
 
 @functools.lru_cache(maxsize=None)
-def _main_pass_fn(cfg: mt.Config):
+def _main_pass_fn(cfg: mt.Config, out_in: bool):
   """`decode.py`'s main_pass: extend over a (B, T) block, keep the last position."""
   @jax.jit
   def main_pass(params, cache, block_BxT):
     B, T = block_BxT.shape
-    out = api.extend(cfg, params, cache, block_BxT, jnp.full((B,), T, jnp.int32))
+    out = api.extend(cfg, params, cache, block_BxT, jnp.full((B,), T, jnp.int32), out_in=out_in)
     return out.cache, out.logits[:, -1], tuple(s[:, -1] for s in out.sources)
   return main_pass
 
@@ -187,19 +187,21 @@ def _head_chain_fn(cfg: mt.Config, k: int):
 
 
 @functools.lru_cache(maxsize=None)
-def _step_fn(cfg: mt.Config):
+def _step_fn(cfg: mt.Config, out_in: bool):
   """One greedy token: a (B, 1) main pass + argmax; the cache is donated (updated in place)."""
   @functools.partial(jax.jit, donate_argnums=(1,))
   def step(params, cache, tok_B):
-    out = api.extend(cfg, params, cache, tok_B[:, None])
+    out = api.extend(cfg, params, cache, tok_B[:, None], out_in=out_in)
     return out.cache, jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32)
   return step
 
 
-def naive_loop(cfg, params, prompt, lens, n_tokens: int, capacity: int, repeats: int):
+def naive_loop(cfg, dp: decode.DecodeParams, prompt, lens, n_tokens: int, capacity: int,
+               repeats: int):
   """tokens/s of a Python loop over a jitted one-token step (k=0 equivalent)."""
-  prefill = _prefill_fn(cfg, capacity)
-  step = _step_fn(cfg)
+  params = dp.params
+  prefill = _prefill_fn(cfg, capacity, dp.layout == "out_in")
+  step = _step_fn(cfg, dp.layout == "out_in")
 
   def run():
     cache, logits, _ = prefill(params, prompt, lens)
@@ -235,7 +237,16 @@ def bound_ms(cfg: mt.Config, params, B: int, context: int, bandwidth: float, k: 
   return 1e3 * read / bandwidth
 
 
-def bench_context(cfg, params, context: int, a) -> float:
+def prepared(cfg: mt.Config, params) -> tuple[decode.DecodeParams, float]:
+  """`decode.prepare_params` (the weights in the decode loops' dtype and layout)
+  and the seconds it takes (warm, median of 3): `generate` pays it once per call
+  unless given the prepared parameters."""
+  dp = jax.block_until_ready(decode.prepare_params(cfg, params))
+  t, dp = timed(lambda: decode.prepare_params(cfg, params), repeats=3)
+  return dp, t
+
+
+def bench_context(cfg, dp: decode.DecodeParams, context: int, a) -> float:
   """ms per k=0 token (batch 1) at about `context` tokens of context: the loop's
   time for 96 - 32 more CoT tokens from a prompt of context - 64 (the prefill
   and the loop's fixed costs cancel)."""
@@ -244,8 +255,9 @@ def bench_context(cfg, params, context: int, a) -> float:
   prompt, lens = prompts(cfg, 1, P, seed=7, no_cot=False)
   t = {}
   for n in (32, 96):
-    run_cot, _ = decode._static(cfg, 0, GREEDY, n, 96, V, V, None)   # same capacity
-    t[n], _ = timed(run_cot, params, prompt, lens, jax.random.key(0), repeats=a.repeats)
+    run_cot, _ = decode._static(cfg, 0, GREEDY, n, 96, V, V, None, 0.0, "none",
+                                dp.layout == "out_in")   # same capacity
+    t[n], _ = timed(run_cot, dp.params, prompt, lens, jax.random.key(0), repeats=a.repeats)
   return 1e3 * (t[96] - t[32]) / 64
 
 
@@ -283,10 +295,12 @@ class CotRow:
     return self.iter_ms - self.main_block_ms - head
 
 
-def bench_cot(name, cfg, params, B, k, a) -> CotRow:
+def bench_cot(name, cfg, dp: decode.DecodeParams, B, k, a) -> CotRow:
   V = cfg.model.vocab_size
   P = a.prompt_len
-  run_cot, _ = decode._static(cfg, k, GREEDY, a.max_cot, a.max_answer, V, THINK_END, None)
+  out_in, params = dp.layout == "out_in", dp.params
+  run_cot, _ = decode._static(cfg, k, GREEDY, a.max_cot, a.max_answer, V, THINK_END, None, 0.0,
+                              "none", out_in)
   prompt, lens = prompts(cfg, B, P, seed=B, no_cot=False)
   key = jax.random.key(0)
   t, st = timed(run_cot, params, prompt, lens, key, repeats=a.repeats)
@@ -295,13 +309,14 @@ def bench_cot(name, cfg, params, B, k, a) -> CotRow:
   cot_tokens = int(((np.asarray(st.phase) == 0) & written).sum())
   iterations = int(np.asarray(st.passes).max()) - 1
   capacity = P + a.max_cot + 1 + (k + 1) + a.max_answer
-  t_pre, _ = timed(_prefill_fn(cfg, capacity), params, prompt, lens, repeats=a.repeats + 2)
+  t_pre, _ = timed(_prefill_fn(cfg, capacity, out_in), params, prompt, lens,
+                   repeats=a.repeats + 2)
   row = CotRow(name, B, k, cot_tokens, iterations, int(np.asarray(st.forced).sum()), t, t_pre)
 
   if not a.no_breakdown:
     cache = KVCache.empty(cfg.model, B, capacity).replace(
         lengths=jnp.full((B,), P + a.max_cot // 2, jnp.int32))
-    mp = _main_pass_fn(cfg)
+    mp = _main_pass_fn(cfg, out_in)
     reps = max(5, 3 * a.repeats)
     row.main_block_ms = 1e3 * time_fn(mp, params, cache, jnp.ones((B, k + 1), jnp.int32),
                                       repeats=reps)["median"]
@@ -315,11 +330,12 @@ def bench_cot(name, cfg, params, B, k, a) -> CotRow:
   return row
 
 
-def bench_answer(name, cfg, params, B, a):
+def bench_answer(name, cfg, dp: decode.DecodeParams, B, a):
   """(tokens/s, tokens, seconds) of run_answer alone after a no-CoT prefill."""
   V = cfg.model.vocab_size
+  params = dp.params
   run_cot, run_answer = decode._static(cfg, 0, GREEDY, a.max_cot, a.max_answer, V, THINK_END,
-                                       None)
+                                       None, 0.0, "none", dp.layout == "out_in")
   prompt, lens = prompts(cfg, B, a.prompt_len, seed=100 + B, no_cot=True)
   st = jax.block_until_ready(run_cot(params, prompt, lens, jax.random.key(0)))
   assert bool(np.all(np.asarray(st.cot_done))), "a no-CoT prompt should skip the CoT loop"
@@ -390,8 +406,13 @@ def main(a) -> None:
           f"weights' size): {bw/1e9:.1f} GB/s" + (f"; nominal {nominal[0]}: "
                                                    f"{nominal[1]/1e12:.2f} TB/s" if nominal else ""))
     results.setdefault("bandwidth", {})[name] = bw
+    dp, t_prep = prepared(cfg, params)
+    print(f"decode.prepare_params (decode.weights_layout={cfg.decode.weights_layout} -> "
+          f"{dp.layout}): {1e3*t_prep:.1f} ms per call (generate pays it per call unless given "
+          "the prepared parameters; the rows below time the loops on prepared parameters)")
+    results.setdefault("prepare_ms", {})[name] = 1e3 * t_prep
     for B in a.batch:
-      rows = [bench_cot(name, cfg, params, B, k, a) for k in ks]
+      rows = [bench_cot(name, cfg, dp, B, k, a) for k in ks]
       base = next((r for r in rows if r.k == 0), None)
       print(f"\n### {name}, batch {B}: CoT phase (run_cot, prefill subtracted)")
       print(f"{'k':>2} {'CoT tok':>7} {'iters':>5} {'forced':>6} {'run_cot ms':>10} {'prefill':>7} "
@@ -412,18 +433,18 @@ def main(a) -> None:
                                "bound_ms": bnd, "of_bound": bnd / r.iter_ms})
       if base is not None:   # the same k=0 loop reading bfloat16 weights (decode.weights_dtype)
         cfg16 = cfg.replace(decode={"weights_dtype": "bfloat16"})
-        r16 = bench_cot(name, cfg16, params, B, 0, argparse.Namespace(**{**vars(a),
-                                                                          "no_breakdown": True}))
+        r16 = bench_cot(name, cfg16, prepared(cfg16, params)[0], B, 0,
+                        argparse.Namespace(**{**vars(a), "no_breakdown": True}))
         bnd16 = bound_ms(cfg, params, B, mid, bw) - 0.5e3 * nbytes(params["main"]) / bw
         print(f"k=0, decode.weights_dtype=bfloat16: {r16.iter_ms:.2f} ms/iter, {r16.tok_s:.1f} tok/s "
               f"({r16.tok_s / base.tok_s:.2f}x float32's; its bound {bnd16:.2f} ms: "
               f"{bnd16 / r16.iter_ms:.2f} of it)")
         results.setdefault("bf16", []).append({"model": name, "B": B, "iter_ms": r16.iter_ms,
                                                "tok_s": r16.tok_s, "bound_ms": bnd16})
-      ans_tps, ans_n, ans_t = bench_answer(name, cfg, params, B, a)
+      ans_tps, ans_n, ans_t = bench_answer(name, cfg, dp, B, a)
       cap0 = a.prompt_len + a.max_cot + 2 + a.max_answer
       prompt, lens = prompts(cfg, B, a.prompt_len, seed=B, no_cot=False)
-      naive_tps, naive_t = naive_loop(cfg, params, prompt, lens, a.max_cot, cap0, a.repeats)
+      naive_tps, naive_t = naive_loop(cfg, dp, prompt, lens, a.max_cot, cap0, a.repeats)
       ans_pass = 1e3 * ans_t / max(ans_n // B - 1, 1)
       ans_bnd = bound_ms(cfg, params, B, a.prompt_len + a.max_answer // 2, bw)
       print(f"answer phase (run_answer): {ans_n} tokens in {1e3*ans_t:.1f} ms = {ans_tps:.1f} tok/s"
@@ -436,9 +457,16 @@ def main(a) -> None:
                  for r in rows]
         parts.append(f"answer {bound_ms(cfg, params, B, a.prompt_len + a.max_answer // 2, nominal[1]) / ans_pass:.3f}")
         print(f"of the {nominal[0]}'s nominal {nominal[1]/1e12:.2f} TB/s bound: " + ", ".join(parts))
+      other = "in_out" if dp.layout == "out_in" else "out_in"   # the other layout, same run
+      cfg_o = cfg.replace(decode={"weights_layout": other})
+      o_tps, o_n, o_t = bench_answer(name, cfg_o, prepared(cfg_o, params)[0], B, a)
+      o_pass = 1e3 * o_t / max(o_n // B - 1, 1)
+      print(f"answer phase, decode.weights_layout={other}: {o_pass:.2f} ms/pass "
+            f"({ans_bnd/o_pass:.2f} of the bound; {dp.layout} is {o_pass/ans_pass:.2f}x as fast)")
       results["answer"].append({"model": name, "B": B, "tok_s": ans_tps, "tokens": ans_n,
                                 "seconds": ans_t, "ms_pass": ans_pass, "bound_ms": ans_bnd,
-                                "of_bound": ans_bnd / ans_pass})
+                                "of_bound": ans_bnd / ans_pass, "layout": dp.layout,
+                                f"ms_pass_{other}": o_pass})
       results["naive"].append({"model": name, "B": B, "tok_s": naive_tps, "seconds": naive_t})
       best = max(rows, key=lambda r: r.k)
       if base and best.k > 0:
@@ -453,10 +481,11 @@ def main(a) -> None:
     cfg = load(name)
     params = api.init_params(cfg, jax.random.key(0))
     bw = memory_bandwidth(nbytes(params["main"]))
+    dp, _ = prepared(cfg, params)
     print(f"\n## long context: {name}, k=0, batch 1, ms per token at a context of")
     per = {}
     for c in a.contexts:
-      per[c] = bench_context(cfg, params, c, a)
+      per[c] = bench_context(cfg, dp, c, a)
       bnd = bound_ms(cfg, params, 1, c, bw)
       print(f"{c:>6} tokens: {per[c]:.2f} ms/token (bound {bnd:.2f} ms: {bnd/per[c]:.2f} of it)")
     lo, hi = min(a.contexts), max(a.contexts)

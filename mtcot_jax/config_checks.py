@@ -138,6 +138,8 @@ def validate(cfg) -> None:
          "a number in [0, 1) (0: fixed blocks of k head tokens)")
   _check(dec.weights_dtype in ("float32", "bfloat16"), "decode.weights_dtype",
          dec.weights_dtype, "float32 or bfloat16")
+  _check(dec.weights_layout in ("in_out", "out_in"), "decode.weights_layout",
+         dec.weights_layout, "in_out (as stored) or out_in (a transposed copy; see config.py)")
   _check(dec.verify in ("none", "answer", "all"), "decode.verify", dec.verify,
          "none, answer (the answer phase verified) or all (the CoT too)")
   _check(dec.temperature >= 0, "decode.temperature", dec.temperature, "a number >= 0 (0: greedy)")

@@ -53,6 +53,7 @@ from mtcot_jax.model.transformer import KVCache
 
 PAD_ID, EOS_ID, THINK_END_ID = 0, 2, 5  # the ids mtcot_jax's tokenizers use
 VERIFY = ("none", "answer", "all")
+LAYOUTS = ("in_out", "out_in")
 
 
 class GenerateResult(NamedTuple):
@@ -178,11 +179,53 @@ def cut_block(block_BxT, keep_B, limit_B, active_B, stop_ids: tuple[int, ...],
   return n_valid, active_B & has_stop, stop_tok
 
 
+@flax.struct.dataclass
+class DecodeParams:
+  """Parameters as the decode loops read them (`prepare_params`): matrices in
+  decode.weights_dtype and the main blocks' in `layout` ("in_out" as stored, or
+  "out_in": `api.to_out_in`). Pass to `generate` in place of the parameters to
+  make this copy once for many calls."""
+  params: dict
+  layout: str = flax.struct.field(pytree_node=False, default="in_out")
+  weights_dtype: str = flax.struct.field(pytree_node=False, default="float32")
+
+
+@functools.lru_cache(maxsize=None)
+def _prepare_fn(layout: str, weights_dtype: str, param_dtype: str):
+  wdt = jnp.dtype(weights_dtype)
+
+  @jax.jit
+  def prepare(params):
+    if wdt != jnp.dtype(param_dtype):   # norm scales and biases kept
+      params = jax.tree.map(lambda w: w.astype(wdt) if w.ndim >= 2 else w, params)
+    return api.to_out_in(params) if layout == "out_in" else params
+  return prepare
+
+
+def prepare_params(cfg: Config, params) -> DecodeParams:
+  """The weights as the decode loops read them: decode.weights_dtype (every
+  matrix cast; the layers still compute in model.dtype) and
+  decode.weights_layout. A copy of the matrices where either differs from the
+  stored parameters (~12 ms for 95 MB on a 2-core CPU); `generate` makes it per
+  call unless given the result. Sharded parameters stay sharded (by propagation)."""
+  if isinstance(params, DecodeParams):
+    return params
+  layout = cfg.decode.weights_layout
+  if layout not in LAYOUTS:
+    raise ValueError(f"decode.weights_layout={layout!r} is not accepted: one of "
+                     f"{', '.join(LAYOUTS)}")
+  wdt = cfg.decode.weights_dtype
+  if layout == "in_out" and jnp.dtype(wdt) == jnp.dtype(cfg.model.param_dtype):
+    return DecodeParams(params, layout, wdt)
+  return DecodeParams(_prepare_fn(layout, wdt, cfg.model.param_dtype)(params), layout, wdt)
+
+
 @functools.lru_cache(maxsize=None)
 def _static(cfg: Config, k: int, sample: sampling.Sampling, max_cot: int, max_answer: int,
             eos_id: int, think_end_id: int, mesh: Mesh | None, tau: float = 0.0,
-            verify: str = "none"):
-  """The two jitted phases for one set of static settings (cached: compiled once)."""
+            verify: str = "none", out_in: bool = False):
+  """The two jitted phases for one set of static settings (cached: compiled once).
+  They read `prepare_params(...).params`; `out_in`: in its "out_in" layout."""
   shard = shd.sharder(cfg, mesh)
   L = max_cot + 1 + k + max_answer          # output buffer; k slots of slack for cut blocks
 
@@ -190,20 +233,12 @@ def _static(cfg: Config, k: int, sample: sampling.Sampling, max_cot: int, max_an
     rows = jnp.arange(buf.shape[0])[:, None]
     return buf.at[rows, idx_BxN].set(val_BxN.astype(buf.dtype), mode="drop")
 
-  def narrow(params):
-    """decode.weights_dtype: every matrix in that dtype (norm scales and biases
-    kept), cast once per call outside the loop; the layers compute in model.dtype."""
-    wdt = jnp.dtype(cfg.decode.weights_dtype)
-    if wdt == jnp.dtype(cfg.model.param_dtype):
-      return params
-    return jax.tree.map(lambda w: w.astype(wdt) if w.ndim >= 2 else w, params)
-
   def take_last(x_BxTx, n_B):
     return jnp.take_along_axis(x_BxTx, (n_B - 1)[:, None, None], axis=1)[:, 0]
 
   def main_pass_all(params, cache, block_BxT, n_B, hmem=None):
     """One main pass over a block: the outputs at every block position."""
-    out = api.extend(cfg, params, cache, block_BxT, n_B, shard)
+    out = api.extend(cfg, params, cache, block_BxT, n_B, shard, out_in)
     if hmem is not None:   # the head's memory of every new position, at the same slots
       slots_BxT = cache.lengths[:, None] + jnp.arange(block_BxT.shape[1], dtype=jnp.int32)
       rows = jnp.arange(block_BxT.shape[0])[:, None]
@@ -384,14 +419,12 @@ def _static(cfg: Config, k: int, sample: sampling.Sampling, max_cot: int, max_an
 
   @jax.jit
   def run_cot(params, prompt_BxP, lens_B, key):
-    params = narrow(params)
     st = prefill(params, prompt_BxP, lens_B, key)
     body = verified_body if 0 in verified else cot_body
     return jax.lax.while_loop(cot_cond, functools.partial(body, params), st)
 
   @jax.jit
   def run_answer(params, st: _State):
-    params = narrow(params)
     start = st.n_out
 
     def cond(s):
@@ -468,6 +501,8 @@ def generate(cfg: Config, params, prompt_tokens, prompt_lengths, key: jax.Array,
   """Two-phase generation for a batch of left-aligned prompts.
 
   Args:
+    params: the parameters, or `prepare_params(cfg, params)`: the copy that
+      decode.weights_dtype / decode.weights_layout ask for, made once for many calls.
     prompt_tokens: (B, P) int, each row `BOS question <think>` (or, with no CoT,
       `... <think> </think>`), padded after its length.
     prompt_lengths: (B,) int, tokens per prompt (>= 1).
@@ -506,8 +541,16 @@ def generate(cfg: Config, params, prompt_tokens, prompt_lengths, key: jax.Array,
   if verify not in VERIFY:
     raise ValueError(f"verify={verify!r} is not accepted: one of {', '.join(VERIFY)}")
   verify = verify if k > 0 else "none"       # nothing to verify without drafts
+  if isinstance(params, DecodeParams) and (params.weights_dtype != cfg.decode.weights_dtype
+                                           or params.layout != cfg.decode.weights_layout):
+    raise ValueError(
+        f"params were prepared for weights_dtype={params.weights_dtype}, layout="
+        f"{params.layout}; the config asks decode.weights_dtype={cfg.decode.weights_dtype}, "
+        f"decode.weights_layout={cfg.decode.weights_layout}. Accepted: prepare_params with "
+        "this config, or the parameters themselves")
+  prepared = prepare_params(cfg, params)
   run_cot, run_answer = _static(cfg, k, s, max_cot, max_answer, eos_id, think_end_id, mesh, tau,
-                                verify)
+                                verify, prepared.layout == "out_in")
   prompt = jnp.asarray(np.where(np.arange(prompt.shape[1])[None] < lens[:, None], prompt, 0),
                        jnp.int32)
   lens = jnp.asarray(lens, jnp.int32)
@@ -515,5 +558,5 @@ def generate(cfg: Config, params, prompt_tokens, prompt_lengths, key: jax.Array,
     batch = shd.sharder(cfg, mesh)
     prompt = jax.device_put(prompt, batch.sharding(("batch", None)))
     lens = jax.device_put(lens, batch.sharding(("batch",)))
-  st = run_cot(params, prompt, lens, key)
-  return run_answer(params, st)
+  st = run_cot(prepared.params, prompt, lens, key)
+  return run_answer(prepared.params, st)

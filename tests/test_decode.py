@@ -328,3 +328,32 @@ def test_bfloat16_weights_decode_as_the_rounded_weights(tiny_cfg, dparams, promp
     np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=0, atol=1e-5)
   differs = _gen(tiny_cfg, dparams, prompt, 0)   # the rounding is not a no-op here
   assert not np.array_equal(differs.logprobs, _gen(cfg, dparams, prompt, 0).logprobs)
+
+
+def test_out_in_layout_decodes_as_stored(tiny_cfg, dparams, prompt):
+  """decode.weights_layout=out_in (the main blocks' matrices transposed once by
+  prepare_params; one-token passes take the per-query-head attention path)
+  writes the stored layout's tokens in the same passes, with or without the
+  head and verified; log-probs differ by float32 summation order only.
+  Prepared once and passed to generate, or prepared by generate per call: the
+  same output. Parameters prepared for another layout are refused."""
+  cfg = tiny_cfg.replace(decode={"weights_layout": "out_in"})
+  dp = decode.prepare_params(cfg, dparams)
+  layer = dparams["main"]["layer_0"]
+  np.testing.assert_array_equal(dp.params["main"]["layer_0"]["attn"]["q"],
+                                np.moveaxis(np.asarray(layer["attn"]["q"]), 0, -1))
+  np.testing.assert_array_equal(dp.params["main"]["layer_0"]["mlp"]["down"],
+                                np.asarray(layer["mlp"]["down"]).T)
+  for k, verify in ((0, "none"), (3, "none"), (3, "all")):
+    want = _gen(tiny_cfg, dparams, prompt, k, verify=verify)
+    got = _gen(cfg, dp, prompt, k, verify=verify)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_array_equal(got.forward_passes, want.forward_passes)
+    # The same products summed in another order: float32 rounding, ~eps (1.2e-7)
+    # times the magnitudes summed per reduction, through 2 layers and the softmax;
+    # logits here are below 5 in magnitude, so ~1e-6, and 1e-5 bounds it.
+    np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=0, atol=1e-5)
+    per_call = _gen(cfg, dparams, prompt, k, verify=verify)
+    np.testing.assert_array_equal(per_call.logprobs, got.logprobs)
+  with pytest.raises(ValueError, match="prepared for weights_dtype=float32, layout=out_in"):
+    _gen(tiny_cfg, dp, prompt, 0)

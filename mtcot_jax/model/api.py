@@ -45,8 +45,9 @@ class ForwardOutput(NamedTuple):
   head_positions: jax.Array | None
 
 
-def main_module(cfg: Config, shard: shd.Sharder = shd.Sharder()) -> Transformer:
-  return Transformer(cfg.model, cfg.head.source_layers, shard)
+def main_module(cfg: Config, shard: shd.Sharder = shd.Sharder(),
+                out_in: bool = False) -> Transformer:
+  return Transformer(cfg.model, cfg.head.source_layers, shard, out_in)
 
 
 def head_module(cfg: Config, shard: shd.Sharder = shd.Sharder()):
@@ -139,6 +140,25 @@ def to_plain_layout(params):
   for i in range(num_layers):
     main[f"layer_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
   return {**params, "main": main}
+
+
+# (in, out) -> (out, in) for each block matrix, by its name: the axes moved.
+_OUT_IN = {"q": (-3, -1), "k": (-3, -1), "v": (-3, -1), "o": (-1, -3),
+           "gate": (-2, -1), "up": (-2, -1), "down": (-2, -1)}
+
+
+def to_out_in(params):
+  """The main blocks' matrices in the (out, in) layout of `BlockDims.out_in`
+  (q/k/v (D, N, Dh) -> (N, Dh, D), o (H, Dh, D) -> (D, H, Dh), gate/up/down
+  transposed), for `extend(..., out_in=True)`; either main layout, the head and
+  the embeddings unchanged. A copy: decoding makes it once per call."""
+  def convert(path, x):
+    names = [getattr(p, "key", None) for p in path]
+    if len(names) >= 2 and names[-2] in ("attn", "mlp") and names[-1] in _OUT_IN:
+      src, dst = _OUT_IN[names[-1]]
+      return jnp.moveaxis(x, src, dst)
+    return x
+  return {**params, "main": jax.tree_util.tree_map_with_path(convert, params["main"])}
 
 
 def _rbg(key: jax.Array) -> jax.Array:
@@ -293,10 +313,11 @@ def forward(cfg: Config, params, tokens_BxT, *, positions=None, segment_ids=None
 
 
 def extend(cfg: Config, params, cache: KVCache, tokens_BxT, num_new_B=None,
-           shard: shd.Sharder = shd.Sharder()) -> MainOutput:
+           shard: shd.Sharder = shd.Sharder(), out_in: bool = False) -> MainOutput:
   """Cached main pass: append T tokens per sequence (the first num_new_B[b] real).
 
   Returns logits/residual/sources of the T new positions and the new cache.
+  `out_in`: the main blocks' matrices are in `to_out_in`'s layout.
   Raises if a concrete cache would overflow (inside jit the caller sizes it).
   """
   if not isinstance(cache.lengths, jax.core.Tracer):
@@ -306,5 +327,5 @@ def extend(cfg: Config, params, cache: KVCache, tokens_BxT, num_new_B=None,
       raise ValueError(f"KV cache overflow: appending {T} tokens to lengths up to "
                        f"{int(jnp.max(cache.lengths))} needs {need} slots; capacity is "
                        f"{cache.capacity}. Accepted: lengths + new tokens <= capacity")
-  return main_module(cfg, shard).apply({"params": params["main"]}, tokens_BxT,
-                                       cache=cache, num_new_B=num_new_B)
+  return main_module(cfg, shard, out_in).apply({"params": params["main"]}, tokens_BxT,
+                                               cache=cache, num_new_B=num_new_B)

@@ -32,6 +32,10 @@ class BlockDims:
   embed_axis: str = "embed"   # the logical name of this block's width dimension
   rope_scaling: tuple = ()    # ModelConfig.rope_scaling
   qkv_bias: bool = False
+  # Matrices stored (out, in): every product contracts the weight's minor
+  # dimension, the layout XLA:CPU's mat-vecs read fastest (decoding converts to
+  # it: `api.to_out_in`). The parameter files keep the (in, out) layout.
+  out_in: bool = False
 
 
 def _param(module: nn.Module, name: str, shape, names, std: float, dtype):
@@ -106,15 +110,25 @@ class Attention(nn.Module):
     D, H, K, Dh = d.d_model, d.num_heads, d.num_kv_heads, d.head_dim
     dt = jnp.dtype(d.dtype)
     ax = d.embed_axis
-    wq = _param(self, "q", (D, H, Dh), (ax, "heads", "head_dim"), d.init_std, d.param_dtype)
-    wk = _param(self, "k", (D, K, Dh), (ax, "kv_heads", "head_dim"), d.init_std, d.param_dtype)
-    wv = _param(self, "v", (D, K, Dh), (ax, "kv_heads", "head_dim"), d.init_std, d.param_dtype)
-    wo = _param(self, "o", (H, Dh, D), ("heads", "head_dim", ax), d.init_std, d.param_dtype)
-
     x = x_BxTxD.astype(dt)
-    q_BxTxHxDh = jnp.einsum("btd,dhk->bthk", x, wq.astype(dt))
-    k_BxTxKxDh = jnp.einsum("btd,dhk->bthk", x, wk.astype(dt))
-    v_BxTxKxDh = jnp.einsum("btd,dhk->bthk", x, wv.astype(dt))
+    B, T = x.shape[:2]
+    if d.out_in:   # each product a 2-D (out, in) matrix: one contracting dimension, minor
+      proj = lambda name, n, heads: _param(  # noqa: E731
+          self, name, (n, Dh, D), (heads, "head_dim", ax), d.init_std, d.param_dtype)
+      wo = _param(self, "o", (D, H, Dh), (ax, "heads", "head_dim"), d.init_std, d.param_dtype)
+      project = lambda w: jnp.einsum(  # noqa: E731
+          "btd,jd->btj", x, w.reshape(-1, D).astype(dt)).reshape(B, T, -1, Dh)
+      out_proj = lambda o_BxTxHxDh: jnp.einsum(  # noqa: E731
+          "btj,dj->btd", o_BxTxHxDh.reshape(B, T, H * Dh), wo.reshape(D, H * Dh).astype(dt))
+    else:
+      proj = lambda name, n, heads: _param(  # noqa: E731
+          self, name, (D, n, Dh), (ax, heads, "head_dim"), d.init_std, d.param_dtype)
+      wo = _param(self, "o", (H, Dh, D), ("heads", "head_dim", ax), d.init_std, d.param_dtype)
+      project = lambda w: jnp.einsum("btd,dhk->bthk", x, w.astype(dt))  # noqa: E731
+      out_proj = lambda o_BxTxHxDh: jnp.einsum(  # noqa: E731
+          "bthk,hkd->btd", o_BxTxHxDh, wo.astype(dt))
+    wq, wk, wv = proj("q", H, "heads"), proj("k", K, "kv_heads"), proj("v", K, "kv_heads")
+    q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh = project(wq), project(wk), project(wv)
     if d.qkv_bias:
       bias = lambda name, n: self.param(  # noqa: E731
           name, nn.with_logical_partitioning(nn.initializers.zeros, (n, "head_dim")),
@@ -126,7 +140,6 @@ class Attention(nn.Module):
     k_BxTxKxDh = rope(k_BxTxKxDh, pos_BxT, d.rope_theta, d.rope_scaling)
     q_BxTxHxDh = self.shard(q_BxTxHxDh, ("batch", "length", "act_heads", None))
 
-    B, T = q_BxTxHxDh.shape[:2]
     G = H // K
     q_BxTxKxGxDh = q_BxTxHxDh.reshape(B, T, K, G, Dh) * jnp.asarray(Dh ** -0.5, dt)
     new_cache = None
@@ -140,13 +153,38 @@ class Attention(nn.Module):
       new_cache = (cache_kv[0].at[b, k, s].set(to_cache(k_BxTxKxDh, cache_kv[0]), mode="drop"),
                    cache_kv[1].at[b, k, :, s].set(to_cache(v_BxTxKxDh, cache_kv[1]), mode="drop"))
       keys, values, kspec, vspec = new_cache[0], new_cache[1], "bksd", "bkds"
+      if T == 1 and G > 1:
+        out_BxKxGxDh = self._one_token(q_BxTxKxGxDh[:, 0], keys.astype(dt), values.astype(dt),
+                                       mask_BxTxS)
+        return out_proj(out_BxKxGxDh.reshape(B, 1, H, Dh)), new_cache
     logits_BxKxGxTxS = jnp.einsum(f"btkgd,{kspec}->bkgts", q_BxTxKxGxDh,
                                   keys.astype(dt)).astype(jnp.float32)
     logits_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], logits_BxKxGxTxS, -1e30)
     probs = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(dt)
     out_BxTxKxGxDh = jnp.einsum(f"bkgts,{vspec}->btkgd", probs, values.astype(dt))
-    out_BxTxD = jnp.einsum("bthk,hkd->btd", out_BxTxKxGxDh.reshape(B, T, H, Dh), wo.astype(dt))
-    return out_BxTxD, new_cache
+    return out_proj(out_BxTxKxGxDh.reshape(B, T, H, Dh)), new_cache
+
+  @staticmethod
+  def _one_token(q_BxKxGxDh, k_BxKxSxDh, v_BxKxDhxS, mask_Bx1xS):
+    """One new token over the cache, as one mat-vec per query head of a group.
+
+    The same arithmetic as the general path, arranged for XLA:CPU: a dot whose
+    free dimension on one side is 1 runs as XLA's own mat-vec, which streams the
+    cache on every core; with the G queries of a group as that dimension (G > 1)
+    XLA:CPU hands the dot to YNNPACK, which runs it on one core with a fixed
+    cost of ~25 us (at 128 slots of context 16 such dots cost 0.4 ms a pass, at
+    2,048 the YNNPACK dots read the cache at ~19 GB/s against ~30 GB/s here;
+    `benchmarks/decode.py` shows both). The group's keys are read G times, from
+    cache after the first.
+    """
+    G = q_BxKxGxDh.shape[2]
+    logits_BxKxGxS = jnp.stack(
+        [jnp.einsum("bkd,bksd->bks", q_BxKxGxDh[:, :, g], k_BxKxSxDh) for g in range(G)],
+        axis=2).astype(jnp.float32)
+    logits_BxKxGxS = jnp.where(mask_Bx1xS[:, None], logits_BxKxGxS, -1e30)
+    probs = jax.nn.softmax(logits_BxKxGxS, axis=-1).astype(v_BxKxDhxS.dtype)
+    return jnp.stack(
+        [jnp.einsum("bks,bkds->bkd", probs[:, :, g], v_BxKxDhxS) for g in range(G)], axis=2)
 
 
 class SwiGLU(nn.Module):
@@ -158,13 +196,21 @@ class SwiGLU(nn.Module):
     d = self.dims
     dt = jnp.dtype(d.dtype)
     ax = d.embed_axis
-    wg = _param(self, "gate", (d.d_model, d.mlp_dim), (ax, "mlp"), d.init_std, d.param_dtype)
-    wu = _param(self, "up", (d.d_model, d.mlp_dim), (ax, "mlp"), d.init_std, d.param_dtype)
-    wd = _param(self, "down", (d.mlp_dim, d.d_model), ("mlp", ax), d.init_std, d.param_dtype)
+    D, F = d.d_model, d.mlp_dim
+    if d.out_in:
+      up_shape, up_names, down_shape, down_names = (F, D), ("mlp", ax), (D, F), (ax, "mlp")
+      up_spec, down_spec = "fd", "df"
+    else:
+      up_shape, up_names, down_shape, down_names = (D, F), (ax, "mlp"), (F, D), ("mlp", ax)
+      up_spec, down_spec = "df", "fd"
+    wg = _param(self, "gate", up_shape, up_names, d.init_std, d.param_dtype)
+    wu = _param(self, "up", up_shape, up_names, d.init_std, d.param_dtype)
+    wd = _param(self, "down", down_shape, down_names, d.init_std, d.param_dtype)
     x = x_BxTxD.astype(dt)
-    h_BxTxF = jax.nn.silu(x @ wg.astype(dt)) * (x @ wu.astype(dt))
+    up = lambda w: jnp.einsum(f"...d,{up_spec}->...f", x, w.astype(dt))  # noqa: E731
+    h_BxTxF = jax.nn.silu(up(wg)) * up(wu)
     h_BxTxF = self.shard(h_BxTxF, ("batch", "length", "act_mlp"))
-    return h_BxTxF @ wd.astype(dt)
+    return jnp.einsum(f"...f,{down_spec}->...d", h_BxTxF, wd.astype(dt))
 
 
 class Block(nn.Module):
