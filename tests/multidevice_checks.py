@@ -106,6 +106,12 @@ def check_decode_under_mesh():
     np.testing.assert_array_equal(getattr(sharded, name), getattr(local, name), err_msg=name)
   np.testing.assert_allclose(sharded.logprobs, local.logprobs, atol=1e-5)
   assert sharded.tokens.sharding.spec[0] == ("data", "fsdp"), sharded.tokens.sharding
+  # The transposed decode layout of tensor-sharded matrices: the same output.
+  cfg_oi = cfg.replace(decode={"weights_layout": "out_in"})
+  oi = decode.generate(cfg_oi, decode.prepare_params(cfg_oi, params), prompt, lens,
+                       jax.random.key(3), mesh=mesh, **kw)
+  np.testing.assert_array_equal(oi.tokens, local.tokens)
+  np.testing.assert_allclose(oi.logprobs, local.logprobs, atol=1e-5)
   # Verified decoding (every phase) under the mesh: k=0's tokens, as on one device.
   kw = dict(max_cot_tokens=8, max_answer_tokens=3)
   verified = decode.generate(cfg, params, prompt, lens, jax.random.key(3), mesh=mesh, k=3,

@@ -63,8 +63,14 @@ def test_first_step_kl_zero_ratio_one(tiny_cfg, rparams, rollout):
   assert float(m["clip_frac"]) == 0.0
   # With ratio 1 and no KL, the loss is minus the token-averaged advantage.
   mask = np.asarray(batch["source"]) >= 0
-  want = -np.sum(mask * np.asarray(batch["advantages"])[:, None]) / mask.sum()
-  np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+  adv = mask * np.asarray(batch["advantages"])[:, None]
+  want = -np.sum(adv) / mask.sum()
+  # The advantages cancel here (want = 0), so the bound is absolute: each token's
+  # ratio is within 1e-5 of 1 (asserted above; the decoders' and the teacher-
+  # forced log-probs differ by float32 rounding), so the loss is within
+  # 1e-5 * mean |advantage| of want.
+  np.testing.assert_allclose(float(loss), want, rtol=1e-5,
+                             atol=1e-5 * np.sum(np.abs(adv)) / mask.sum())
 
 
 def _step(cfg, params, batch, frozen=()):
