@@ -196,6 +196,47 @@ def _step_fn(cfg: mt.Config, out_in: bool):
   return step
 
 
+@functools.lru_cache(maxsize=None)
+def _floor_fn(cfg: mt.Config, out_in: bool, passes: int):
+  """`passes` batch-1 passes of the main weights' mat-vecs alone, in the decode
+  order and layout, each on the last one's output: no attention over a cache,
+  no norms, rope, sampling or cache writes. What a decode pass costs at best
+  with XLA's mat-vecs on these matrices (unrolled layers only)."""
+  m = cfg.model
+  D, H, K = m.d_model, m.num_heads, m.num_kv_heads
+  if out_in:   # (out, in) 2-D views, as Attention reads them with BlockDims.out_in
+    mv = lambda x, w: jnp.einsum("bi,oi->bo", x, w)  # noqa: E731
+    view = {"q": lambda w: w.reshape(-1, D), "k": lambda w: w.reshape(-1, D),
+            "v": lambda w: w.reshape(-1, D), "o": lambda w: w.reshape(D, -1)}
+  else:
+    mv = lambda x, w: x @ w  # noqa: E731
+    view = {"q": lambda w: w.reshape(D, -1), "k": lambda w: w.reshape(D, -1),
+            "v": lambda w: w.reshape(D, -1), "o": lambda w: w.reshape(-1, D)}
+
+  def one_pass(params, x):
+    main = params["main"]
+    for i in range(m.num_layers):
+      a, f = main[f"layer_{i}"]["attn"], main[f"layer_{i}"]["mlp"]
+      q, k, v = (mv(x, view[n](a[n])) for n in "qkv")
+      x = x + mv(q + jnp.tile(k + v, H // K), view["o"](a["o"]))
+      x = x + mv(jax.nn.silu(mv(x, f["gate"])) * mv(x, f["up"]), f["down"])
+    logits = x @ api.unembed_matrix(cfg, params)
+    return x + 1e-6 * jnp.mean(logits)
+
+  @jax.jit
+  def run(params, x):
+    return jax.lax.fori_loop(0, passes, lambda _, x: one_pass(params, x), x)
+  return run
+
+
+def weights_floor_ms(cfg: mt.Config, dp: decode.DecodeParams, repeats: int) -> float:
+  """ms per pass of `_floor_fn` (64 chained passes, median of `repeats` runs)."""
+  run = _floor_fn(cfg, dp.layout == "out_in", 64)
+  x = jnp.ones((1, cfg.model.d_model), jnp.float32) * 0.01
+  t, _ = timed(run, dp.params, x, repeats=repeats)
+  return 1e3 * t / 64
+
+
 def naive_loop(cfg, dp: decode.DecodeParams, prompt, lens, n_tokens: int, capacity: int,
                repeats: int):
   """tokens/s of a Python loop over a jitted one-token step (k=0 equivalent)."""
@@ -459,10 +500,27 @@ def main(a) -> None:
         print(f"of the {nominal[0]}'s nominal {nominal[1]/1e12:.2f} TB/s bound: " + ", ".join(parts))
       other = "in_out" if dp.layout == "out_in" else "out_in"   # the other layout, same run
       cfg_o = cfg.replace(decode={"weights_layout": other})
-      o_tps, o_n, o_t = bench_answer(name, cfg_o, prepared(cfg_o, params)[0], B, a)
+      dp_o = prepared(cfg_o, params)[0]
+      o_tps, o_n, o_t = bench_answer(name, cfg_o, dp_o, B, a)
       o_pass = 1e3 * o_t / max(o_n // B - 1, 1)
       print(f"answer phase, decode.weights_layout={other}: {o_pass:.2f} ms/pass "
             f"({ans_bnd/o_pass:.2f} of the bound; {dp.layout} is {o_pass/ans_pass:.2f}x as fast)")
+      if base is not None:
+        r_o = bench_cot(name, cfg_o, dp_o, B, 0, argparse.Namespace(**{**vars(a),
+                                                                       "no_breakdown": True}))
+        bnd0 = bound_ms(cfg, params, B, mid, bw)
+        print(f"k=0 CoT loop, decode.weights_layout={other}: {r_o.iter_ms:.2f} ms/iter "
+              f"({bnd0 / r_o.iter_ms:.2f} of the bound; {dp.layout} is "
+              f"{r_o.iter_ms / base.iter_ms:.2f}x as fast)")
+        results.setdefault("k0_other_layout", []).append(
+            {"model": name, "B": B, "layout": other, "iter_ms": r_o.iter_ms, "bound_ms": bnd0})
+      if B == 1 and not cfg.model.scan_layers:
+        bnd_w = 1e3 * nbytes(params["main"]) / bw
+        floors = {d.layout: weights_floor_ms(cfg, d, a.repeats) for d in (dp, dp_o)}
+        print("the main weights' mat-vecs alone, chained (no attention, norms or sampling): "
+              + ", ".join(f"{lay} {ms:.2f} ms/pass ({bnd_w / ms:.2f} of the weights' bound)"
+                          for lay, ms in floors.items()))
+        results.setdefault("weights_floor_ms", {})[name] = floors
       results["answer"].append({"model": name, "B": B, "tok_s": ans_tps, "tokens": ans_n,
                                 "seconds": ans_t, "ms_pass": ans_pass, "bound_ms": ans_bnd,
                                 "of_bound": ans_bnd / ans_pass, "layout": dp.layout,

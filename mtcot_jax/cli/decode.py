@@ -121,6 +121,7 @@ def main(argv=None):
             eos_id=tok.eos_id, think_end_id=tok.think_end_id, head_threshold=args.head_threshold,
             verify=args.verify)
   key = jax.random.key(args.seed)
+  params = mt.prepare_params(cfg, params)   # decode.weights_dtype/_layout: once for every batch
   results, dt = [], 0.0
   for start in range(0, len(ids), args.batch_size):
     chunk = ids[start:start + args.batch_size]

@@ -36,6 +36,7 @@ def evaluate(cfg: Config, params, tok, task, batches, *, k: int, key: jax.Array,
   correct, passes, cot_len, ans_len, finished, n, tokens = [], [], [], [], [], 0, 0
   accepted = []
   t0 = time.perf_counter()
+  params = decode.prepare_params(cfg, params)   # decode.weights_dtype/_layout: once, not per batch
   for i, batch in enumerate(batches):
     res = decode.generate(cfg, params, batch["prompt_tokens"], batch["prompt_lengths"],
                           jax.random.fold_in(key, i), k=k, eos_id=tok.eos_id,
