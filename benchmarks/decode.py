@@ -287,19 +287,29 @@ def prepared(cfg: mt.Config, params) -> tuple[decode.DecodeParams, float]:
   return dp, t
 
 
-def bench_context(cfg, dp: decode.DecodeParams, context: int, a) -> float:
-  """ms per k=0 token (batch 1) at about `context` tokens of context: the loop's
-  time for 96 - 32 more CoT tokens from a prompt of context - 64 (the prefill
-  and the loop's fixed costs cancel)."""
+def bench_contexts(cfg, dp: decode.DecodeParams, contexts, a) -> dict[int, float]:
+  """ms per k=0 token (batch 1) at about each context length: the loop's time
+  for 96 - 32 more CoT tokens from a prompt of context - 64 (the prefill and the
+  loop's fixed costs cancel). The runs of every length alternate, 3 x --repeats
+  rounds (medians), so that a shared machine's drift falls on all of them alike."""
   V = cfg.model.vocab_size
-  P = max(context - 64, 2)
-  prompt, lens = prompts(cfg, 1, P, seed=7, no_cot=False)
-  t = {}
-  for n in (32, 96):
-    run_cot, _ = decode._static(cfg, 0, GREEDY, n, 96, V, V, None, 0.0, "none",
-                                dp.layout == "out_in")   # same capacity
-    t[n], _ = timed(run_cot, dp.params, prompt, lens, jax.random.key(0), repeats=a.repeats)
-  return 1e3 * (t[96] - t[32]) / 64
+  fns = {}
+  for c in contexts:
+    prompt, lens = prompts(cfg, 1, max(c - 64, 2), seed=7, no_cot=False)
+    for n in (32, 96):
+      run_cot, _ = decode._static(cfg, 0, GREEDY, n, 96, V, V, None, 0.0, "none",
+                                  dp.layout == "out_in")   # same capacity
+      args = (dp.params, prompt, lens, jax.random.key(0))
+      jax.block_until_ready(run_cot(*args))                # compile + warm-up
+      fns[c, n] = (run_cot, args)
+  times = {key: [] for key in fns}
+  for _ in range(3 * a.repeats):
+    for key, (fn, args) in fns.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[key].append(time.perf_counter() - t0)
+  med = {key: statistics.median(ts) for key, ts in times.items()}
+  return {c: 1e3 * (med[c, 96] - med[c, 32]) / 64 for c in contexts}
 
 
 # ----------------------------------------------------------------------------- rows
@@ -541,9 +551,8 @@ def main(a) -> None:
     bw = memory_bandwidth(nbytes(params["main"]))
     dp, _ = prepared(cfg, params)
     print(f"\n## long context: {name}, k=0, batch 1, ms per token at a context of")
-    per = {}
+    per = bench_contexts(cfg, dp, a.contexts, a)
     for c in a.contexts:
-      per[c] = bench_context(cfg, dp, c, a)
       bnd = bound_ms(cfg, params, 1, c, bw)
       print(f"{c:>6} tokens: {per[c]:.2f} ms/token (bound {bnd:.2f} ms: {bnd/per[c]:.2f} of it)")
     lo, hi = min(a.contexts), max(a.contexts)
