@@ -1,5 +1,6 @@
 """Two-phase decoding against independent references (naive loops, teacher forcing)."""
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -357,3 +358,22 @@ def test_out_in_layout_decodes_as_stored(tiny_cfg, dparams, prompt):
     np.testing.assert_array_equal(per_call.logprobs, got.logprobs)
   with pytest.raises(ValueError, match="prepared for weights_dtype=float32, layout=out_in"):
     _gen(tiny_cfg, dp, prompt, 0)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_out_in_shapes_are_the_modules(tiny_cfg, tiny_params, scan):
+  """api.to_out_in gives every main parameter the shape the out_in modules
+  declare (plain and scanned layers), and commutes with to_scan_layout."""
+  from mtcot_jax.model import api
+  cfg = tiny_cfg.replace(model={"scan_layers": scan})
+  params = api.to_scan_layout(tiny_params) if scan else tiny_params
+  declared = jax.eval_shape(
+      lambda: api.main_module(cfg, out_in=True).init(jax.random.key(0),
+                                                     jnp.zeros((1, 2), jnp.int32))["params"])
+  declared = flax.linen.meta.unbox(declared)
+  got = api.to_out_in(params)["main"]
+  assert jax.tree.structure(declared) == jax.tree.structure(got)
+  jax.tree.map(lambda d, x: np.testing.assert_equal(d.shape, x.shape), declared, got)
+  if scan:
+    jax.tree.map(np.testing.assert_array_equal, got,
+                 api.to_scan_layout(api.to_out_in(tiny_params))["main"])

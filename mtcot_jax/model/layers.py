@@ -171,11 +171,10 @@ class Attention(nn.Module):
     The same arithmetic as the general path, arranged for XLA:CPU: a dot whose
     free dimension on one side is 1 runs as XLA's own mat-vec, which streams the
     cache on every core; with the G queries of a group as that dimension (G > 1)
-    XLA:CPU hands the dot to YNNPACK, which runs it on one core with a fixed
-    cost of ~25 us (at 128 slots of context 16 such dots cost 0.4 ms a pass, at
-    2,048 the YNNPACK dots read the cache at ~19 GB/s against ~30 GB/s here;
-    `benchmarks/decode.py` shows both). The group's keys are read G times, from
-    cache after the first.
+    XLA:CPU hands the dot to YNNPACK, which runs it on one core at a fixed cost
+    of ~25 us: 0.4 ms of a 2.9 ms pass of the 25M model at 266 cache slots
+    (docs/results.md, third decode session). The group's keys and values are
+    read G times, from the CPU's cache after the first.
     """
     G = q_BxKxGxDh.shape[2]
     logits_BxKxGxS = jnp.stack(
