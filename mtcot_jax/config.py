@@ -220,7 +220,7 @@ class DecodeConfig:
   # The layout of the main blocks' matrices in the decode loops: "in_out" reads the
   # parameters as stored; "out_in" reads a copy (decode.prepare_params) in which
   # every product contracts the matrix's minor dimension. On XLA:CPU that makes
-  # one-token passes at batch 1 (the k=0 CoT loop, the answer loop) ~8% faster and
+  # one-token passes at batch 1 (the k=0 CoT loop, the answer loop) 6-19% faster and
   # blocks of k+1 tokens or batches > 1 slower (their dots leave YNNPACK): see
   # docs/results.md. Prepare once (prepare_params) for many calls: generate
   # otherwise copies the matrices per call (~12 ms for 95 MB on 2 CPU cores).
