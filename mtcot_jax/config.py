@@ -219,11 +219,12 @@ class DecodeConfig:
   weights_dtype: str = "float32"
   # The layout of the main blocks' matrices in the decode loops: "in_out" reads the
   # parameters as stored; "out_in" reads a copy (decode.prepare_params) in which
-  # every product contracts the matrix's minor dimension. On XLA:CPU that makes
+  # every block product contracts the matrix's minor dimension. On XLA:CPU that makes
   # one-token passes at batch 1 (the k=0 CoT loop, the answer loop) 6-19% faster and
   # blocks of k+1 tokens or batches > 1 slower (their dots leave YNNPACK): see
   # docs/results.md. Prepare once (prepare_params) for many calls: generate
-  # otherwise copies the matrices per call (~12 ms for 95 MB on 2 CPU cores).
+  # otherwise copies the matrices per call (~12 ms for 95 MB on 2 CPU cores). The
+  # copy lives beside the parameters: the main blocks' memory twice while kept.
   weights_layout: str = "in_out"
   temperature: float = 0.0     # 0: greedy
   # The ids that end the sequence and the CoT when `generate` is not given them; -1:

@@ -207,8 +207,16 @@ def prepare_params(cfg: Config, params) -> DecodeParams:
   matrix cast; the layers still compute in model.dtype) and
   decode.weights_layout. A copy of the matrices where either differs from the
   stored parameters (~12 ms for 95 MB on a 2-core CPU); `generate` makes it per
-  call unless given the result. Sharded parameters stay sharded (by propagation)."""
+  call unless given the result. Sharded parameters stay sharded (by propagation).
+  Given a `DecodeParams`, returns it if it was prepared for this config."""
   if isinstance(params, DecodeParams):
+    if (params.weights_dtype, params.layout) != (cfg.decode.weights_dtype,
+                                                 cfg.decode.weights_layout):
+      raise ValueError(
+          f"params were prepared for weights_dtype={params.weights_dtype}, layout="
+          f"{params.layout}; the config asks decode.weights_dtype={cfg.decode.weights_dtype}, "
+          f"decode.weights_layout={cfg.decode.weights_layout}. Accepted: prepare_params with "
+          "this config, or the parameters themselves")
     return params
   layout = cfg.decode.weights_layout
   if layout not in LAYOUTS:
@@ -223,10 +231,11 @@ def prepare_params(cfg: Config, params) -> DecodeParams:
 @functools.lru_cache(maxsize=None)
 def _static(cfg: Config, k: int, sample: sampling.Sampling, max_cot: int, max_answer: int,
             eos_id: int, think_end_id: int, mesh: Mesh | None, tau: float = 0.0,
-            verify: str = "none", out_in: bool = False):
+            verify: str = "none"):
   """The two jitted phases for one set of static settings (cached: compiled once).
-  They read `prepare_params(...).params`; `out_in`: in its "out_in" layout."""
+  They read `prepare_params(cfg, ...).params` (decode.weights_layout's layout)."""
   shard = shd.sharder(cfg, mesh)
+  out_in = cfg.decode.weights_layout == "out_in"
   L = max_cot + 1 + k + max_answer          # output buffer; k slots of slack for cut blocks
 
   def write(buf, idx_BxN, val_BxN):
@@ -541,16 +550,9 @@ def generate(cfg: Config, params, prompt_tokens, prompt_lengths, key: jax.Array,
   if verify not in VERIFY:
     raise ValueError(f"verify={verify!r} is not accepted: one of {', '.join(VERIFY)}")
   verify = verify if k > 0 else "none"       # nothing to verify without drafts
-  if isinstance(params, DecodeParams) and (params.weights_dtype != cfg.decode.weights_dtype
-                                           or params.layout != cfg.decode.weights_layout):
-    raise ValueError(
-        f"params were prepared for weights_dtype={params.weights_dtype}, layout="
-        f"{params.layout}; the config asks decode.weights_dtype={cfg.decode.weights_dtype}, "
-        f"decode.weights_layout={cfg.decode.weights_layout}. Accepted: prepare_params with "
-        "this config, or the parameters themselves")
   prepared = prepare_params(cfg, params)
   run_cot, run_answer = _static(cfg, k, s, max_cot, max_answer, eos_id, think_end_id, mesh, tau,
-                                verify, prepared.layout == "out_in")
+                                verify)
   prompt = jnp.asarray(np.where(np.arange(prompt.shape[1])[None] < lens[:, None], prompt, 0),
                        jnp.int32)
   lens = jnp.asarray(lens, jnp.int32)

@@ -108,9 +108,12 @@ def check_decode_under_mesh():
   assert sharded.tokens.sharding.spec[0] == ("data", "fsdp"), sharded.tokens.sharding
   # The transposed decode layout of tensor-sharded matrices: the same output.
   cfg_oi = cfg.replace(decode={"weights_layout": "out_in"})
-  oi = decode.generate(cfg_oi, decode.prepare_params(cfg_oi, params), prompt, lens,
-                       jax.random.key(3), mesh=mesh, **kw)
-  np.testing.assert_array_equal(oi.tokens, local.tokens)
+  dp = decode.prepare_params(cfg_oi, params)
+  q = dp.params["main"]["layer_0"]["attn"]["q"]            # (H, Dh, D): heads on "tensor"
+  assert q.sharding.spec[0] == "tensor" and q.sharding.spec[2] == "fsdp", q.sharding.spec
+  oi = decode.generate(cfg_oi, dp, prompt, lens, jax.random.key(3), mesh=mesh, **kw)
+  for name in ("tokens", "source", "phase", "lengths", "forward_passes"):
+    np.testing.assert_array_equal(getattr(oi, name), getattr(local, name), err_msg=name)
   np.testing.assert_allclose(oi.logprobs, local.logprobs, atol=1e-5)
   # Verified decoding (every phase) under the mesh: k=0's tokens, as on one device.
   kw = dict(max_cot_tokens=8, max_answer_tokens=3)

@@ -198,7 +198,7 @@ def test_loops_compile_once(tiny_cfg, dparams, prompt):
   decode.generate(tiny_cfg, dparams, prompt, LENS, jax.random.key(0), **kw)
   run_cot, run_answer = decode._static(tiny_cfg, 3, sampling.Sampling(temperature=1.0), MAX_COT,
                                        MAX_ANS, decode.EOS_ID, decode.THINK_END_ID, None, 0.0,
-                                       "none", False)
+                                       "none")
   sizes = (run_cot._cache_size(), run_answer._cache_size())
   iters = set()
   for seed in range(3):   # different prompts and keys: different iteration counts

@@ -61,16 +61,18 @@ def test_first_step_kl_zero_ratio_one(tiny_cfg, rparams, rollout):
   m = rl.finalize(sums, total)
   assert abs(float(m["kl"])) < 1e-6 and abs(float(m["ratio"]) - 1) < 1e-5
   assert float(m["clip_frac"]) == 0.0
-  # With ratio 1 and no KL, the loss is minus the token-averaged advantage.
+  # Within the clip range and with lp = ref (no KL), the loss is minus the
+  # token average of ratio * advantage, ratio = exp(ref - old) per token. The
+  # rest is float32 rounding: the sum over n tokens (<= n eps mean|ratio A|) and
+  # lp against ref_logprobs (the same teacher-forced function, ~eps |lp| each).
   mask = np.asarray(batch["source"]) >= 0
-  adv = mask * np.asarray(batch["advantages"])[:, None]
-  want = -np.sum(adv) / mask.sum()
-  # The advantages cancel here (want = 0), so the bound is absolute: each token's
-  # ratio is within 1e-5 of 1 (asserted above; the decoders' and the teacher-
-  # forced log-probs differ by float32 rounding), so the loss is within
-  # 1e-5 * mean |advantage| of want.
-  np.testing.assert_allclose(float(loss), want, rtol=1e-5,
-                             atol=1e-5 * np.sum(np.abs(adv)) / mask.sum())
+  ref, old = (np.asarray(batch[f], np.float64) for f in ("ref_logprobs", "old_logprobs"))
+  terms = mask * np.exp(ref - old) * np.asarray(batch["advantages"], np.float64)[:, None]
+  want = -terms.sum() / mask.sum()
+  scale = np.abs(terms).sum() / mask.sum()
+  eps = np.finfo(np.float32).eps
+  np.testing.assert_allclose(float(loss), want, rtol=0,
+                             atol=(mask.sum() + np.abs(ref[mask]).max()) * eps * scale)
 
 
 def _step(cfg, params, batch, frozen=()):

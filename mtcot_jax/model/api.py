@@ -151,7 +151,7 @@ def to_out_in(params):
   """The main blocks' matrices in the (out, in) layout of `BlockDims.out_in`
   (q/k/v (D, N, Dh) -> (N, Dh, D), o (H, Dh, D) -> (D, H, Dh), gate/up/down
   transposed), for `extend(..., out_in=True)`; either main layout, the head and
-  the embeddings unchanged. A copy: decoding makes it once per call."""
+  the embeddings unchanged. A copy (`decode.prepare_params` makes it)."""
   def convert(path, x):
     names = [getattr(p, "key", None) for p in path]
     if len(names) >= 2 and names[-2] in ("attn", "mlp") and names[-1] in _OUT_IN:

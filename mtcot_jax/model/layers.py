@@ -33,8 +33,9 @@ class BlockDims:
   rope_scaling: tuple = ()    # ModelConfig.rope_scaling
   qkv_bias: bool = False
   # Matrices stored (out, in): every product contracts the weight's minor
-  # dimension, the layout XLA:CPU's mat-vecs read fastest (decoding converts to
-  # it: `api.to_out_in`). The parameter files keep the (in, out) layout.
+  # dimension, the layout XLA:CPU's mat-vecs read fastest (decoding with
+  # decode.weights_layout=out_in converts to it: `api.to_out_in`). The parameter
+  # files keep the (in, out) layout.
   out_in: bool = False
 
 
@@ -153,7 +154,7 @@ class Attention(nn.Module):
       new_cache = (cache_kv[0].at[b, k, s].set(to_cache(k_BxTxKxDh, cache_kv[0]), mode="drop"),
                    cache_kv[1].at[b, k, :, s].set(to_cache(v_BxTxKxDh, cache_kv[1]), mode="drop"))
       keys, values, kspec, vspec = new_cache[0], new_cache[1], "bksd", "bkds"
-      if T == 1 and G > 1:
+      if T == 1 and G > 1 and jax.default_backend() == "cpu":
         out_BxKxGxDh = self._one_token(q_BxTxKxGxDh[:, 0], keys.astype(dt), values.astype(dt),
                                        mask_BxTxS)
         return out_proj(out_BxKxGxDh.reshape(B, 1, H, Dh)), new_cache
@@ -166,7 +167,8 @@ class Attention(nn.Module):
 
   @staticmethod
   def _one_token(q_BxKxGxDh, k_BxKxSxDh, v_BxKxDhxS, mask_Bx1xS):
-    """One new token over the cache, as one mat-vec per query head of a group.
+    """One new token over the cache, as one mat-vec per query head of a group
+    for the scores and one for the values (2 G per layer), on a CPU backend only.
 
     The same arithmetic as the general path, arranged for XLA:CPU: a dot whose
     free dimension on one side is 1 runs as XLA's own mat-vec, which streams the
@@ -174,7 +176,8 @@ class Attention(nn.Module):
     XLA:CPU hands the dot to YNNPACK, which runs it on one core at a fixed cost
     of ~25 us: 0.4 ms of a 2.9 ms pass of the 25M model at 266 cache slots
     (docs/results.md, third decode session). The group's keys and values are
-    read G times, from the CPU's cache after the first.
+    read G times, from the CPU's cache after the first; on an accelerator
+    those reads would come from HBM, so there the general path's one dot runs.
     """
     G = q_BxKxGxDh.shape[2]
     logits_BxKxGxS = jnp.stack(
