@@ -377,3 +377,15 @@ def test_out_in_shapes_are_the_modules(tiny_cfg, tiny_params, scan):
   if scan:
     jax.tree.map(np.testing.assert_array_equal, got,
                  api.to_scan_layout(api.to_out_in(tiny_params))["main"])
+
+
+def test_out_in_with_scanned_layers_decodes_as_plain(tiny_cfg, dparams, prompt):
+  """model.scan_layers with decode.weights_layout=out_in (to_out_in on the
+  stacked layers) writes the plain, stored layout's greedy tokens and passes."""
+  from mtcot_jax.model import api
+  cfg = tiny_cfg.replace(model={"scan_layers": True}, decode={"weights_layout": "out_in"})
+  want = _gen(tiny_cfg, dparams, prompt, 0)
+  got = _gen(cfg, api.to_scan_layout(dparams), prompt, 0)
+  np.testing.assert_array_equal(got.tokens, want.tokens)
+  np.testing.assert_array_equal(got.forward_passes, want.forward_passes)
+  np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=0, atol=1e-5)  # as above
