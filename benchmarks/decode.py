@@ -215,19 +215,17 @@ def _floor_fn(cfg: mt.Config, out_in: bool, passes: int):
   D, H, K = m.d_model, m.num_heads, m.num_kv_heads
   if out_in:   # (out, in) 2-D views, as Attention reads them with BlockDims.out_in
     mv = lambda x, w: jnp.einsum("bi,oi->bo", x, w)  # noqa: E731
-    view = {"q": lambda w: w.reshape(-1, D), "k": lambda w: w.reshape(-1, D),
-            "v": lambda w: w.reshape(-1, D), "o": lambda w: w.reshape(D, -1)}
+    proj, out = (-1, D), (D, -1)
   else:
     mv = lambda x, w: x @ w  # noqa: E731
-    view = {"q": lambda w: w.reshape(D, -1), "k": lambda w: w.reshape(D, -1),
-            "v": lambda w: w.reshape(D, -1), "o": lambda w: w.reshape(-1, D)}
+    proj, out = (D, -1), (-1, D)
 
   def one_pass(params, x):
     main = params["main"]
     for i in range(m.num_layers):
       a, f = main[f"layer_{i}"]["attn"], main[f"layer_{i}"]["mlp"]
-      q, k, v = (mv(x, view[n](a[n])) for n in "qkv")
-      x = x + mv(q + jnp.tile(k + v, H // K), view["o"](a["o"]))
+      q, k, v = (mv(x, a[n].reshape(proj)) for n in "qkv")
+      x = x + mv(q + jnp.tile(k + v, H // K), a["o"].reshape(out))
       x = x + mv(jax.nn.silu(mv(x, f["gate"])) * mv(x, f["up"]), f["down"])
     logits = x @ api.unembed_matrix(cfg, params)
     return x + 1e-6 * jnp.mean(logits)

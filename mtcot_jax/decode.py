@@ -53,7 +53,6 @@ from mtcot_jax.model.transformer import KVCache
 
 PAD_ID, EOS_ID, THINK_END_ID = 0, 2, 5  # the ids mtcot_jax's tokenizers use
 VERIFY = ("none", "answer", "all")
-LAYOUTS = ("in_out", "out_in")
 
 
 class GenerateResult(NamedTuple):
@@ -218,11 +217,7 @@ def prepare_params(cfg: Config, params) -> DecodeParams:
           f"decode.weights_layout={cfg.decode.weights_layout}. Accepted: prepare_params with "
           "this config, or the parameters themselves")
     return params
-  layout = cfg.decode.weights_layout
-  if layout not in LAYOUTS:
-    raise ValueError(f"decode.weights_layout={layout!r} is not accepted: one of "
-                     f"{', '.join(LAYOUTS)}")
-  wdt = cfg.decode.weights_dtype
+  layout, wdt = cfg.decode.weights_layout, cfg.decode.weights_dtype   # validated by Config
   if layout == "in_out" and jnp.dtype(wdt) == jnp.dtype(cfg.model.param_dtype):
     return DecodeParams(params, layout, wdt)
   return DecodeParams(_prepare_fn(layout, wdt, cfg.model.param_dtype)(params), layout, wdt)
