@@ -296,14 +296,16 @@ def prepared(cfg: mt.Config, params) -> tuple[decode.DecodeParams, float]:
 def bench_contexts(cfg, dp: decode.DecodeParams, contexts, a) -> dict[int, float]:
   """ms per k=0 token (batch 1) at about each context length: the loop's time
   for 96 - 32 more CoT tokens from a prompt of context - 64 (the prefill and the
-  loop's fixed costs cancel). The runs of every length alternate, 3 x --repeats
-  rounds (medians), so that a shared machine's drift falls on all of them alike."""
+  loop's fixed costs cancel; max_answer makes up the difference in max_cot, so
+  that both runs have the same cache capacity). The runs of every length
+  alternate, 3 x --repeats rounds (medians), so that a shared machine's drift
+  falls on all of them alike."""
   V = cfg.model.vocab_size
   fns = {}
   for c in contexts:
     prompt, lens = prompts(cfg, 1, max(c - 64, 2), seed=7, no_cot=False)
     for n in (32, 96):
-      run_cot, _ = decode._static(cfg, 0, GREEDY, n, 96, V, V, None)   # same capacity
+      run_cot, _ = decode._static(cfg, 0, GREEDY, n, 192 - n, V, V, None)   # same capacity
       args = (dp.params, prompt, lens, jax.random.key(0))
       jax.block_until_ready(run_cot(*args))                # compile + warm-up
       fns[c, n] = (run_cot, args)
