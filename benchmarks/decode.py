@@ -27,9 +27,10 @@ Random weights, greedy sampling. What is measured, per (model, batch):
 * One CoT iteration, split: a main pass (`api.extend`) over a (B, k+1) block
   and over a (B, 1) block, on a cache of the loop's capacity filled to
   prompt + max_cot/2, timed as 16 passes in a jitted fori_loop that carries
-  the cache in place as the decode loops do (`_main_passes_fn`); the head's chain of k samples, jitted exactly as the CoT
-  loop runs it (`decode.sample_head_chain`: depth j runs the head over the
-  chain prefix it reads). "other" = the loop's measured time per
+  the cache in place as the decode loops do (`_main_passes_fn`); the head's
+  chain of k samples, jitted exactly as the CoT loop runs it
+  (`decode.sample_head_chain`: depth j runs the head over the chain prefix it
+  reads). "other" = the loop's measured time per
   iteration - main(k+1) - head chain: sampling, cutting, buffer writes and the
   while_loop's own overhead.
 * A naive Python loop over a jitted one-token step (extend + argmax, cache
@@ -195,7 +196,8 @@ def _main_passes_fn(cfg: mt.Config, out_in: bool):
   carries the cache as the decode loops do (updated in place; a jitted single pass
   instead returns a copy of the whole cache). Each pass writes at the same slots
   (lengths restored) and adds its logits and sources to the carry, so that none
-  of its work is dead code. Per-pass time = call / PASSES."""
+  of its work is dead code. Per-pass time = call / PASSES (which includes 1/PASSES
+  of one copy of the cache, the call's input, which is not donated)."""
   @jax.jit
   def passes(params, cache, block_BxT):
     B, T = block_BxT.shape
