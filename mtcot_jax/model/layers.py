@@ -92,6 +92,12 @@ def rope(x_BxTxNxDh: jax.Array, pos_BxT: jax.Array, theta: float,
   return out.astype(x_BxTxNxDh.dtype)
 
 
+def _attention_probs(logits_f32, mask, dtype):
+  """softmax over the last axis (the cache slots) where `mask` (broadcast to the
+  logits) holds; float32 in, `dtype` out."""
+  return jax.nn.softmax(jnp.where(mask, logits_f32, -1e30), axis=-1).astype(dtype)
+
+
 class Attention(nn.Module):
   """Grouped-query attention of T new tokens over themselves and, optionally, a cache.
 
@@ -154,15 +160,20 @@ class Attention(nn.Module):
       new_cache = (cache_kv[0].at[b, k, s].set(to_cache(k_BxTxKxDh, cache_kv[0]), mode="drop"),
                    cache_kv[1].at[b, k, :, s].set(to_cache(v_BxTxKxDh, cache_kv[1]), mode="drop"))
       keys, values, kspec, vspec = new_cache[0], new_cache[1], "bksd", "bkds"
-      if T == 1 and G > 1 and jax.default_backend() == "cpu":
-        out_BxKxGxDh = self._one_token(q_BxTxKxGxDh[:, 0], keys.astype(dt), values.astype(dt),
-                                       mask_BxTxS)
-        return out_proj(out_BxKxGxDh.reshape(B, 1, H, Dh)), new_cache
-    logits_BxKxGxTxS = jnp.einsum(f"btkgd,{kspec}->bkgts", q_BxTxKxGxDh,
-                                  keys.astype(dt)).astype(jnp.float32)
-    logits_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], logits_BxKxGxTxS, -1e30)
-    probs = jax.nn.softmax(logits_BxKxGxTxS, axis=-1).astype(dt)
-    out_BxTxKxGxDh = jnp.einsum(f"bkgts,{vspec}->btkgd", probs, values.astype(dt))
+
+    def attend(q_BxTxKxGxDh, keys, values, mask_BxTxS):
+      logits_BxKxGxTxS = jnp.einsum(f"btkgd,{kspec}->bkgts", q_BxTxKxGxDh,
+                                    keys.astype(dt)).astype(jnp.float32)
+      probs = _attention_probs(logits_BxKxGxTxS, mask_BxTxS[:, None, None], dt)
+      return jnp.einsum(f"bkgts,{vspec}->btkgd", probs, values.astype(dt))
+
+    args = (q_BxTxKxGxDh, keys, values, mask_BxTxS)
+    if cache_kv is not None and T == 1 and G > 1:   # the platform XLA compiles for decides
+      out_BxTxKxGxDh = jax.lax.platform_dependent(
+          *args, default=attend, cpu=lambda q, k, v, m: self._one_token(
+              q[:, 0], k.astype(dt), v.astype(dt), m)[:, None])
+    else:
+      out_BxTxKxGxDh = attend(*args)
     return out_proj(out_BxTxKxGxDh.reshape(B, T, H, Dh)), new_cache
 
   @staticmethod
@@ -177,14 +188,14 @@ class Attention(nn.Module):
     of ~25 us: 0.4 ms of a 2.9 ms pass of the 25M model at 266 cache slots
     (docs/results.md, third decode session). The group's keys and values are
     read G times, from the CPU's cache after the first; on an accelerator
-    those reads would come from HBM, so there the general path's one dot runs.
+    those reads would come from HBM, so there the general path's one dot runs
+    (`jax.lax.platform_dependent`: chosen when XLA lowers for the platform).
     """
     G = q_BxKxGxDh.shape[2]
     logits_BxKxGxS = jnp.stack(
         [jnp.einsum("bkd,bksd->bks", q_BxKxGxDh[:, :, g], k_BxKxSxDh) for g in range(G)],
         axis=2).astype(jnp.float32)
-    logits_BxKxGxS = jnp.where(mask_Bx1xS[:, None], logits_BxKxGxS, -1e30)
-    probs = jax.nn.softmax(logits_BxKxGxS, axis=-1).astype(v_BxKxDhxS.dtype)
+    probs = _attention_probs(logits_BxKxGxS, mask_Bx1xS[:, None], v_BxKxDhxS.dtype)
     return jnp.stack(
         [jnp.einsum("bks,bkds->bkd", probs[:, :, g], v_BxKxDhxS) for g in range(G)], axis=2)
 
