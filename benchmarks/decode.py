@@ -97,6 +97,8 @@ def _parse(argv):
                  help="XLA:CPU without YNNPACK dot fusions (sets XLA_FLAGS before jax starts)")
   p.add_argument("--contexts", nargs="+", type=int, default=None,
                  help="k=0 per-token time at these context lengths, batch 1 (default 128 2048)")
+  p.add_argument("--no-native", action="store_true",
+                 help="skip the decode.cpu_kernel=native rows (CPU only; they need a C++ compiler)")
   p.add_argument("--json", default="", help="also write the rows to this file")
   p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in seconds")
   a = p.parse_args(argv)
@@ -125,7 +127,7 @@ import numpy as np  # noqa: E402
 from common import cpu_info, memory_bandwidth, nominal_bandwidth, time_fn  # noqa: E402
 
 import mtcot_jax as mt  # noqa: E402
-from mtcot_jax import decode, sampling  # noqa: E402
+from mtcot_jax import decode, native, sampling  # noqa: E402
 from mtcot_jax.model import api  # noqa: E402
 from mtcot_jax.model.transformer import KVCache  # noqa: E402
 
@@ -318,22 +320,23 @@ def prepared(cfg: mt.Config, params) -> tuple[decode.DecodeParams, float]:
   return dp, t
 
 
-def bench_contexts(cfg, dp: decode.DecodeParams, contexts, a) -> dict[int, float]:
-  """ms per k=0 token (batch 1) at about each context length: the loop's time
-  for 96 - 32 more CoT tokens from a prompt of context - 64 (the prefill and the
-  loop's fixed costs cancel; max_answer makes up the difference in max_cot, so
-  that both runs have the same cache capacity). The runs of every length
-  alternate, 3 x --repeats rounds (medians), so that a shared machine's drift
-  falls on all of them alike."""
-  V = cfg.model.vocab_size
+def bench_contexts(kernels: dict, contexts, a) -> dict[str, dict[int, float]]:
+  """{kernel: {context: ms per k=0 token (batch 1)}} for each (config, prepared
+  parameters) of `kernels`: the loop's time for 96 - 32 more CoT tokens from a
+  prompt of context - 64 (the prefill and the loop's fixed costs cancel;
+  max_answer makes up the difference in max_cot, so that both runs have the same
+  cache capacity). The runs of every kernel and length alternate, 3 x --repeats
+  rounds (medians), so that a shared machine's drift falls on all of them alike."""
   fns = {}
-  for c in contexts:
-    prompt, lens = prompts(cfg, 1, max(c - 64, 2), seed=7, no_cot=False)
-    for n in (32, 96):
-      run_cot, _ = decode._static(cfg, 0, GREEDY, n, 192 - n, V, V, None)   # same capacity
-      args = (dp.params, prompt, lens, jax.random.key(0))
-      jax.block_until_ready(run_cot(*args))                # compile + warm-up
-      fns[c, n] = (run_cot, args)
+  for kern, (cfg, dp) in kernels.items():
+    V = cfg.model.vocab_size
+    for c in contexts:
+      prompt, lens = prompts(cfg, 1, max(c - 64, 2), seed=7, no_cot=False)
+      for n in (32, 96):
+        run_cot, _ = decode._static(cfg, 0, GREEDY, n, 192 - n, V, V, None)   # same capacity
+        args = (dp.params, prompt, lens, jax.random.key(0))
+        jax.block_until_ready(run_cot(*args))                # compile + warm-up
+        fns[kern, c, n] = (run_cot, args)
   times = {key: [] for key in fns}
   for _ in range(3 * a.repeats):
     for key, (fn, args) in fns.items():
@@ -341,7 +344,8 @@ def bench_contexts(cfg, dp: decode.DecodeParams, contexts, a) -> dict[int, float
       jax.block_until_ready(fn(*args))
       times[key].append(time.perf_counter() - t0)
   med = {key: statistics.median(ts) for key, ts in times.items()}
-  return {c: 1e3 * (med[c, 96] - med[c, 32]) / 64 for c in contexts}
+  return {kern: {c: 1e3 * (med[kern, c, 96] - med[kern, c, 32]) / 64 for c in contexts}
+          for kern in kernels}
 
 
 # ----------------------------------------------------------------------------- rows
@@ -464,9 +468,16 @@ def bench_hf(cfg: mt.Config, n_new: int, P: int, repeats: int):
 
 # ----------------------------------------------------------------------------- main
 
+def native_config(cfg: mt.Config) -> mt.Config:
+  """`cfg` with the main passes in mtcot_jax.native's kernel (decode.cpu_kernel)."""
+  return cfg.replace(decode={"cpu_kernel": "native", "weights_layout": "out_in"})
+
+
 def main(a) -> None:
   t_start = time.perf_counter()
   gpu = jax.default_backend() == "gpu"
+  # decode.cpu_kernel=native rows: on a CPU backend with a C++ compiler, unless --no-native
+  native_ok = jax.default_backend() == "cpu" and not a.no_native and native.compiler() is not None
   target = 5.0 if gpu else 2.0
   print(f"# decode benchmark: {cpu_info()}")
   print(f"# XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}  max_cot={a.max_cot} "
@@ -562,6 +573,27 @@ def main(a) -> None:
               + ", ".join(f"{lay} {ms:.2f} ms/pass ({bnd_w / ms:.2f} of the weights' bound)"
                           for lay, ms in floors.items()))
         results.setdefault("weights_floor_ms", {})[name] = floors
+      if native_ok:   # the same loops with the main passes in mtcot_jax.native's kernel
+        cfg_n = native_config(cfg)
+        dp_n = prepared(cfg_n, params)[0]
+        quick_rows = argparse.Namespace(**{**vars(a), "no_breakdown": True})
+        for r in rows:
+          r_n = bench_cot(name, cfg_n, dp_n, B, r.k, quick_rows)
+          bnd = bound_ms(cfg, params, B, mid, bw, r.k)
+          print(f"k={r.k} CoT loop, decode.cpu_kernel=native: {r_n.iter_ms:.2f} ms/iter, "
+                f"{r_n.tok_s:.1f} tok/s ({bnd / r_n.iter_ms:.2f} of the bound; "
+                f"{r.iter_ms / r_n.iter_ms:.2f}x xla's {r.iter_ms:.2f})")
+          results.setdefault("native_cot", []).append(
+              {"model": name, "B": B, "k": r.k, "iter_ms": r_n.iter_ms, "tok_s": r_n.tok_s,
+               "bound_ms": bnd, "xla_iter_ms": r.iter_ms})
+        n_tps, n_n, n_t = bench_answer(name, cfg_n, dp_n, B, a)
+        n_pass = 1e3 * n_t / max(n_n // B - 1, 1)
+        print(f"answer phase, decode.cpu_kernel=native: {n_pass:.2f} ms/pass "
+              f"({ans_bnd / n_pass:.2f} of the bound; {ans_pass / n_pass:.2f}x xla's "
+              f"{ans_pass:.2f})")
+        results.setdefault("native_answer", []).append(
+            {"model": name, "B": B, "ms_pass": n_pass, "bound_ms": ans_bnd,
+             "xla_ms_pass": ans_pass})
       results["answer"].append({"model": name, "B": B, "tok_s": ans_tps, "tokens": ans_n,
                                 "seconds": ans_t, "ms_pass": ans_pass, "bound_ms": ans_bnd,
                                 "of_bound": ans_bnd / ans_pass, "layout": dp.layout,
@@ -585,15 +617,23 @@ def main(a) -> None:
     dp, _ = prepared(cfg, params)
     print(f"\n## long context: {name}, k=0, batch 1, ms per token at a context of "
           f"(bandwidth {bw/1e9:.1f} GB/s)")
-    per = bench_contexts(cfg, dp, a.contexts, a)
-    for c in a.contexts:
-      bnd = bound_ms(cfg, params, 1, c, bw)
-      print(f"{c:>6} tokens: {per[c]:.2f} ms/token (bound {bnd:.2f} ms: {bnd/per[c]:.2f} of it)")
+    kernels = {"xla": (cfg, dp)}
+    if native_ok:
+      cfg_n = native_config(cfg)
+      kernels["native"] = (cfg_n, prepared(cfg_n, params)[0])
+    per_kernel = bench_contexts(kernels, a.contexts, a)
     lo, hi = min(a.contexts), max(a.contexts)
-    r = per[hi] / per[lo]
-    print(f"{hi} / {lo}: {r:.2f}x (target <= 1.5x: {'MET' if r <= 1.5 else 'NOT MET'}; "
-          f"the bound's own ratio {bound_ms(cfg, params, 1, hi, bw)/bound_ms(cfg, params, 1, lo, bw):.2f}x)")
-    results["context"] = {str(c): v for c, v in per.items()}
+    for kern, per in per_kernel.items():
+      print(f"decode.cpu_kernel={kern}:")
+      for c in a.contexts:
+        bnd = bound_ms(cfg, params, 1, c, bw)
+        print(f"{c:>6} tokens: {per[c]:.2f} ms/token (bound {bnd:.2f} ms: {bnd/per[c]:.2f} of it)")
+      r = per[hi] / per[lo]
+      print(f"{hi} / {lo}: {r:.2f}x (target <= 1.5x: {'MET' if r <= 1.5 else 'NOT MET'}; "
+            f"the bound's own ratio "
+            f"{bound_ms(cfg, params, 1, hi, bw)/bound_ms(cfg, params, 1, lo, bw):.2f}x)")
+    results["context"] = {kern: {str(c): v for c, v in per.items()}
+                          for kern, per in per_kernel.items()}
 
   if not a.no_hf and "25m" in a.models:
     cfg = load("25m")

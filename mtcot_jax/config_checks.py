@@ -140,6 +140,13 @@ def validate(cfg) -> None:
          dec.weights_dtype, "float32 or bfloat16")
   _check(dec.weights_layout in ("in_out", "out_in"), "decode.weights_layout",
          dec.weights_layout, "in_out (as stored) or out_in (a transposed copy; see config.py)")
+  _check(dec.cpu_kernel in ("xla", "native"), "decode.cpu_kernel", dec.cpu_kernel,
+         "xla or native (a C++ kernel a pass on the CPU; see config.py)")
+  if dec.cpu_kernel == "native":
+    _check(dec.weights_layout == "out_in", "decode.weights_layout", dec.weights_layout,
+           "out_in with decode.cpu_kernel=native (the layout the kernel reads)")
+    _check(m.dtype == "float32", "model.dtype", m.dtype,
+           "float32 with decode.cpu_kernel=native (the kernel computes in float32)")
   _check(dec.verify in ("none", "answer", "all"), "decode.verify", dec.verify,
          "none, answer (the answer phase verified) or all (the CoT too)")
   _check(dec.temperature >= 0, "decode.temperature", dec.temperature, "a number >= 0 (0: greedy)")

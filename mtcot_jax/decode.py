@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from mtcot_jax import sampling
+from mtcot_jax import native, sampling
 from mtcot_jax import sharding as shd
 from mtcot_jax.config import Config
 from mtcot_jax.model import api
@@ -190,13 +190,15 @@ class DecodeParams:
 
 
 @functools.lru_cache(maxsize=None)
-def _prepare_fn(layout: str, weights_dtype: str, param_dtype: str):
+def _prepare_fn(layout: str, weights_dtype: str, param_dtype: str, plain: bool):
   wdt = jnp.dtype(weights_dtype)
 
   @jax.jit
   def prepare(params):
     if wdt != jnp.dtype(param_dtype):   # norm scales and biases kept
       params = jax.tree.map(lambda w: w.astype(wdt) if w.ndim >= 2 else w, params)
+    if plain and "layers" in params["main"]:   # the native kernel reads layer_{i}
+      params = api.to_plain_layout(params)
     return api.to_out_in(params) if layout == "out_in" else params
   return prepare
 
@@ -220,7 +222,8 @@ def prepare_params(cfg: Config, params) -> DecodeParams:
   layout, wdt = cfg.decode.weights_layout, cfg.decode.weights_dtype   # validated by Config
   if layout == "in_out" and jnp.dtype(wdt) == jnp.dtype(cfg.model.param_dtype):
     return DecodeParams(params, layout, wdt)
-  return DecodeParams(_prepare_fn(layout, wdt, cfg.model.param_dtype)(params), layout, wdt)
+  plain = cfg.decode.cpu_kernel == "native"
+  return DecodeParams(_prepare_fn(layout, wdt, cfg.model.param_dtype, plain)(params), layout, wdt)
 
 
 @functools.lru_cache(maxsize=None)
@@ -231,6 +234,19 @@ def _static(cfg: Config, k: int, sample: sampling.Sampling, max_cot: int, max_an
   They read `prepare_params(cfg, ...).params` (decode.weights_layout's layout)."""
   shard = shd.sharder(cfg, mesh)
   out_in = cfg.decode.weights_layout == "out_in"
+  if cfg.decode.cpu_kernel == "native":
+    native.load()   # built on first use; registered before the loops are traced
+    xla_cfg = cfg.replace(model={"scan_layers": False})   # prepare_params made it plain
+
+    def extend(params, cache, block_BxT, n_B):
+      xla = functools.partial(api.extend, xla_cfg, shard=shard, out_in=True)
+      if block_BxT.shape[1] > native.MAX_NEW:
+        return xla(params, cache, block_BxT, n_B)
+      fast = functools.partial(native.extend, cfg, source_layers=cfg.head.source_layers)
+      return jax.lax.platform_dependent(params, cache, block_BxT, n_B, cpu=fast, default=xla)
+  else:
+    def extend(params, cache, block_BxT, n_B):
+      return api.extend(cfg, params, cache, block_BxT, n_B, shard, out_in)
   L = max_cot + 1 + k + max_answer          # output buffer; k slots of slack for cut blocks
 
   def write(buf, idx_BxN, val_BxN):
@@ -242,7 +258,7 @@ def _static(cfg: Config, k: int, sample: sampling.Sampling, max_cot: int, max_an
 
   def main_pass_all(params, cache, block_BxT, n_B, hmem=None):
     """One main pass over a block: the outputs at every block position."""
-    out = api.extend(cfg, params, cache, block_BxT, n_B, shard, out_in)
+    out = extend(params, cache, block_BxT, n_B)
     if hmem is not None:   # the head's memory of every new position, at the same slots
       slots_BxT = cache.lengths[:, None] + jnp.arange(block_BxT.shape[1], dtype=jnp.int32)
       rows = jnp.arange(block_BxT.shape[0])[:, None]
@@ -545,6 +561,9 @@ def generate(cfg: Config, params, prompt_tokens, prompt_lengths, key: jax.Array,
   if verify not in VERIFY:
     raise ValueError(f"verify={verify!r} is not accepted: one of {', '.join(VERIFY)}")
   verify = verify if k > 0 else "none"       # nothing to verify without drafts
+  if mesh is not None and d.cpu_kernel == "native":
+    raise ValueError("decode.cpu_kernel=native runs on one CPU device and was given a mesh; "
+                     "accepted: mesh=None, or decode.cpu_kernel=xla")
   prepared = prepare_params(cfg, params)
   run_cot, run_answer = _static(cfg, k, s, max_cot, max_answer, eos_id, think_end_id, mesh, tau,
                                 verify)

@@ -389,3 +389,23 @@ def test_out_in_with_scanned_layers_decodes_as_plain(tiny_cfg, dparams, prompt):
   np.testing.assert_array_equal(got.tokens, want.tokens)
   np.testing.assert_array_equal(got.forward_passes, want.forward_passes)
   np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=0, atol=1e-5)  # as above
+
+
+@pytest.mark.skipif(decode.native.compiler() is None, reason="no C++ compiler")
+def test_native_kernel_decodes_as_xla(tiny_cfg, dparams, prompt):
+  """decode.cpu_kernel=native (the main passes of up to 8 new tokens in the C++
+  kernel, the rest XLA's) writes XLA's out_in tokens in the same passes, with
+  and without the head, verified or not; with model.scan_layers the prepared
+  parameters are unstacked for it and the output is the same."""
+  from mtcot_jax.model import api
+  xla = tiny_cfg.replace(decode={"weights_layout": "out_in"})
+  cfg = xla.replace(decode={"cpu_kernel": "native"})
+  scanned = cfg.replace(model={"scan_layers": True})
+  for k, verify in ((0, "none"), (3, "none"), (3, "all")):
+    want = _gen(xla, dparams, prompt, k, verify=verify)
+    runs = [(cfg, dparams)] + ([(scanned, api.to_scan_layout(dparams))] if k == 0 else [])
+    for c, p in runs:
+      got = _gen(c, p, prompt, k, verify=verify)
+      np.testing.assert_array_equal(got.tokens, want.tokens)
+      np.testing.assert_array_equal(got.forward_passes, want.forward_passes)
+      np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=0, atol=1e-5)  # as above
