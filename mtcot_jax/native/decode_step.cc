@@ -206,6 +206,72 @@ inline float Dot(const W* w, const float* x, int64_t n) {
   return s;
 }
 
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+
+// Lane i of the result: the sum of v[i]'s eight lanes (three rounds of shuffles
+// and adds; a per-vector horizontal sum would cost as many for each).
+inline f8 SumEach8(const f8* v) {
+  const i32x8 even = {0, 8, 2, 10, 4, 12, 6, 14}, odd = {1, 9, 3, 11, 5, 13, 7, 15};
+  const i32x8 lo = {0, 1, 8, 9, 4, 5, 12, 13}, hi = {2, 3, 10, 11, 6, 7, 14, 15};
+  const i32x8 first = {0, 1, 2, 3, 8, 9, 10, 11}, second = {4, 5, 6, 7, 12, 13, 14, 15};
+  f8 t[4], u[2];
+  for (int i = 0; i < 4; ++i)
+    t[i] = __builtin_shuffle(v[2 * i], v[2 * i + 1], even) +
+           __builtin_shuffle(v[2 * i], v[2 * i + 1], odd);
+  for (int i = 0; i < 2; ++i)
+    u[i] = __builtin_shuffle(t[2 * i], t[2 * i + 1], lo) +
+           __builtin_shuffle(t[2 * i], t[2 * i + 1], hi);
+  return __builtin_shuffle(u[0], u[1], first) + __builtin_shuffle(u[0], u[1], second);
+}
+
+// exp on 8 lanes: 2^n e^r with n = round(x log2 e), r = x - n ln 2 (in two parts),
+// e^r by Cephes' degree-7 expansion (about 1 ulp in float32); x clamped to
+// [-87.3, 88.7], where exp stays a normal float32.
+inline f8 Exp8(f8 x) {
+  const f8 lo = f8{} - 87.3f, hi = f8{} + 88.7f;
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  f8 n;
+  for (int i = 0; i < 8; ++i) n[i] = __builtin_floorf(x[i] * 1.44269504088896341f + 0.5f);
+  const f8 r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  f8 p = f8{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const i32x8 e = (__builtin_convertvector(n, i32x8) + 127) << 23;
+  f8 scale;
+  std::memcpy(&scale, &e, sizeof(scale));
+  return p * scale;
+}
+
+// p[0, n) = softmax(p[0, n)) in place.
+void Softmax(float* p, int64_t n) {
+  int64_t i = 0;
+  float m = -INFINITY;
+  if (n >= 8) {
+    f8 mv = Load8(p);
+    for (i = 8; i + 8 <= n; i += 8) {
+      const f8 v = Load8(p + i);
+      mv = v > mv ? v : mv;
+    }
+    for (int j = 0; j < 8; ++j) m = std::max(m, mv[j]);
+  }
+  for (; i < n; ++i) m = std::max(m, p[i]);
+  f8 sv = {};
+  for (i = 0; i + 8 <= n; i += 8) {
+    const f8 e = Exp8(Load8(p + i) - m);
+    std::memcpy(p + i, &e, sizeof(e));
+    sv += e;
+  }
+  float sum = Sum8(sv);
+  for (; i < n; ++i) sum += (p[i] = std::exp(p[i] - m));
+  const float inv = 1.f / sum;
+  for (i = 0; i < n; ++i) p[i] *= inv;
+}
+
 // y[r, o] (row stride ys) = W[o, :] . x[r, :] for o in [o0, o1), r < R; W (O, n).
 template <typename W>
 void MatVecRows(const W* w, int64_t n, const float* x, int64_t R, float* y, int64_t ys,
@@ -342,22 +408,34 @@ void Pass(Pool& pool, const Dims& d, const int32_t* tokens, const int32_t* lengt
         std::vector<float>& sc = scratch[tid];
         sc.resize(static_cast<size_t>(T * G * n_s));
         auto qrow = [&](int64_t t, int64_t g) { return q.data() + ((b * T + t) * H + kh * G + g) * Dh; };
-        for (int64_t s = 0; s < n_s; ++s) {
-          const float* kr = keys + s * Dh;
-          for (int64_t t = 0; t < T; ++t)
-            for (int64_t g = 0; g < G; ++g) sc[(t * G + g) * n_s + s] = Dot(kr, qrow(t, g), Dh);
+        int64_t s = 0;
+        if (Dh % 8 == 0) {   // 8 slots at a time: their keys read once for the T x G queries
+          f8 acc[8];
+          for (; s + 8 <= n_s; s += 8) {
+            const float* kb = keys + s * Dh;
+            for (int64_t t = 0; t < T; ++t)
+              for (int64_t g = 0; g < G; ++g) {
+                const float* qv = qrow(t, g);
+                for (int i = 0; i < 8; ++i) acc[i] = f8{};
+                for (int64_t c = 0; c < Dh; c += 8) {
+                  const f8 qc = Load8(qv + c);
+                  for (int i = 0; i < 8; ++i) acc[i] += qc * Load8(kb + i * Dh + c);
+                }
+                const f8 out = SumEach8(acc);
+                std::memcpy(sc.data() + (t * G + g) * n_s + s, &out, sizeof(out));
+              }
+          }
         }
+        for (; s < n_s; ++s)
+          for (int64_t t = 0; t < T; ++t)
+            for (int64_t g = 0; g < G; ++g)
+              sc[(t * G + g) * n_s + s] = Dot(keys + s * Dh, qrow(t, g), Dh);
         for (int64_t t = 0; t < T; ++t) {
           const int64_t upto = std::min<int64_t>(lengths[b] + t, S - 1) + 1;   // slots <= position
           for (int64_t g = 0; g < G; ++g) {
             float* p = sc.data() + (t * G + g) * n_s;
-            float m = -INFINITY;
-            for (int64_t s = 0; s < upto; ++s) m = std::max(m, p[s]);
-            float sum = 0.f;
-            for (int64_t s = 0; s < upto; ++s) sum += (p[s] = std::exp(p[s] - m));
-            const float inv = 1.f / sum;
-            for (int64_t s = 0; s < upto; ++s) p[s] *= inv;
-            for (int64_t s = upto; s < n_s; ++s) p[s] = 0.f;
+            Softmax(p, upto);
+            std::fill(p + upto, p + n_s, 0.f);
           }
         }
         for (int64_t j = 0; j < Dh; ++j) {
