@@ -226,11 +226,13 @@ class DecodeConfig:
   # otherwise copies the matrices per call (~12 ms for 95 MB on 2 CPU cores). The
   # copy lives beside the parameters: the main blocks' memory twice while kept.
   weights_layout: str = "in_out"
-  # How the main model's cached passes of up to 8 new tokens run on a CPU: "xla"
-  # (XLA:CPU, as everywhere) or "native" (one hand-written C++ kernel a pass,
-  # mtcot_jax/native: compiled on first use with the system's C++ compiler; needs
-  # weights_layout=out_in and model.dtype=float32; not with a mesh). On other
-  # platforms, and for the prefill, XLA's path runs either way. See docs/results.md.
+  # How the main model's cached passes of at most 8 rows (batch x new tokens) run
+  # on a CPU: "xla" (XLA:CPU, as everywhere) or "native" (one hand-written C++
+  # kernel a pass, mtcot_jax/native: compiled on first use with the system's C++
+  # compiler; needs weights_layout=out_in and model.dtype=float32; not with a
+  # mesh). Larger passes (the prefill, batches x blocks > 8) and other platforms
+  # run XLA's path either way. On the 2-core CPU it makes the one-token loops at
+  # batch 1 ~1.3-1.4x as fast; see docs/results.md.
   cpu_kernel: str = "xla"
   temperature: float = 0.0     # 0: greedy
   # The ids that end the sequence and the CoT when `generate` is not given them; -1:

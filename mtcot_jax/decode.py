@@ -240,7 +240,7 @@ def _static(cfg: Config, k: int, sample: sampling.Sampling, max_cot: int, max_an
 
     def extend(params, cache, block_BxT, n_B):
       xla = functools.partial(api.extend, xla_cfg, shard=shard, out_in=True)
-      if block_BxT.shape[1] > native.MAX_NEW:
+      if block_BxT.shape[0] * block_BxT.shape[1] > native.MAX_ROWS:
         return xla(params, cache, block_BxT, n_B)
       fast = functools.partial(native.extend, cfg, source_layers=cfg.head.source_layers)
       return jax.lax.platform_dependent(params, cache, block_BxT, n_B, cpu=fast, default=xla)

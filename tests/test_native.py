@@ -29,7 +29,7 @@ def _random_cache(cfg, B, lengths, seed):
 
 @pytest.mark.parametrize("variant", ["tied_f32", "untied_bias_f32", "tied_bf16"])
 def test_native_pass_is_xla_pass(tiny_cfg, variant):
-  """One cached pass of 1 and 3 new tokens over a cache holding random keys and
+  """One cached pass of 1 and 4 new tokens over a cache holding random keys and
   values, rows at different lengths, one row's last new token past the capacity
   (XLA drops its write): the logits, the residual, every head source layer's
   output and the updated caches are XLA's, to float32 summation order.
@@ -47,7 +47,7 @@ def test_native_pass_is_xla_pass(tiny_cfg, variant):
         lambda p, x: jnp.asarray(rng.normal(size=x.shape), x.dtype)
         if "bias" in str(p[-1]) else x, params["main"])
   params = decode.prepare_params(cfg, params).params
-  for T in (1, 3):
+  for T in (1, 4):   # 2 and 8 rows a pass (the kernel takes rows 8 at a time)
     cache = _random_cache(cfg, 2, [3, S - 2], seed=T)
     block = jnp.asarray(np.random.default_rng(T).integers(0, cfg.model.vocab_size, (2, T)),
                         jnp.int32)

@@ -37,7 +37,10 @@ from mtcot_jax.model.layers import rope_frequencies
 from mtcot_jax.model.transformer import KVCache, MainOutput
 
 TARGET = "mtcot_native_decode_step"
-MAX_NEW = 8   # passes of more new tokens a sequence (the prefill) run XLA's path
+# Passes of more rows (batch x new tokens) run XLA's path: the kernel computes
+# them as dot products, arithmetic-bound past ~8 rows on a CPU core, where XLA's
+# matrix kernels (YNNPACK) are faster (docs/results.md); the prefill too.
+MAX_ROWS = 8
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "decode_step.cc")
 # No -ffast-math: the kernel orders its sums itself (explicit vector accumulators)
 # and its exp's range reduction must not be reassociated.

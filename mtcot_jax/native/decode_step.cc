@@ -138,7 +138,9 @@ Pool* MakePool() {
     if (n <= 0) n = static_cast<int>(std::thread::hardware_concurrency());
     n = std::clamp(n, 1, 32);
   }
-  return new Pool(n, EnvInt("MTCOT_NATIVE_SPIN_US", 300));
+  // 50 us: a pass's phases follow each other within microseconds; between passes
+  // the decode loop's own XLA ops (0.1-1 ms) get both cores back.
+  return new Pool(n, EnvInt("MTCOT_NATIVE_SPIN_US", 50));
 }
 
 // The process's pool, never destroyed (its threads end with the process); a
@@ -272,16 +274,44 @@ void Softmax(float* p, int64_t n) {
   for (i = 0; i < n; ++i) p[i] *= inv;
 }
 
+// out[r] = w . x[r, :] for r < R (x rows of n): up to 8 rows at a time, each
+// 8 weights loaded once for all of them (a pass of k+1 tokens or a batch reads
+// its weights once, as one token's does).
+template <typename W>
+void DotRows(const W* w, const float* x, int64_t n, int64_t R, float* out) {
+  if (R == 1) {
+    out[0] = Dot(w, x, n);
+    return;
+  }
+  for (int64_t r0 = 0; r0 < R; r0 += 8) {
+    const int64_t m = std::min<int64_t>(8, R - r0);
+    const float* xr = x + r0 * n;
+    f8 acc[8];
+    for (int i = 0; i < 8; ++i) acc[i] = f8{};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      const f8 wv = Load8(w + i);
+      for (int64_t r = 0; r < m; ++r) acc[r] += wv * Load8(xr + r * n + i);
+    }
+    if (m == 8) {
+      const f8 sums = SumEach8(acc);
+      std::memcpy(out + r0, &sums, sizeof(sums));
+    } else {
+      for (int64_t r = 0; r < m; ++r) out[r0 + r] = Sum8(acc[r]);
+    }
+    for (; i < n; ++i)
+      for (int64_t r = 0; r < m; ++r) out[r0 + r] += ToF(w[i]) * xr[r * n + i];
+  }
+}
+
 // y[r, o] (row stride ys) = W[o, :] . x[r, :] for o in [o0, o1), r < R; W (O, n).
 template <typename W>
 void MatVecRows(const W* w, int64_t n, const float* x, int64_t R, float* y, int64_t ys,
                 int64_t o0, int64_t o1, bool accumulate) {
+  std::vector<float> v(R);
   for (int64_t o = o0; o < o1; ++o) {
-    const W* row = w + o * n;
-    for (int64_t r = 0; r < R; ++r) {
-      float v = Dot(row, x + r * n, n);
-      y[r * ys + o] = accumulate ? y[r * ys + o] + v : v;
-    }
+    DotRows(w + o * n, x, n, R, v.data());
+    for (int64_t r = 0; r < R; ++r) y[r * ys + o] = accumulate ? y[r * ys + o] + v[r] : v[r];
   }
 }
 
@@ -369,17 +399,21 @@ void Pass(Pool& pool, const Dims& d, const int32_t* tokens, const int32_t* lengt
       if (u0 == u1) return;
       float* xt = xn[tid].data();
       RmsNorm(x.data(), L.attn_norm, R, D, d.eps, xt);
-      std::vector<float> tmp(Dh);
+      std::vector<float> vals(Dh * R), col(R);
       for (int64_t u = u0; u < u1; ++u) {
         const bool is_q = u < H, is_k = !is_q && u < H + K;
         const int64_t head = is_q ? u : (is_k ? u - H : u - H - K);
         const W* w = static_cast<const W*>(is_q ? L.q : (is_k ? L.k : L.v)) + head * Dh * D;
         const W* bias = static_cast<const W*>(is_q ? L.qb : (is_k ? L.kb : L.vb));
+        for (int64_t j = 0; j < Dh; ++j) {
+          DotRows(w + j * D, xt, D, R, col.data());
+          for (int64_t r = 0; r < R; ++r) vals[r * Dh + j] = col[r];
+        }
         for (int64_t r = 0; r < R; ++r) {
-          for (int64_t j = 0; j < Dh; ++j) tmp[j] = Dot(w + j * D, xt + r * D, D);
+          float* tmp = vals.data() + r * Dh;
           if (bias)
             for (int64_t j = 0; j < Dh; ++j) tmp[j] += ToF(bias[head * Dh + j]);
-          if (is_q || is_k) Rope(tmp.data(), cos + r * half, sin + r * half, Dh);
+          if (is_q || is_k) Rope(tmp, cos + r * half, sin + r * half, Dh);
           if (is_q) {
             for (int64_t j = 0; j < Dh; ++j) q[(r * H + head) * Dh + j] = tmp[j] * scale;
             continue;
@@ -387,7 +421,7 @@ void Pass(Pool& pool, const Dims& d, const int32_t* tokens, const int32_t* lengt
           const int64_t b = r / d.T, slot = slot_of(r);
           if (slot >= S) continue;   // past the capacity: dropped, as XLA's scatter does
           if (is_k) {
-            std::memcpy(L.keys + ((b * K + head) * S + slot) * Dh, tmp.data(), Dh * sizeof(float));
+            std::memcpy(L.keys + ((b * K + head) * S + slot) * Dh, tmp, Dh * sizeof(float));
           } else {
             float* vb = L.values + (b * K + head) * Dh * S + slot;
             for (int64_t j = 0; j < Dh; ++j) vb[j * S] = tmp[j];
@@ -462,12 +496,12 @@ void Pass(Pool& pool, const Dims& d, const int32_t* tokens, const int32_t* lengt
       RmsNorm(x.data(), L.mlp_norm, R, D, d.eps, xt);
       const W* wg = static_cast<const W*>(L.gate);
       const W* wu = static_cast<const W*>(L.up);
-      for (int64_t f = f0; f < f1; ++f)
-        for (int64_t r = 0; r < R; ++r) {
-          const float g = Dot(wg + f * D, xt + r * D, D);
-          const float u = Dot(wu + f * D, xt + r * D, D);
-          h[r * F + f] = g / (1.f + std::exp(-g)) * u;
-        }
+      std::vector<float> g(R), u(R);
+      for (int64_t f = f0; f < f1; ++f) {
+        DotRows(wg + f * D, xt, D, R, g.data());
+        DotRows(wu + f * D, xt, D, R, u.data());
+        for (int64_t r = 0; r < R; ++r) h[r * F + f] = g[r] / (1.f + std::exp(-g[r])) * u[r];
+      }
     });
     // (E) x += down.
     pool.Run([&](int tid, int n) {
