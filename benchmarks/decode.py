@@ -39,6 +39,11 @@ Random weights, greedy sampling. What is measured, per (model, batch):
   configuration (random weights, greedy, batch 1, the same number of new
   tokens), when torch and transformers are importable (an optional extra).
 
+On a CPU with a C++ compiler (unless --no-native), per (model, batch): every
+k's CoT loop and the answer loop again with decode.cpu_kernel=native (the main
+passes of at most 8 rows in mtcot_jax.native's kernel), side by side with XLA's
+rows, and the long-context rows for both kernels.
+
 Also, per (model, batch): the answer loop and the k=0 loop with the other
 decode.weights_layout (prepared once, `decode.prepare_params`, whose time is
 printed), side by side; at batch 1 the main weights' mat-vecs alone, chained
@@ -647,6 +652,12 @@ def main(a) -> None:
       if "25m" in k0_b1:
         r = k0_b1["25m"] / tps
         print(f"k=0 while_loop / HF generate: {r:.2f}x (target >= 3x: {'MET' if r >= 3 else 'NOT MET'})")
+      native_b1 = [row["tok_s"] for row in results.get("native_cot", [])
+                   if row["model"] == "25m" and row["B"] == 1 and row["k"] == 0]
+      if native_b1:
+        r = native_b1[0] / tps
+        print(f"k=0 while_loop, decode.cpu_kernel=native / HF generate: {r:.2f}x "
+              f"(target >= 3x: {'MET' if r >= 3 else 'NOT MET'})")
   elif a.no_hf:
     print("\nHF comparison: skipped (--no-hf or --quick)")
   print("\n# columns: tok/s = CoT tokens / (run_cot - prefill); ms/iter = that time / iterations;"
