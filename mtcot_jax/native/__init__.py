@@ -1,8 +1,8 @@
 """decode.cpu_kernel=native: the main model's cached passes as one hand-written
 C++ kernel on the CPU (`decode_step.cc`), for the one-token loops at small batch.
 
-XLA:CPU runs a one-token pass of the 25M model as ~170 thunks, each with
-microseconds of dispatch; the kernel runs it as 5 phases a layer on a pool of
+XLA:CPU runs a one-token pass of the 25M model as well over a hundred thunks
+(162 dots alone), each with microseconds of dispatch; the kernel runs it as 5 phases a layer on a pool of
 persistent threads, and its attention reads each kv head's keys and values once
 (docs/results.md, "A native CPU pass"). It computes what `Transformer.__call__`
 with a cache computes, in float32, from the (out, in) weights of
@@ -121,6 +121,11 @@ def extend(cfg: Config, params, cache: KVCache, tokens_BxT, num_new_B=None,
   load()
   m = cfg.model
   main = params["main"]
+  if "layer_0" not in main:
+    raise ValueError(
+        f"decode.cpu_kernel=native reads the plain layer layout (layer_0, layer_1, ...); the "
+        f"main parameters have keys {sorted(main)}. Accepted: decode.prepare_params with the "
+        "native config (it unstacks scanned layers), or the parameters themselves")
   B, T = tokens_BxT.shape
   L, H, K, Dh = m.num_layers, m.num_heads, m.num_kv_heads, m.dh
   pos_BxT = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]

@@ -5,7 +5,7 @@
 // model/layers.py) for T new tokens per sequence, float32 activations, weights in
 // the (out, in) layout of `api.to_out_in` (float32 or bfloat16), the unembedding
 // (D, V) as stored or the embedding's rows when tied. Why it exists: on XLA:CPU a
-// one-token pass is ~170 thunks (a mat-vec, a fusion, a scatter each), each with
+// one-token pass is well over a hundred thunks (162 dots alone), each with
 // microseconds of dispatch and, for the mat-vecs, a task on XLA's intra-op pool;
 // here the pass is 5 phases a layer run by a persistent pool of spinning threads,
 // and attention reads each kv head's keys and values once for its G query heads.
@@ -599,6 +599,9 @@ ffi::Error Impl(ffi::RemainingArgs args, ffi::RemainingRets rets, int64_t num_la
   const auto* c = static_cast<const float*>(cos.untyped_data());
   const auto* s = static_cast<const float*>(sin.untyped_data());
   const auto* fn = static_cast<const float*>(final_norm.untyped_data());
+  // One pass at a time on the pool (XLA may run two executions concurrently).
+  static std::mutex pass_mu;
+  std::lock_guard<std::mutex> lk(pass_mu);
   Pool& pool = GetPool();
   if (wt == ffi::DataType::F32)
     Pass<float>(pool, d, tok, len, c, s, static_cast<const float*>(embed.untyped_data()), fn,
