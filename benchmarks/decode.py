@@ -599,6 +599,16 @@ def main(a) -> None:
         results.setdefault("native_answer", []).append(
             {"model": name, "B": B, "ms_pass": n_pass, "bound_ms": ans_bnd,
              "xla_ms_pass": ans_pass})
+        if base is not None:   # the kernel reading bfloat16 weights (half the bytes)
+          cfg_n16 = cfg_n.replace(decode={"weights_dtype": "bfloat16"})
+          r_n16 = bench_cot(name, cfg_n16, prepared(cfg_n16, params)[0], B, 0, quick_rows)
+          bnd16 = bound_ms(cfg, params, B, mid, bw) - 0.5e3 * nbytes(params["main"]) / bw
+          print(f"k=0 CoT loop, decode.cpu_kernel=native, decode.weights_dtype=bfloat16: "
+                f"{r_n16.iter_ms:.2f} ms/iter, {r_n16.tok_s:.1f} tok/s ({bnd16 / r_n16.iter_ms:.2f} "
+                f"of its bound {bnd16:.2f} ms; {base.iter_ms / r_n16.iter_ms:.2f}x xla float32's)")
+          results.setdefault("native_bf16", []).append(
+              {"model": name, "B": B, "iter_ms": r_n16.iter_ms, "tok_s": r_n16.tok_s,
+               "bound_ms": bnd16})
       results["answer"].append({"model": name, "B": B, "tok_s": ans_tps, "tokens": ans_n,
                                 "seconds": ans_t, "ms_pass": ans_pass, "bound_ms": ans_bnd,
                                 "of_bound": ans_bnd / ans_pass, "layout": dp.layout,

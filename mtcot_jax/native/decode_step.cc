@@ -224,6 +224,42 @@ inline float Dot(const W* w, const float* x, int64_t n, const float* pf = nullpt
   return s;
 }
 
+// out[m] = v . p[m n, m n + n) for m < MM, each 16 floats of v loaded once for all
+// MM rows of p (two accumulators a row); with `pf`, pf[i]'s line is prefetched
+// alongside v[i]'s (as Dot).
+template <int MM>
+inline void DotShared(const float* v, const float* p, int64_t n, float* out, const float* pf) {
+  f8 a[MM][2] = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    if (pf) __builtin_prefetch(pf + i, 0, 2);
+    const f8 v0 = Load8(v + i), v1 = Load8(v + i + 8);
+    for (int m = 0; m < MM; ++m) {
+      a[m][0] += v0 * Load8(p + m * n + i);
+      a[m][1] += v1 * Load8(p + m * n + i + 8);
+    }
+  }
+  for (int m = 0; m < MM; ++m) {
+    float s = Sum8(a[m][0] + a[m][1]);
+    for (int64_t j = i; j < n; ++j) s += v[j] * p[m * n + j];
+    out[m] = s;
+  }
+}
+
+// DotShared over M rows of p, 4 at a time (pf prefetched with the first 4).
+inline void DotRowsShared(const float* v, const float* p, int64_t n, int64_t M, float* out,
+                          const float* pf) {
+  for (int64_t m0 = 0; m0 < M; m0 += 4, pf = nullptr) {
+    const float* pm = p + m0 * n;
+    switch (std::min<int64_t>(4, M - m0)) {
+      case 1: DotShared<1>(v, pm, n, out + m0, pf); break;
+      case 2: DotShared<2>(v, pm, n, out + m0, pf); break;
+      case 3: DotShared<3>(v, pm, n, out + m0, pf); break;
+      default: DotShared<4>(v, pm, n, out + m0, pf); break;
+    }
+  }
+}
+
 typedef int32_t i32x8 __attribute__((vector_size(32)));
 
 // Lane i of the result: the sum of v[i]'s eight lanes (three rounds of shuffles
@@ -456,7 +492,7 @@ void Pass(Pool& pool, const Dims& d, const int32_t* tokens, const int32_t* lengt
         const float* keys = L.keys + (b * K + kh) * S * Dh;
         const float* vals = L.values + (b * K + kh) * Dh * S;
         std::vector<float>& sc = scratch[tid];
-        sc.resize(static_cast<size_t>(T * G * n_s));
+        sc.resize(static_cast<size_t>(T * G * (n_s + 1)));
         auto qrow = [&](int64_t t, int64_t g) { return q.data() + ((b * T + t) * H + kh * G + g) * Dh; };
         int64_t s = 0;
         if (Dh % 8 == 0) {   // 8 slots at a time: their keys read once for the T x G queries
@@ -496,21 +532,20 @@ void Pass(Pool& pool, const Dims& d, const int32_t* tokens, const int32_t* lengt
             std::fill(p + upto, p + n_s, 0.f);
           }
         }
-        // The values: Dh rows of n_s floats, S apart. Each row is a short stream the
-        // hardware prefetcher meets cold (and, S * 4 bytes apart, on a new page), so
-        // the row `ahead` rows on (~4 KB on) is prefetched while one is read.
+        // The values: Dh rows of n_s floats, S apart, each read once for the T x G
+        // queries. A row is a short stream the hardware prefetcher meets cold (and,
+        // S * 4 bytes apart, on a new page), so the row `ahead` rows on (about
+        // kValuesAhead bytes on) is prefetched while one is read.
         const int64_t ahead = std::max<int64_t>(1, kValuesAhead / (n_s * 4 + 1) + 1);
         for (int64_t j = 0; j < std::min(ahead, Dh); ++j)
           for (int64_t c = 0; c < n_s; c += 16) __builtin_prefetch(vals + j * S + c, 0, 2);
+        float* outs = sc.data() + T * G * n_s;   // T x G results of one row
         for (int64_t j = 0; j < Dh; ++j) {
-          const float* vr = vals + j * S;
-          const float* pf = j + ahead < Dh ? vals + (j + ahead) * S : nullptr;
+          DotRowsShared(vals + j * S, sc.data(), n_s, T * G, outs,
+                        j + ahead < Dh ? vals + (j + ahead) * S : nullptr);
           for (int64_t t = 0; t < T; ++t)
-            for (int64_t g = 0; g < G; ++g) {
-              att[((b * T + t) * H + kh * G + g) * Dh + j] =
-                  Dot(vr, sc.data() + (t * G + g) * n_s, n_s, pf);
-              pf = nullptr;   // once a row
-            }
+            for (int64_t g = 0; g < G; ++g)
+              att[((b * T + t) * H + kh * G + g) * Dh + j] = outs[t * G + g];
         }
       }
     });
