@@ -327,18 +327,24 @@ def prepared(cfg: mt.Config, params) -> tuple[decode.DecodeParams, float]:
 
 def bench_contexts(kernels: dict, contexts, a) -> dict[str, dict[int, float]]:
   """{kernel: {context: ms per k=0 token (batch 1)}} for each (config, prepared
-  parameters) of `kernels`: the loop's time for 96 - 32 more CoT tokens from a
-  prompt of context - 64 (the prefill and the loop's fixed costs cancel;
-  max_answer makes up the difference in max_cot, so that both runs have the same
-  cache capacity). The runs of every kernel and length alternate, 3 x --repeats
-  rounds (medians), so that a shared machine's drift falls on all of them alike."""
-  fns = {}
+  parameters) of `kernels`: the loop's time for W more CoT tokens (32 + W against
+  32), in a window of contexts centred on `context` (W = 256, or less where the
+  context is too short to centre it; a pass's time is linear in the context, so the
+  window's mean is the time at its centre). The prefill and the loop's fixed costs
+  cancel; max_answer makes up the difference in max_cot, so that both runs have the
+  same cache capacity. The window is wide because the prefill, the same in both
+  runs, is most of a run at 2,048 tokens (~1.6 s on 2 cores) and its noise divided
+  by a 64-token window was +-0.5 ms a token. The runs of every kernel and length
+  alternate, 3 x --repeats rounds (medians), so that a shared machine's drift falls
+  on all of them alike."""
+  fns, windows = {}, {}
   for kern, (cfg, dp) in kernels.items():
     V = cfg.model.vocab_size
     for c in contexts:
-      prompt, lens = prompts(cfg, 1, max(c - 64, 2), seed=7, no_cot=False)
-      for n in (32, 96):
-        run_cot, _ = decode._static(cfg, 0, GREEDY, n, 192 - n, V, V, None)   # same capacity
+      W = windows[c] = max(2 * ((c - 34) // 2), 2) if c < 34 + 128 else 256
+      prompt, lens = prompts(cfg, 1, max(c - 32 - W // 2, 2), seed=7, no_cot=False)
+      for n in (32, 32 + W):
+        run_cot, _ = decode._static(cfg, 0, GREEDY, n, 64 + W - n, V, V, None)  # same capacity
         args = (dp.params, prompt, lens, jax.random.key(0))
         jax.block_until_ready(run_cot(*args))                # compile + warm-up
         fns[kern, c, n] = (run_cot, args)
@@ -349,7 +355,8 @@ def bench_contexts(kernels: dict, contexts, a) -> dict[str, dict[int, float]]:
       jax.block_until_ready(fn(*args))
       times[key].append(time.perf_counter() - t0)
   med = {key: statistics.median(ts) for key, ts in times.items()}
-  return {kern: {c: 1e3 * (med[kern, c, 96] - med[kern, c, 32]) / 64 for c in contexts}
+  return {kern: {c: 1e3 * (med[kern, c, 32 + windows[c]] - med[kern, c, 32]) / windows[c]
+                 for c in contexts}
           for kern in kernels}
 
 
