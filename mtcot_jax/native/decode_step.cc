@@ -205,17 +205,11 @@ inline float Sum8(f8 v) {
 }
 
 // sum_i w[i] x[i], four vector accumulators (float32 x, w float32 or bfloat16).
-// With `pf`, also prefetches pf[i] alongside w[i] (into L2): the caller points it
-// at what it reads next (the arithmetic is the same).
 template <typename W>
-inline float Dot(const W* w, const float* x, int64_t n, const float* pf = nullptr) {
+inline float Dot(const W* w, const float* x, int64_t n) {
   f8 a0 = {}, a1 = {}, a2 = {}, a3 = {};
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
-    if (pf) {
-      __builtin_prefetch(pf + i, 0, 2);
-      __builtin_prefetch(pf + i + 16, 0, 2);
-    }
     a0 += Load8(w + i) * Load8(x + i);
     a1 += Load8(w + i + 8) * Load8(x + i + 8);
     a2 += Load8(w + i + 16) * Load8(x + i + 16);
@@ -229,7 +223,7 @@ inline float Dot(const W* w, const float* x, int64_t n, const float* pf = nullpt
 
 // out[m] = v . p[m n, m n + n) for m < MM, each 16 floats of v loaded once for all
 // MM rows of p (two accumulators a row); with `pf`, pf[i]'s line is prefetched
-// alongside v[i]'s (as Dot).
+// alongside v[i]'s (into L2: the caller points it at what it reads next).
 template <int MM>
 inline void DotShared(const float* v, const float* p, int64_t n, float* out, const float* pf) {
   f8 a[MM][2] = {};
