@@ -310,10 +310,15 @@ def kv_bytes(cfg: mt.Config, B: int, context: int) -> int:
   return 2 * m.num_layers * B * m.num_kv_heads * context * m.dh * jnp.dtype(m.dtype).itemsize
 
 
-def bound_ms(cfg: mt.Config, params, B: int, context: int, bandwidth: float, k: int = 0) -> float:
-  """The memory-bandwidth bound of one pass: every main weight read once, the KV
-  cache at `context`, and with k > 0 the head's weights once per chain step."""
-  read = nbytes(params["main"]) + kv_bytes(cfg, B, context) + k * nbytes(params["head"])
+def bound_ms(cfg: mt.Config, params, B: int, context: int, bandwidth: float, k: int = 0,
+             weights_dtype: str = "float32") -> float:
+  """The memory-bandwidth bound of one pass: every main weight read once (at
+  `weights_dtype`'s width: decode.weights_dtype, the float32 parameters narrowed;
+  the few norm scales, which stay float32, counted narrowed too), the KV cache at
+  `context`, and with k > 0 the head's weights once per chain step."""
+  narrow = np.dtype(jnp.dtype(weights_dtype)).itemsize / 4
+  read = (narrow * nbytes(params["main"]) + kv_bytes(cfg, B, context)
+          + k * nbytes(params["head"]))
   return 1e3 * read / bandwidth
 
 
@@ -341,7 +346,7 @@ def bench_contexts(kernels: dict, contexts, a) -> dict[str, dict[int, float]]:
   for kern, (cfg, dp) in kernels.items():
     V = cfg.model.vocab_size
     for c in contexts:
-      W = windows[c] = max(2 * ((c - 34) // 2), 2) if c < 34 + 128 else 256
+      W = windows[c] = max(min(256, 2 * (c - 34)), 2)   # centred, with a prompt >= 2 tokens
       prompt, lens = prompts(cfg, 1, max(c - 32 - W // 2, 2), seed=7, no_cot=False)
       for n in (32, 32 + W):
         run_cot, _ = decode._static(cfg, 0, GREEDY, n, 64 + W - n, V, V, None)  # same capacity
@@ -540,7 +545,7 @@ def main(a) -> None:
         cfg16 = cfg.replace(decode={"weights_dtype": "bfloat16"})
         r16 = bench_cot(name, cfg16, prepared(cfg16, params)[0], B, 0,
                         argparse.Namespace(**{**vars(a), "no_breakdown": True}))
-        bnd16 = bound_ms(cfg, params, B, mid, bw) - 0.5e3 * nbytes(params["main"]) / bw
+        bnd16 = bound_ms(cfg, params, B, mid, bw, weights_dtype="bfloat16")
         print(f"k=0, decode.weights_dtype=bfloat16: {r16.iter_ms:.2f} ms/iter, {r16.tok_s:.1f} tok/s "
               f"({r16.tok_s / base.tok_s:.2f}x float32's; its bound {bnd16:.2f} ms: "
               f"{bnd16 / r16.iter_ms:.2f} of it)")
@@ -609,7 +614,7 @@ def main(a) -> None:
         if base is not None:   # the kernel reading bfloat16 weights (half the bytes)
           cfg_n16 = cfg_n.replace(decode={"weights_dtype": "bfloat16"})
           r_n16 = bench_cot(name, cfg_n16, prepared(cfg_n16, params)[0], B, 0, quick_rows)
-          bnd16 = bound_ms(cfg, params, B, mid, bw) - 0.5e3 * nbytes(params["main"]) / bw
+          bnd16 = bound_ms(cfg, params, B, mid, bw, weights_dtype="bfloat16")
           print(f"k=0 CoT loop, decode.cpu_kernel=native, decode.weights_dtype=bfloat16: "
                 f"{r_n16.iter_ms:.2f} ms/iter, {r_n16.tok_s:.1f} tok/s ({bnd16 / r_n16.iter_ms:.2f} "
                 f"of its bound {bnd16:.2f} ms; {base.iter_ms / r_n16.iter_ms:.2f}x xla float32's)")

@@ -168,14 +168,8 @@ inline void Split(int64_t n, int tid, int nt, int64_t* lo, int64_t* hi) {
 // ---------------------------------------------------------------- arithmetic
 // How far ahead attention prefetches the keys and values it streams, in bytes
 // (into L2). Measured per pass of the 25M config at 2,048 tokens of context, on a
-// 2-core EPYC: no prefetch 1.3-1.7 ms of attention; 4-8 KB ahead 1.0-1.1 ms.
-#ifndef MTCOT_KEYS_AHEAD
-#define MTCOT_KEYS_AHEAD 8192
-#endif
-#ifndef MTCOT_VALUES_AHEAD
-#define MTCOT_VALUES_AHEAD 8192
-#endif
-constexpr int64_t kKeysAhead = MTCOT_KEYS_AHEAD, kValuesAhead = MTCOT_VALUES_AHEAD;
+// 2-core EPYC: no prefetch 1.3-1.7 ms of attention; 4-16 KB ahead 1.0-1.1 ms.
+constexpr int64_t kKeysAhead = 8192, kValuesAhead = 8192;
 typedef float f8 __attribute__((vector_size(32)));
 typedef uint16_t u16x8 __attribute__((vector_size(16)));
 typedef uint32_t u32x8 __attribute__((vector_size(32)));
@@ -205,11 +199,17 @@ inline float Sum8(f8 v) {
 }
 
 // sum_i w[i] x[i], four vector accumulators (float32 x, w float32 or bfloat16).
+// With `pf`, pf[i]'s lines are prefetched alongside w[i]'s (into L2: the caller
+// points it at what it reads next; the arithmetic is the same).
 template <typename W>
-inline float Dot(const W* w, const float* x, int64_t n) {
+inline float Dot(const W* w, const float* x, int64_t n, const float* pf = nullptr) {
   f8 a0 = {}, a1 = {}, a2 = {}, a3 = {};
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
+    if (pf) {
+      __builtin_prefetch(pf + i, 0, 2);
+      __builtin_prefetch(pf + i + 16, 0, 2);
+    }
     a0 += Load8(w + i) * Load8(x + i);
     a1 += Load8(w + i + 8) * Load8(x + i + 8);
     a2 += Load8(w + i + 16) * Load8(x + i + 16);
@@ -219,42 +219,6 @@ inline float Dot(const W* w, const float* x, int64_t n) {
   float s = Sum8((a0 + a1) + (a2 + a3));
   for (; i < n; ++i) s += ToF(w[i]) * x[i];
   return s;
-}
-
-// out[m] = v . p[m n, m n + n) for m < MM, each 16 floats of v loaded once for all
-// MM rows of p (two accumulators a row); with `pf`, pf[i]'s line is prefetched
-// alongside v[i]'s (into L2: the caller points it at what it reads next).
-template <int MM>
-inline void DotShared(const float* v, const float* p, int64_t n, float* out, const float* pf) {
-  f8 a[MM][2] = {};
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    if (pf) __builtin_prefetch(pf + i, 0, 2);
-    const f8 v0 = Load8(v + i), v1 = Load8(v + i + 8);
-    for (int m = 0; m < MM; ++m) {
-      a[m][0] += v0 * Load8(p + m * n + i);
-      a[m][1] += v1 * Load8(p + m * n + i + 8);
-    }
-  }
-  for (int m = 0; m < MM; ++m) {
-    float s = Sum8(a[m][0] + a[m][1]);
-    for (int64_t j = i; j < n; ++j) s += v[j] * p[m * n + j];
-    out[m] = s;
-  }
-}
-
-// DotShared over M rows of p, 4 at a time (pf prefetched with the first 4).
-inline void DotRowsShared(const float* v, const float* p, int64_t n, int64_t M, float* out,
-                          const float* pf) {
-  for (int64_t m0 = 0; m0 < M; m0 += 4, pf = nullptr) {
-    const float* pm = p + m0 * n;
-    switch (std::min<int64_t>(4, M - m0)) {
-      case 1: DotShared<1>(v, pm, n, out + m0, pf); break;
-      case 2: DotShared<2>(v, pm, n, out + m0, pf); break;
-      case 3: DotShared<3>(v, pm, n, out + m0, pf); break;
-      default: DotShared<4>(v, pm, n, out + m0, pf); break;
-    }
-  }
 }
 
 typedef int32_t i32x8 __attribute__((vector_size(32)));
@@ -330,20 +294,22 @@ void Softmax(float* p, int64_t n) {
 
 // out[r] = w . x[r, :] for r < R (x rows of n): up to 8 rows at a time, each
 // 8 weights loaded once for all of them (a pass of k+1 tokens or a batch reads
-// its weights once, as one token's does).
+// its weights once, as one token's does). `pf` as in Dot.
 template <typename W>
-void DotRows(const W* w, const float* x, int64_t n, int64_t R, float* out) {
+void DotRows(const W* w, const float* x, int64_t n, int64_t R, float* out,
+             const float* pf = nullptr) {
   if (R == 1) {
-    out[0] = Dot(w, x, n);
+    out[0] = Dot(w, x, n, pf);
     return;
   }
-  for (int64_t r0 = 0; r0 < R; r0 += 8) {
+  for (int64_t r0 = 0; r0 < R; r0 += 8, pf = nullptr) {
     const int64_t m = std::min<int64_t>(8, R - r0);
     const float* xr = x + r0 * n;
     f8 acc[8];
     for (int i = 0; i < 8; ++i) acc[i] = f8{};
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
+      if (pf && (i & 15) == 0) __builtin_prefetch(pf + i, 0, 2);
       const f8 wv = Load8(w + i);
       for (int64_t r = 0; r < m; ++r) acc[r] += wv * Load8(xr + r * n + i);
     }
@@ -543,8 +509,8 @@ void Pass(Pool& pool, const Dims& d, const int32_t* tokens, const int32_t* lengt
           for (int64_t c = 0; c < n_s; c += 16) __builtin_prefetch(vals + j * S + c, 0, 2);
         float* outs = sc.data() + T * G * n_s;   // T x G results of one row
         for (int64_t j = 0; j < Dh; ++j) {
-          DotRowsShared(vals + j * S, sc.data(), n_s, T * G, outs,
-                        j + ahead < Dh ? vals + (j + ahead) * S : nullptr);
+          DotRows(vals + j * S, sc.data(), n_s, T * G, outs,
+                  j + ahead < Dh ? vals + (j + ahead) * S : nullptr);
           for (int64_t t = 0; t < T; ++t)
             for (int64_t g = 0; g < G; ++g)
               att[((b * T + t) * H + kh * G + g) * Dh + j] = outs[t * G + g];
