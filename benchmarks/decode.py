@@ -83,7 +83,6 @@ TINY = ["model.vocab_size=128", "model.d_model=64", "model.num_layers=2", "model
         "model.num_kv_heads=2", "model.mlp_dim=128", "head.k=5", "head.width=32",
         "head.num_heads=2", "head.num_layers=1"]
 MODELS = {"25m": (None, M25), "demo": (DEMO, []), "tiny": (None, TINY)}
-THINK_END = 5
 
 
 def _parse(argv):
@@ -135,6 +134,7 @@ import mtcot_jax as mt  # noqa: E402
 from mtcot_jax import decode, native, sampling  # noqa: E402
 from mtcot_jax.model import api  # noqa: E402
 from mtcot_jax.model.transformer import KVCache  # noqa: E402
+from mtcot_jax.tokens import BOS_ID, THINK_END_ID, THINK_ID  # noqa: E402
 
 GREEDY = sampling.Sampling()
 
@@ -153,10 +153,10 @@ def prompts(cfg: mt.Config, B: int, P: int, seed: int, no_cot: bool):
   rng = np.random.default_rng(seed)
   V = cfg.model.vocab_size
   body = rng.integers(6, V, size=(B, P))
-  body[:, 0] = 1
-  body[:, -1] = THINK_END if no_cot else 4
+  body[:, 0] = BOS_ID
+  body[:, -1] = THINK_END_ID if no_cot else THINK_ID
   if no_cot:
-    body[:, -2] = 4
+    body[:, -2] = THINK_ID
   return jnp.asarray(body, jnp.int32), jnp.full((B,), P, jnp.int32)
 
 
@@ -403,7 +403,7 @@ def bench_cot(name, cfg, dp: decode.DecodeParams, B, k, a) -> CotRow:
   V = cfg.model.vocab_size
   P = a.prompt_len
   out_in, params = dp.layout == "out_in", dp.params
-  run_cot, _ = decode._static(cfg, k, GREEDY, a.max_cot, a.max_answer, V, THINK_END, None)
+  run_cot, _ = decode._static(cfg, k, GREEDY, a.max_cot, a.max_answer, V, THINK_END_ID, None)
   prompt, lens = prompts(cfg, B, P, seed=B, no_cot=False)
   key = jax.random.key(0)
   t, st = timed(run_cot, params, prompt, lens, key, repeats=a.repeats)
@@ -437,7 +437,7 @@ def bench_answer(name, cfg, dp: decode.DecodeParams, B, a):
   """(tokens/s, tokens, seconds) of run_answer alone after a no-CoT prefill."""
   V = cfg.model.vocab_size
   params = dp.params
-  run_cot, run_answer = decode._static(cfg, 0, GREEDY, a.max_cot, a.max_answer, V, THINK_END,
+  run_cot, run_answer = decode._static(cfg, 0, GREEDY, a.max_cot, a.max_answer, V, THINK_END_ID,
                                        None)
   prompt, lens = prompts(cfg, B, a.prompt_len, seed=100 + B, no_cot=True)
   st = jax.block_until_ready(run_cot(params, prompt, lens, jax.random.key(0)))

@@ -328,8 +328,8 @@ def load_hf(path: str, overrides: Sequence[str] = (), key: jax.Array | None = No
   initialised from `key` (default key 0)} and the tokenizer (None if the
   directory has none) with the thinking tokens appended where missing."""
   from mtcot_jax.data.hf_tokenizer import from_hf_dir
-  from mtcot_jax.data.tokenizer import THINK
   from mtcot_jax.model import api
+  from mtcot_jax.tokens import THINK
   cfg = config_for(path, base, overrides)
   tok, added = from_hf_dir(path)
   plain = cfg.replace(model={"scan_layers": False})

@@ -12,6 +12,7 @@ import pytest
 import mtcot_jax as mt
 from mtcot_jax import decode, sampling
 from mtcot_jax.train import loop, optim, rl, rl_loop
+from mtcot_jax.tokens import EOS_ID
 from mtcot_jax.train.step import create_state
 
 B, P, G = 4, 5, 2
@@ -187,7 +188,7 @@ def test_pass_cost_and_k_schedule(tiny_cfg, rparams):
   examples = [task.example(i) for i in range(B)]
 
   class Tok:   # answer_text needs decode(); every answer is wrong here
-    eos_id = decode.EOS_ID
+    eos_id = EOS_ID
     def decode(self, ids):
       return "x"
   reward, correct = rl_loop.rewards(cfg, Tok(), task, res, examples)

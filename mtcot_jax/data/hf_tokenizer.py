@@ -23,7 +23,7 @@ import json
 import os
 from typing import Iterable
 
-from mtcot_jax.data.tokenizer import THINK, THINK_END
+from mtcot_jax.tokens import THINK, THINK_END
 
 FORMAT = "mtcot_jax/hf-tokenizer/1"
 _SPECIAL_KEYS = ("bos", "eos", "pad", "unk", "think", "think_end")

@@ -1,6 +1,6 @@
 """Sentencepiece tokenizers with the special tokens of the sequence format.
 
-A trained tokenizer has the special tokens at fixed ids (the constants below):
+A trained tokenizer has the special tokens at fixed ids (`mtcot_jax.tokens`):
 pad 0, bos 1, eos 2, unk 3, `<think>` 4, `</think>` 5. A user-supplied `.model`
 may place them elsewhere, so code should read them from the Tokenizer
 (`tok.bos_id`, ...). Trained tokenizers split digits into single tokens,
@@ -17,8 +17,8 @@ from typing import Iterable
 
 import sentencepiece as spm
 
-PAD_ID, BOS_ID, EOS_ID, UNK_ID, THINK_ID, THINK_END_ID = 0, 1, 2, 3, 4, 5
-THINK, THINK_END = "<think>", "</think>"
+from mtcot_jax.tokens import (BOS_ID, EOS_ID, PAD_ID, THINK, THINK_END,  # noqa: F401
+                              THINK_END_ID, THINK_ID, UNK_ID)
 
 
 class Tokenizer:

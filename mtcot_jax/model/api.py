@@ -19,8 +19,7 @@ from mtcot_jax import sharding as shd
 from mtcot_jax.config import Config
 from mtcot_jax.model.head import ContextHead, MultiTokenHead
 from mtcot_jax.model.transformer import KVCache, MainOutput, Transformer
-
-PAD_ID = 0  # chain positions past the sequence's end read this token (their loss is masked)
+from mtcot_jax.tokens import PAD_ID  # chain positions past the sequence's end read it (loss masked)
 
 
 class ForwardOutput(NamedTuple):
