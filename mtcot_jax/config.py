@@ -24,7 +24,8 @@ from typing import Any
 
 import yaml
 
-from mtcot_jax.config_checks import ConfigError, validate  # noqa: F401  (re-exported)
+from mtcot_jax.config_checks import validate
+from mtcot_jax.errors import ConfigError  # noqa: F401  (re-exported: mt.ConfigError)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-
-class ConfigError(ValueError):
-  """A config key, type or value that is not accepted."""
+from mtcot_jax.errors import ConfigError  # noqa: F401  (re-exported)
 
 
 _DTYPES = ("float32", "bfloat16", "float16")

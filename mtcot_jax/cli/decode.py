@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 import mtcot_jax as mt
-from mtcot_jax.cli.errors import user_errors
+from mtcot_jax.errors import user_errors
 from mtcot_jax.data.tasks import Example
 from mtcot_jax.train.evaluate import answer_text, render
 

@@ -17,7 +17,7 @@ from absl import logging as absl_logging
 import jax
 
 import mtcot_jax as mt
-from mtcot_jax.cli.errors import user_errors
+from mtcot_jax.errors import user_errors
 
 DEFAULT_CONFIG = os.path.normpath(
     os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo.yaml"))

@@ -24,7 +24,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from mtcot_jax.cli.errors import user_errors
+from mtcot_jax.errors import user_errors
 
 PANEL_IN = (4.6, 3.2)   # inches per subplot
 DPI = 120

@@ -24,7 +24,8 @@ import jax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from mtcot_jax.config import Config, ConfigError, load_config, save_config
+from mtcot_jax.config import Config, load_config, save_config
+from mtcot_jax.errors import ConfigError, RunLockedError  # noqa: F401  (re-exported)
 from mtcot_jax.model import api
 
 CONFIG_FILE = "config.yaml"
@@ -141,10 +142,6 @@ def check_init_from(src: str, workdir: str) -> None:
 
 
 LOCK_FILE = ".lock"
-
-
-class RunLockedError(RuntimeError):
-  """Another process is training in this workdir."""
 
 
 @contextlib.contextmanager

@@ -1,4 +1,5 @@
-"""What the command lines do with an error the user can fix: one sentence, no traceback.
+"""The errors a user can fix, and what the command lines do with them: one sentence,
+no traceback. Imports nothing but the standard library, so every layer may read it.
 
 Errors raised for bad input (a config key or value, a missing or broken file, a
 prompt the tokenizer cannot write, a workdir another run holds) name the file,
@@ -12,8 +13,13 @@ import functools
 import os
 import sys
 
-from mtcot_jax.config import ConfigError
-from mtcot_jax.train.checkpoint import RunLockedError
+
+class ConfigError(ValueError):
+  """A config key, type or value that is not accepted."""
+
+
+class RunLockedError(RuntimeError):
+  """Another process is training in this workdir."""
 
 
 USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, NotADirectoryError, RunLockedError)
