@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 
 import mtcot_jax as mt  # noqa: E402
 from mtcot_jax.data import make_eval_batches  # noqa: E402
-from mtcot_jax.data.builders import task_for  # noqa: E402
+from mtcot_jax.data.catalog import task_for  # noqa: E402
 from mtcot_jax.train.evaluate import answer_text  # noqa: E402
 
 

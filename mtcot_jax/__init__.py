@@ -16,4 +16,11 @@ from mtcot_jax.hf import load_hf, save_hf
 from mtcot_jax.model import (ForwardOutput, KVCache, extend, forward, head_logits, init_params,
                              param_shardings, param_specs)
 from mtcot_jax.sharding import make_mesh
-from mtcot_jax.train.checkpoint import load_run
+
+
+def __getattr__(name: str):
+  # orbax (the checkpoints) is imported by the first `mt.load_run`, not by `import mtcot_jax`.
+  if name == "load_run":
+    from mtcot_jax.train.checkpoint import load_run
+    return load_run
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

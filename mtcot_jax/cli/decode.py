@@ -27,6 +27,7 @@ import numpy as np
 
 import mtcot_jax as mt
 from mtcot_jax.errors import user_errors
+from mtcot_jax.data.catalog import task_for
 from mtcot_jax.data.tasks import Example
 from mtcot_jax.train.evaluate import answer_text, render
 
@@ -110,7 +111,6 @@ def main(argv=None):
     raise ValueError(f"--batch-size={args.batch_size}; accepted: an int >= 1")
   absl_logging.set_verbosity(absl_logging.ERROR)   # tfds/orbax info lines drown the output
   cfg, params, tok = _load(args)
-  from mtcot_jax.data.builders import task_for
   task = task_for(cfg.data)
   questions, examples = _questions(args, cfg, tok)
   source = args.prompts_file or ("--examples" if args.examples else "--prompt")

@@ -9,13 +9,12 @@ The first use prepares it, locally with no network; later uses reuse the files.
 Splits: `train` holds seeds 0..train-1; `test` holds seeds from 2**40 on,
 skipping any whose question is also a training question, so the two splits
 share no question. GSM8K is the real tfds `gsm8k`, which must be prepared
-beforehand (see `gsm8k_source`).
+beforehand (see `catalog.gsm8k_source`).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Callable, Sequence
 
 from etils import epath
@@ -23,33 +22,11 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mtcot_jax.config import DataConfig
-from mtcot_jax.data import tasks
+from mtcot_jax.data.catalog import default_data_dir, get_task, gsm8k_source, task_for  # noqa: F401
 from mtcot_jax.data.tasks import GSM8K, Example, Task
 
 TEST_SEED_OFFSET = 2 ** 40
 _MAX_TEST_TRIES = 50   # test seeds tried per test example wanted, before giving up
-
-
-def default_data_dir(data_dir: str = "") -> str:
-  """`data_dir`, or $MTCOT_DATA_DIR, or ~/.cache/mtcot_jax/data (in that order)."""
-  return os.path.expanduser(
-      data_dir or os.environ.get("MTCOT_DATA_DIR") or "~/.cache/mtcot_jax/data")
-
-
-def get_task(name: str, **difficulty) -> Task:
-  """`tasks.get_task`, with GSM8K given its tfds training records (read lazily)."""
-  if name == "gsm8k":
-    data_dir = difficulty.get("data_dir", "")
-    difficulty["records"] = lambda: gsm8k_source(data_dir, "train")
-  return tasks.get_task(name, **difficulty)
-
-
-def task_for(data: DataConfig) -> Task:
-  """The Task named by `data.task` and `data.task_args`."""
-  args = dict(data.task_args)
-  if data.task == "gsm8k":
-    args.setdefault("data_dir", data.data_dir)
-  return get_task(data.task, **args)
 
 
 class _TaskBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -136,25 +113,6 @@ def prepare(task: Task, data_dir: str, train_size: int, test_size: int) -> _Task
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS))
   return builder
-
-
-def gsm8k_source(data_dir: str, split: str):
-  """The tfds `gsm8k` split as a random-access source of tfds records.
-
-  Raises FileNotFoundError, saying how to get the data, when it is not
-  prepared (in array_record format) under the data directory.
-  """
-  from tensorflow_datasets.text import gsm8k  # noqa: F401  (registers the builder)
-  data_dir = default_data_dir(data_dir)
-  try:
-    return tfds.data_source("gsm8k", split=split, data_dir=data_dir, download=False)
-  except Exception as e:  # tfds raises several types for "not there"
-    raise FileNotFoundError(
-        f"GSM8K (tfds 'gsm8k', split {split!r}) is not prepared in array_record format "
-        f"under data_dir={data_dir!r} ({type(e).__name__}: {str(e)[:200]}). This machine "
-        "cannot download it. On a machine with network run\n"
-        "  tfds build gsm8k --file_format=array_record --data_dir=DIR\n"
-        "then copy DIR here and set data.data_dir=DIR (or $MTCOT_DATA_DIR).") from None
 
 
 def _text(value: Any) -> str:

@@ -17,6 +17,7 @@ from typing import Iterable
 
 import sentencepiece as spm
 
+from mtcot_jax.data import catalog
 from mtcot_jax.tokens import (BOS_ID, EOS_ID, PAD_ID, THINK, THINK_END,  # noqa: F401
                               THINK_END_ID, THINK_ID, UNK_ID)
 
@@ -198,7 +199,6 @@ def tokenizer_for(cfg, vocab_size: int | None = None) -> Tokenizer:
   at most `model.vocab_size` pieces, cached under the data directory as
   `tokenizers/<task>/<config>/v<vocab_size>.model` and reused.
   """
-  from mtcot_jax.data import builders  # tfds is heavy: only when needed
   data = getattr(cfg, "data", cfg)
   if data.tokenizer:
     return load_tokenizer(data.tokenizer)
@@ -206,13 +206,14 @@ def tokenizer_for(cfg, vocab_size: int | None = None) -> Tokenizer:
     if not hasattr(cfg, "model"):
       raise ValueError("tokenizer_for(DataConfig) needs vocab_size=...; or pass the full Config")
     vocab_size = cfg.model.vocab_size
-  task = builders.task_for(data)
+  task = catalog.task_for(data)
   name = (task.config_name if task.name == "gsm8k" else
           f"{task.config_name},train={data.train_size},test={data.eval_size}")
-  path = os.path.join(builders.default_data_dir(data.data_dir), "tokenizers", task.name,
+  path = os.path.join(catalog.default_data_dir(data.data_dir), "tokenizers", task.name,
                       name, f"v{vocab_size}.model")
   if os.path.exists(path):
     return load_tokenizer(path)
+  from mtcot_jax.data import builders  # tfds: only to train a tokenizer
   source = builders.split_source(data, "train")
   examples = source.__getitems__(range(len(source)))
   return train_tokenizer(corpus_texts(examples), path, vocab_size)

@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
 from mtcot_jax.config import Config, load_config, save_config
+from mtcot_jax.data.tokenizer import load_tokenizer
 from mtcot_jax.errors import ConfigError, RunLockedError  # noqa: F401  (re-exported)
 from mtcot_jax.model import api
 
@@ -287,8 +288,6 @@ def restore_params(workdir: str, cfg: Config, mesh: Mesh | None = None,
 
 def load_run(workdir: str, mesh: Mesh | None = None, step: int | None = None) -> Run:
   """Loads config.yaml, the tokenizer and the latest (or `step`'s) parameters."""
-  from mtcot_jax.data import load_tokenizer  # the data layer imports tfds: only here
-
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{workdir} is not a run directory: no {CONFIG_FILE} in it")
