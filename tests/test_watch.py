@@ -16,6 +16,7 @@ from tensorboard.backend.event_processing import event_accumulator
 import mtcot_jax as mt
 from mtcot_jax.tools import plot
 from mtcot_jax.train import loop
+from mtcot_jax.train.metrics import read_metrics
 
 
 def _tensorboard(workdir) -> dict[str, list[tuple[int, float]]]:
@@ -194,6 +195,25 @@ def test_resume_at_a_logged_step_keeps_it(tmp_path):
   tb = _tensorboard(workdir)
   assert tb["loss"] == [(s, _f32(4.0 / s + (0.25 if s <= 3 else 0.5))) for s in range(1, 7)]
   assert tb["eval/k0/accuracy"] == [(3, _f32(0.75)), (6, _f32(1.0))]
+
+
+def test_resume_drops_a_line_cut_short(tmp_path):
+  _session(str(tmp_path), 0, 0.25, stop_after=4)
+  path = tmp_path / "metrics.jsonl"
+  with open(path, "a") as f:
+    f.write('{"step": 5, "loss": 1.')          # a kill while step 5 was being logged
+  _session(str(tmp_path), 4, 0.5)
+  records = [json.loads(line) for line in path.read_text().splitlines()]   # every line whole
+  assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+  assert [r["loss"] for r in records if r.get("step") == 5] == [4.0 / 5 + 0.5]
+
+
+def test_read_metrics_skips_what_is_not_a_record(tmp_path):
+  (tmp_path / "metrics.jsonl").write_text(
+      '{"step": 1, "loss": 2.5}\n\n[1, 2]\n{"step": 2, "eval": {}}\n{"step": 3, "lo')
+  assert read_metrics(str(tmp_path)) == [{"step": 1, "loss": 2.5}, {"step": 2, "eval": {}}]
+  with pytest.raises(FileNotFoundError):
+    read_metrics(str(tmp_path / "elsewhere"))
 
 
 def test_plot_one_run(resumed_run, capsys):

@@ -1,7 +1,8 @@
 """Summarises an experiment directory's results.jsonl as report.md plus PNG plots.
 
 Regenerate with `python -m mtcot_jax.experiments report <dir>`. Needs matplotlib,
-never JAX: this module only reads JSON files.
+computes nothing with JAX: it reads JSON files (loading this module imports no JAX;
+the runs' metrics.jsonl are read through `mtcot_jax.train.metrics`, imported on use).
 """
 
 from __future__ import annotations
@@ -341,20 +342,13 @@ def _plot_head_acceptance(rows: list[dict], title: str, path: str) -> bool:
 
 
 def _reward_curve(out_dir: str, workdir: str) -> tuple[list[float], list[float]]:
-  path = os.path.join(out_dir, workdir, "metrics.jsonl")
-  steps, rewards = [], []
-  if not os.path.exists(path):
-    return steps, rewards
-  with open(path) as f:
-    for line in f:
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError:
-        continue  # a line cut short by an interrupted run
-      if isinstance(rec, dict) and rec.get("reward_mean") is not None and "step" in rec:
-        steps.append(rec["step"])
-        rewards.append(rec["reward_mean"])
-  return steps, rewards
+  from mtcot_jax.train.metrics import read_metrics
+  try:
+    records = read_metrics(os.path.join(out_dir, workdir))
+  except FileNotFoundError:
+    records = []
+  rows = [r for r in records if r.get("reward_mean") is not None and "step" in r]
+  return [r["step"] for r in rows], [r["reward_mean"] for r in rows]
 
 
 def _plot_rl_reward(rows: list[dict], out_dir: str, title: str, path: str) -> bool:

@@ -32,6 +32,7 @@ from mtcot_jax.config import Config, save_config
 from mtcot_jax.experiments import methods as mm
 from mtcot_jax.experiments.spec import Cell, Spec, cell_config, cells, load_spec, stage_config, \
     stage_dir
+from mtcot_jax.train.metrics import METRICS_FILE
 
 DONE_FILE = "done.json"
 CELL_FILE = "cell.json"
@@ -102,7 +103,7 @@ def _link_cell(cfg: Config, cell_dir: str, run_dir: str) -> None:
              os.path.join(cell_dir, ckpt.CONFIG_FILE))
   tok = ckpt.tokenizer_file(run_dir)
   shutil.copyfile(tok, os.path.join(cell_dir, os.path.basename(tok)))
-  for name in (ckpt.CHECKPOINT_DIR, "metrics.jsonl"):
+  for name in (ckpt.CHECKPOINT_DIR, METRICS_FILE):
     link = os.path.join(cell_dir, name)
     if os.path.lexists(link):
       os.remove(link)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 
 import matplotlib
@@ -25,6 +24,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from mtcot_jax.errors import user_errors
+from mtcot_jax.train.metrics import METRICS_FILE, read_metrics
 
 PANEL_IN = (4.6, 3.2)   # inches per subplot
 DPI = 120
@@ -50,26 +50,21 @@ class Panel:
 
 def read_run(workdir: str, name: str | None = None) -> Run:
   """The records of workdir/metrics.jsonl (a line cut short by a kill is skipped)."""
-  path = os.path.join(workdir, "metrics.jsonl")
+  path = os.path.join(workdir, METRICS_FILE)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"no metrics.jsonl in {workdir!r} ({path} does not exist); "
                             "accepted: a run's train.workdir, which holds metrics.jsonl")
   train, evals = {}, {}
-  with open(path) as f:
-    for line in f:
-      try:
-        r = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      if not isinstance(r, dict) or "step" not in r:
-        continue
-      if "summary" in r:
-        if r["summary"].get("eval"):
-          evals[r["step"]] = {"step": r["step"], "eval": r["summary"]["eval"]}
-      elif "eval" in r:
-        evals[r["step"]] = r
-      else:
-        train[r["step"]] = r
+  for r in read_metrics(workdir):
+    if "step" not in r:
+      continue
+    if "summary" in r:
+      if r["summary"].get("eval"):
+        evals[r["step"]] = {"step": r["step"], "eval": r["summary"]["eval"]}
+    elif "eval" in r:
+      evals[r["step"]] = r
+    else:
+      train[r["step"]] = r
   if not train and not evals:
     raise ValueError(f"{path} holds no records yet; accepted: a run that has logged a step")
   return Run(name or os.path.basename(os.path.normpath(workdir)),

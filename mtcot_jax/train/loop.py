@@ -19,6 +19,7 @@ from mtcot_jax.data import builders
 from mtcot_jax.train import checkpoint as ckpt
 from mtcot_jax.train import losses, optim
 from mtcot_jax.train.evaluate import evaluate, render
+from mtcot_jax.train.metrics import METRICS_FILE, read_metrics
 from mtcot_jax.train.step import create_state, global_batch
 
 
@@ -85,7 +86,7 @@ class MetricsLog:
   """
 
   def __init__(self, workdir: str, resume_step: int | None = None):
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = os.path.join(workdir, METRICS_FILE)
     self.enabled = jax.process_index() == 0
     self.eval_steps: set[int] = set()    # steps whose evaluation is logged
     self.last_record: dict = {}          # the last training step's record kept
@@ -111,31 +112,24 @@ class MetricsLog:
   def _truncate(self, resume_step: int) -> list[dict]:
     """Rewrites metrics.jsonl without the records after `resume_step`; returns the
     kept records of `resume_step` itself."""
+    kept = [r for r in read_metrics(os.path.dirname(self.path))
+            if r.get("step", 0) <= resume_step and "summary" not in r]
+    for record in kept:
+      if "eval" in record:
+        self.eval_steps.add(record["step"])
+      elif "loss" in record:
+        self.last_record = record
+    text = "".join(json.dumps(r) + "\n" for r in kept)   # each line as write() wrote it
     with open(self.path) as f:
-      lines = f.read().split("\n")
-    kept, at_resume = [], []
-    for line in lines:
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError:
-        continue                     # an empty line, or one cut short by a kill
-      if isinstance(record, dict) and record.get("step", 0) <= resume_step \
-          and "summary" not in record:
-        kept.append(line)
-        if record.get("step") == resume_step:
-          at_resume.append(record)
-        if "eval" in record:
-          self.eval_steps.add(record["step"])
-        elif "loss" in record:
-          self.last_record = record
-    if len(kept) != sum(1 for line in lines if line):
+      changed = f.read() != text
+    if changed:
       tmp = self.path + ".tmp"
       with open(tmp, "w") as f:
-        f.write("".join(line + "\n" for line in kept))
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
       os.replace(tmp, self.path)
-    return at_resume
+    return [r for r in kept if r.get("step") == resume_step]
 
   def _add_scalars(self, record: dict) -> None:
     for tag, value in tb_scalars(record).items():
