@@ -3,6 +3,7 @@ any compile, and loses nothing: broken checkpoints, nonsense configs, a foreign
 tokenizer, prompts the tokenizer cannot write, bad prompts files, init_from runs
 that are not SFT runs, two runs on one workdir."""
 
+import json
 import os
 import shutil
 import warnings
@@ -95,6 +96,40 @@ def test_decode_prints_the_reference(run, capsys):
   out = capsys.readouterr().out
   assert "reference: '408'" in out and "reference: '68'" in out     # 12 x 34, 2 x 34
   assert out.count("note: outside the training distribution") == 1   # the leading zero
+
+
+def test_checkpoint_takes_only_decode_overrides(run, capsys):
+  work = run.train.workdir
+  err = _cli_error(decode_cli.main, ["--checkpoint", work, "--prompt", "12*34",
+                                     "decode.k=0", "model.num_layers=3"], capsys)
+  assert "'model.num_layers=3': model.num_layers is the run's own" in err
+  assert "decode.* overrides only" in err
+  err = _cli_error(decode_cli.main, ["--checkpoint", work, "--prompt", "12*34",
+                                     "decode.max_cot=3"], capsys)
+  assert "unknown config key decode.max_cot" in err
+
+
+def test_decode_output_with_decode_overrides(run, tmp_path, capsys):
+  """--output: a JSON line per question; decode.* overrides reach generate (k=0: one
+  token a pass; the token limits), and a question with no reference has correct null."""
+  path = tmp_path / "new" / "out.jsonl"
+  decode_cli.main(["--checkpoint", run.train.workdir, "--prompt", "21*43", "--prompt", "2143",
+                   "--output", str(path), "decode.k=0", "decode.max_cot_tokens=3",
+                   "decode.max_answer_tokens=2"])
+  out = capsys.readouterr().out
+  assert "k=0 verify=none:" in out and f"wrote 2 lines to {path}" in out
+  rows = [json.loads(line) for line in path.read_text().splitlines()]
+  assert [r["question"] for r in rows] == ["21*43", "2143"]
+  tok = mt.load_tokenizer(os.path.join(run.train.workdir, "tokenizer.model"))
+  for r in rows:
+    assert set(r) == {"question", "cot", "answer", "tokens", "passes", "correct"}
+    assert 1 <= len(r["tokens"]) <= 3 + 1 + 2          # a CoT cut at 3 gets its </think>
+    assert r["passes"] == len(r["tokens"])             # k=0: the prefill writes the first
+    ids = r["tokens"]
+    n_cot = ids.index(tok.think_end_id) + 1 if tok.think_end_id in ids else len(ids)
+    assert n_cot <= 3 + 1 and r["cot"] == tok.decode(ids[:n_cot])
+  assert rows[0]["correct"] in (True, False) and rows[1]["correct"] is None
+  assert rows[0]["correct"] == (rows[0]["answer"].strip() == "408")
 
 
 def test_init_from_must_be_an_sft_run(run, tmp_path, capsys):

@@ -4,6 +4,7 @@
   python decode.py --checkpoint runs/demo --prompts-file questions.txt --temperature 0.7
   python decode.py --checkpoint runs/demo --examples 8        # test examples, graded
   python decode.py --checkpoint runs/demo --examples 64 --verify all   # lossless, fewer passes
+  python decode.py --checkpoint runs/demo --examples 64 decode.max_cot_tokens=64 --output out.jsonl
   python decode.py --config configs/small.yaml --prompt "578*823"   # random parameters
 
 Prints each chain of thought with, under it, the module that wrote each token
@@ -13,11 +14,18 @@ Questions are in the task's format: `perm` a start state and permutations of
 significant digit first (`578*823` asks for 875 x 328). When a question parses
 as one of the run's task, the right answer is printed beside the model's, with
 a note if training never showed such a question (another size, a leading zero).
+`--output` also writes one JSON line per question: question, cot, answer, tokens
+(the generated ids), passes (forward passes), correct (null without a reference).
+
+`section.key=value` overrides change the preset with `--config`; with
+`--checkpoint` only `decode.*` (the run's model, head, data and training are its
+own). Flags such as `--k` take precedence over both.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
@@ -26,7 +34,8 @@ import jax
 import numpy as np
 
 import mtcot_jax as mt
-from mtcot_jax.errors import user_errors
+from mtcot_jax.errors import ConfigError, user_errors
+from mtcot_jax.config import parse_override
 from mtcot_jax.data.catalog import task_for
 from mtcot_jax.data.tasks import Example
 from mtcot_jax.train.evaluate import answer_text, render
@@ -57,14 +66,32 @@ def parse_args(argv=None):
   p.add_argument("--max-answer-tokens", type=int, default=None)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--batch-size", type=int, default=64, help="questions decoded at once")
-  p.add_argument("overrides", nargs="*", help="section.key=value (with --config)")
+  p.add_argument("--output", help="also write one JSON line per question to this file")
+  p.add_argument("overrides", nargs="*",
+                 help="section.key=value (with --checkpoint: decode.key=value only)")
   return p.parse_args(argv)
+
+
+def _decode_overrides(overrides) -> dict:
+  """{key: value} of `decode.key=value` overrides; raises ConfigError naming any
+  other section's key (a run's model and head have its parameters' shapes)."""
+  changes = {}
+  for text in overrides:
+    section, key, value = parse_override(text)
+    if section != "decode":
+      raise ConfigError(f"override {text!r}: {section}.{key} is the run's own and cannot be "
+                        "changed with --checkpoint; accepted: decode.* overrides only (e.g. "
+                        "decode.max_cot_tokens=64), or --config for another model")
+    changes[key] = value
+  return changes
 
 
 def _load(args):
   if args.checkpoint:
+    changes = _decode_overrides(args.overrides)
     run = mt.load_run(args.checkpoint)
-    return run.cfg, run.params, run.tokenizer
+    cfg = run.cfg.replace(decode=changes) if changes else run.cfg
+    return cfg, run.params, run.tokenizer
   from mtcot_jax.data import tokenizer_for
   cfg = mt.load_config(args.config, args.overrides)
   return cfg, mt.init_params(cfg, jax.random.key(args.seed)), tokenizer_for(cfg)
@@ -109,6 +136,8 @@ def main(argv=None):
   args = parse_args(argv)
   if args.batch_size < 1:
     raise ValueError(f"--batch-size={args.batch_size}; accepted: an int >= 1")
+  if args.output and os.path.isdir(args.output):
+    raise ValueError(f"--output {args.output} is a directory; accepted: a file path")
   absl_logging.set_verbosity(absl_logging.ERROR)   # tfds/orbax info lines drown the output
   cfg, params, tok = _load(args)
   task = task_for(cfg.data)
@@ -139,10 +168,11 @@ def main(argv=None):
     dt += time.perf_counter() - t0
     results += [jax.tree.map(lambda x, i=i: x[i], res) for i in range(len(chunk))]
   k = args.k if args.k is not None else (cfg.decode.k if cfg.decode.k >= 0 else cfg.head.k)
-  correct = []
+  correct, records = [], []
   for i, (q, r) in enumerate(zip(questions, results)):
     n = r.lengths
     cot_n = int(np.sum(r.phase == 0))
+    score = None
     print(f"[{i}] question: {q}")
     if cot_n:
       print("    CoT (under each character: 0 main model, j head depth j):")
@@ -161,6 +191,9 @@ def main(argv=None):
       print(f"    note: outside the training distribution: {ref[1]}")
     print(f"    forward passes: {r.forward_passes}  tokens: {n} (CoT {cot_n})  "
           f"finished: {bool(r.finished)}  drafts kept by verification: {r.accepted}")
+    records.append({"question": q, "cot": tok.decode(r.tokens[:cot_n]), "answer": answer,
+                  "tokens": [int(t) for t in r.tokens[:n]], "passes": int(r.forward_passes),
+                  "correct": None if score is None else bool(score)})
   total = int(sum(r.lengths for r in results))
   passes = int(sum(r.forward_passes for r in results))
   verify = args.verify or cfg.decode.verify
@@ -169,3 +202,8 @@ def main(argv=None):
         f"passes {passes / len(results):.2f}, tokens per pass {total / passes:.2f}")
   if correct:
     print(f"accuracy: {np.mean(correct):.3f} over {len(correct)} questions with a reference")
+  if args.output:
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in records)
+    print(f"wrote {len(records)} lines to {args.output}")
