@@ -13,8 +13,12 @@ The kernel is compiled on first use with the system's C++ compiler ($CXX, else
 g++, else clang++) for this CPU (-march=native) into a cache directory
 ($MTCOT_NATIVE_CACHE, else ~/.cache/mtcot_jax/native), keyed by the source, the
 flags, the compiler, JAX's FFI headers and the CPU's features; a build is
-written to a temporary file and renamed into place. MTCOT_NATIVE_THREADS sets
-the threads a pass runs on (default: the CPUs the process may use, at most 32).
+written to a temporary file and renamed into place. g++ and clang++ both build
+it (tests/test_native.py builds and checks it with each one present); their
+builds agree with each other to float32 rounding, not bit for bit, as each fuses
+different multiply-adds (-ffp-contract=fast; with it off they are identical).
+MTCOT_NATIVE_THREADS sets the threads a pass runs on (default: the CPUs the
+process may use, at most 32).
 """
 
 from __future__ import annotations

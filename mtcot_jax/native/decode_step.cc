@@ -223,20 +223,29 @@ inline float Dot(const W* w, const float* x, int64_t n, const float* pf = nullpt
 
 typedef int32_t i32x8 __attribute__((vector_size(32)));
 
-// Lane i of the result: the sum of v[i]'s eight lanes (three rounds of shuffles
-// and adds; a per-vector horizontal sum would cost as many for each).
+// Lane i of the result: the sum of v[i]'s eight lanes, in the order
+// ((v0 + v1) + (v2 + v3)) + ((v4 + v5) + (v6 + v7)) (three rounds of shuffles and
+// adds for all eight; a per-vector horizontal sum would cost as many for each).
+// With AVX: hadd(a, b) = (a0+a1, a2+a3, b0+b1, b2+b3 | a4+a5, a6+a7, b4+b5, b6+b7),
+// so two rounds of hadd leave (v_i's (0+1)+(2+3) for i < 4 | v_i's (4+5)+(6+7))
+// in u0 (u1: i >= 4), and the halves' sum is the result. (Intrinsics, not
+// GCC's __builtin_shuffle: clang builds it too.)
 inline f8 SumEach8(const f8* v) {
-  const i32x8 even = {0, 8, 2, 10, 4, 12, 6, 14}, odd = {1, 9, 3, 11, 5, 13, 7, 15};
-  const i32x8 lo = {0, 1, 8, 9, 4, 5, 12, 13}, hi = {2, 3, 10, 11, 6, 7, 14, 15};
-  const i32x8 first = {0, 1, 2, 3, 8, 9, 10, 11}, second = {4, 5, 6, 7, 12, 13, 14, 15};
-  f8 t[4], u[2];
-  for (int i = 0; i < 4; ++i)
-    t[i] = __builtin_shuffle(v[2 * i], v[2 * i + 1], even) +
-           __builtin_shuffle(v[2 * i], v[2 * i + 1], odd);
-  for (int i = 0; i < 2; ++i)
-    u[i] = __builtin_shuffle(t[2 * i], t[2 * i + 1], lo) +
-           __builtin_shuffle(t[2 * i], t[2 * i + 1], hi);
-  return __builtin_shuffle(u[0], u[1], first) + __builtin_shuffle(u[0], u[1], second);
+#ifdef __AVX__
+  const __m256 t0 = _mm256_hadd_ps((__m256)v[0], (__m256)v[1]);
+  const __m256 t1 = _mm256_hadd_ps((__m256)v[2], (__m256)v[3]);
+  const __m256 t2 = _mm256_hadd_ps((__m256)v[4], (__m256)v[5]);
+  const __m256 t3 = _mm256_hadd_ps((__m256)v[6], (__m256)v[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return (f8)_mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),    // low halves
+                           _mm256_permute2f128_ps(u0, u1, 0x31));   // high halves
+#else
+  f8 out;
+  for (int i = 0; i < 8; ++i)
+    out[i] = ((v[i][0] + v[i][1]) + (v[i][2] + v[i][3])) +
+             ((v[i][4] + v[i][5]) + (v[i][6] + v[i][7]));
+  return out;
+#endif
 }
 
 // exp on 8 lanes: 2^n e^r with n = round(x log2 e), r = x - n ln 2 (in two parts),
