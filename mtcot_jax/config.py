@@ -9,7 +9,8 @@ A preset (YAML) holds only what it changes, by section:
 `load_config(path, ["head.k=3", ...])` applies overrides after the presets; each
 value is parsed as YAML and converted to the field's type. Unknown keys, wrong
 types and impossible values raise `ConfigError` naming the key and what is
-accepted. Checks that need the devices (the mesh, the batch split) live in
+accepted (`config_checks.py`; the YAML reading and type conversion are in
+`config_io.py`). Checks that need the devices (the mesh, the batch split) live in
 `mtcot_jax.sharding.make_mesh`, so that loading a config never starts a backend.
 
 The config is hashable, so it can be a static argument of `jax.jit`.
@@ -18,12 +19,12 @@ The config is hashable, so it can be a static argument of `jax.jit`.
 from __future__ import annotations
 
 import dataclasses
-import os
 import typing
 from typing import Any
 
 import yaml
 
+from mtcot_jax import config_io
 from mtcot_jax.config_checks import validate
 from mtcot_jax.errors import ConfigError  # noqa: F401  (re-exported: mt.ConfigError)
 
@@ -277,65 +278,6 @@ def _as_dict(section) -> dict[str, Any]:
   return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
 
 
-def _yaml_plain(value):
-  """Tuples to lists, recursively, for writing YAML."""
-  if isinstance(value, tuple):
-    return [_yaml_plain(v) for v in value]
-  return value
-
-
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-  """Converts a YAML value to the annotated type, or raises ConfigError."""
-  origin = typing.get_origin(tp)
-  if tp is bool:
-    if isinstance(value, bool):
-      return value
-    raise ConfigError(f"{key}={value!r}: expected a bool (true or false)")
-  if tp is int:
-    if isinstance(value, int) and not isinstance(value, bool):
-      return value
-    raise ConfigError(f"{key}={value!r}: expected an int")
-  if tp is float:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-      return float(value)
-    if isinstance(value, str):  # PyYAML reads '3e-3' (no dot) as a string
-      try:
-        return float(value)
-      except ValueError:
-        pass
-    raise ConfigError(f"{key}={value!r}: expected a number")
-  if tp is str:
-    if isinstance(value, str):
-      return value
-    raise ConfigError(f"{key}={value!r}: expected a string")
-  if tp is Any:
-    return _freeze(value)
-  if origin is tuple:
-    args = typing.get_args(tp)
-    if args and (args[0] is tuple or typing.get_origin(args[0]) is tuple):
-      # A mapping stored as sorted (key, value) pairs: accept a dict too.
-      if isinstance(value, dict):
-        value = list(value.items()) if key.endswith("rules") else sorted(value.items())
-    if isinstance(value, int) and not isinstance(value, bool) and args[:1] == (int,):
-      value = [value]
-    if not isinstance(value, (list, tuple)):
-      raise ConfigError(f"{key}={value!r}: expected a list")
-    if len(args) == 2 and args[1] is Ellipsis:
-      return tuple(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
-    if len(args) != len(value):
-      raise ConfigError(f"{key}={value!r}: expected {len(args)} items")
-    return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
-  raise ConfigError(f"{key}: unsupported field type {tp!r}")
-
-
-def _freeze(value):
-  if isinstance(value, list):
-    return tuple(_freeze(v) for v in value)
-  if isinstance(value, dict):
-    return tuple((k, _freeze(v)) for k, v in value.items())
-  return value
-
-
 def _build_section(name: str, values: dict[str, Any]):
   cls = _SECTIONS[name]
   hints = typing.get_type_hints(cls)
@@ -345,60 +287,18 @@ def _build_section(name: str, values: dict[str, Any]):
     if key not in fields:
       raise ConfigError(
           f"unknown config key {name}.{key}; accepted keys of {name}: {sorted(fields)}")
-    kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+    kwargs[key] = config_io.coerce(f"{name}.{key}", value, hints[key])
   return cls(**kwargs)
-
-
-def _read_preset(path: str, seen: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
-  """Reads a preset and the presets it inherits from, merged by section."""
-  path = os.path.abspath(path)
-  if path in seen:
-    raise ConfigError(f"preset {path} inherits from itself (through {list(seen)})")
-  if not os.path.exists(path):
-    raise ConfigError(f"config file {path} does not exist")
-  with open(path) as f:
-    try:
-      raw = yaml.safe_load(f) or {}
-    except yaml.YAMLError as e:
-      where = getattr(e, "problem_mark", None)
-      at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
-      raise ConfigError(f"config file {path} is not valid YAML{at}: "
-                        f"{getattr(e, 'problem', None) or e}; accepted: a YAML mapping of "
-                        "sections (model, head, data, train, rl, decode, mesh) and 'base'") from None
-  if not isinstance(raw, dict):
-    raise ConfigError(f"config file {path}: expected a mapping of sections, got {raw!r}")
-  merged: dict[str, dict[str, Any]] = {}
-  base = raw.pop("base", None)
-  if base is not None:
-    merged = _read_preset(os.path.join(os.path.dirname(path), base), seen + (path,))
-  for section, values in raw.items():
-    if section not in _SECTIONS:
-      raise ConfigError(f"{path}: unknown config section {section!r}; accepted: "
-                        f"{sorted(_SECTIONS)} and 'base'")
-    if not isinstance(values, dict):
-      raise ConfigError(f"{path}: section {section} must be a mapping, got {values!r}")
-    merged.setdefault(section, {}).update(values)
-  return merged
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:
   """'section.key=value' -> (section, key, YAML-parsed value)."""
-  if "=" not in text or "." not in text.split("=", 1)[0]:
-    raise ConfigError(f"override {text!r}: expected section.key=value, e.g. head.k=3")
-  lhs, rhs = text.split("=", 1)
-  section, key = lhs.strip().split(".", 1)
-  if section not in _SECTIONS:
-    raise ConfigError(f"override {text!r}: unknown section {section!r}; accepted: {sorted(_SECTIONS)}")
-  try:
-    value = yaml.safe_load(rhs) if rhs.strip() else ""
-  except yaml.YAMLError as e:
-    raise ConfigError(f"override {text!r}: value is not valid YAML ({e})") from None
-  return section, key.strip(), value
+  return config_io.parse_override(text, _SECTIONS)
 
 
 def load_config(path: str | None = None, overrides: typing.Sequence[str] = ()) -> Config:
   """Loads a preset (or the defaults, with path None) and applies overrides."""
-  sections = _read_preset(path) if path else {}
+  sections = config_io.read_preset(path, _SECTIONS) if path else {}
   for text in overrides:
     section, key, value = parse_override(text)
     sections.setdefault(section, {})[key] = value
@@ -416,7 +316,7 @@ def config_from_dict(sections: dict[str, dict[str, Any]]) -> Config:
 
 def save_config(cfg: Config, path: str) -> None:
   """Writes the full config (every field) as YAML; `load_config` reads it back."""
-  plain = {name: {k: _yaml_plain(v) for k, v in values.items()}
+  plain = {name: {k: config_io.yaml_plain(v) for k, v in values.items()}
            for name, values in cfg.to_dict().items()}
   with open(path, "w") as f:
     yaml.safe_dump(plain, f, sort_keys=False)
