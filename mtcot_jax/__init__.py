@@ -11,7 +11,7 @@
 
 from mtcot_jax.config import Config, ConfigError, load_config, save_config
 from mtcot_jax.data import encode_prompt, get_task, load_tokenizer
-from mtcot_jax.decode import DecodeParams, GenerateResult, generate, prepare_params
+from mtcot_jax.decode import DecodeParams, GenerateResult, generate, make_generate, prepare_params
 from mtcot_jax.hf import load_hf, save_hf
 from mtcot_jax.model import (ForwardOutput, KVCache, extend, forward, head_logits, init_params,
                              param_shardings, param_specs)

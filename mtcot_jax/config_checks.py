@@ -146,7 +146,7 @@ def validate(cfg) -> None:
     _check(m.dtype == "float32", "model.dtype", m.dtype,
            "float32 with decode.cpu_kernel=native (the kernel computes in float32)")
   _check(dec.verify in ("none", "answer", "all"), "decode.verify", dec.verify,
-         "none, answer (the answer phase verified) or all (the CoT too)")
+         "one of none, answer, all (answer: the answer phase verified; all: the CoT too)")
   _check(dec.temperature >= 0, "decode.temperature", dec.temperature, "a number >= 0 (0: greedy)")
   _check(dec.top_k >= 0, "decode.top_k", dec.top_k, "an int >= 0 (0: off)")
   for key in ("eos_id", "think_end_id"):

@@ -196,11 +196,16 @@ def test_sampling_verified_has_the_main_models_distribution(small_vocab, monkeyp
   def keep_all(key, p, q, d, greedy):
     return jnp.full(d.shape[:1], d.shape[1], jnp.int32), d[:, 0]
 
+  def clear_compiled():   # the loops were traced with the rule they read then
+    decode.Decoder.run_cot.clear_cache()
+    decode.Decoder.run_answer.clear_cache()
+
   for wrong in (fresh_after_rejection, keep_all):
-    monkeypatch.setattr(decode, "speculative_accept", wrong)
-    decode._static.cache_clear()
+    monkeypatch.setattr(decode.blocks, "speculative_accept", wrong)
+    clear_compiled()
     assert _chi_square_pvalue(_first_three(cfg, params, prompt, s), dist) < 1e-6, wrong
-  decode._static.cache_clear()
+  monkeypatch.undo()
+  clear_compiled()
 
 
 def test_verify_bad_input(tiny_cfg, dparams, prompt):

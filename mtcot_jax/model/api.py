@@ -17,9 +17,13 @@ from jax.sharding import Mesh
 
 from mtcot_jax import sharding as shd
 from mtcot_jax.config import Config
-from mtcot_jax.model.head import ContextHead, MultiTokenHead
+from mtcot_jax.model import cpu
+from mtcot_jax.model.heads import Projection, context_mask, head_for, shared
 from mtcot_jax.model.transformer import KVCache, MainOutput, Transformer
-from mtcot_jax.tokens import PAD_ID  # chain positions past the sequence's end read it (loss masked)
+from mtcot_jax.tokens import PAD_ID   # chain positions past the end read it (loss masked)
+
+to_out_in = cpu.to_out_in
+__all__ = ["context_mask", "to_out_in"]   # re-exported
 
 
 class ForwardOutput(NamedTuple):
@@ -44,56 +48,24 @@ class ForwardOutput(NamedTuple):
   head_positions: jax.Array | None
 
 
-def main_module(cfg: Config, shard: shd.Sharder = shd.Sharder(),
-                out_in: bool = False) -> Transformer:
-  return Transformer(cfg.model, cfg.head.source_layers, shard, out_in)
+def main_module(cfg: Config, shard: shd.Sharder = shd.Sharder(), out_in: bool = False,
+                decode: bool = False) -> Transformer:
+  """The main model; `decode` (or `out_in`): with `cpu.decode_parts`, the blocks
+  of cached decode passes (`out_in`: the transposed weight layout)."""
+  parts = cpu.decode_parts(out_in) if (decode or out_in) else Transformer.parts
+  return Transformer(cfg.model, cfg.head.source_layers, shard, parts)
 
 
 def head_module(cfg: Config, shard: shd.Sharder = shd.Sharder()):
-  """The projection head (head.context == 0) or the head with context."""
-  if cfg.head.context:
-    return ContextHead(cfg.model, cfg.head, shard)
-  return MultiTokenHead(cfg.model, cfg.head, shard)
-
-
-def head_dims_of(cfg: Config):
-  """The head's block dimensions (width, heads, head_dim, ...)."""
-  from mtcot_jax.model.head import head_dims
-  return head_dims(cfg.model, cfg.head)
-
-
-def context_mask(cfg: Config, head_positions_BxP, T: int, segment_ids_BxT=None):
-  """(B, P, T): the memory the chain at each source t reads: u <= t, u > t - C
-  (head.context = C > 0), and u in t's packed segment."""
-  u = jnp.arange(T)[None, None, :]
-  t = head_positions_BxP[:, :, None]
-  mask = u <= t
-  if cfg.head.context > 0:
-    mask = mask & (u > t - cfg.head.context)
-  if segment_ids_BxT is not None:
-    b = jnp.arange(head_positions_BxP.shape[0])[:, None]
-    mask = mask & (segment_ids_BxT[:, None, :] == segment_ids_BxT[b, head_positions_BxP][..., None])
-  return mask
+  """The head's Flax module (the projection head or the head with context)."""
+  return head_for(cfg, shard).module()
 
 
 def _init_boxed(cfg: Config, key: jax.Array):
   k_main, k_head = jax.random.split(key)
   tokens = jnp.zeros((1, 2), jnp.int32)
   main = main_module(cfg).init(k_main, tokens)["params"]
-  return {"main": main, "head": _init_head_boxed(cfg, k_head)}
-
-
-def _init_head_boxed(cfg: Config, k_head: jax.Array):
-  D = cfg.model.d_model
-  sources = tuple(jnp.zeros((1, D), jnp.dtype(cfg.model.dtype)) for _ in cfg.head.source_layers)
-  embed = jnp.zeros((cfg.model.vocab_size, D), jnp.dtype(cfg.model.param_dtype))
-  if cfg.head.context:
-    one = jnp.zeros((1, 1), jnp.int32)
-    head = head_module(cfg).init(k_head, tuple(s[:, None] for s in sources), one[..., None],
-                                 embed, one, one, jnp.ones((1, 1, 1), bool))["params"]
-  else:
-    head = head_module(cfg).init(k_head, sources, jnp.zeros((1, 1), jnp.int32), embed)["params"]
-  return head
+  return {"main": main, "head": head_for(cfg).init(k_head)}
 
 
 def param_specs(cfg: Config):
@@ -141,25 +113,6 @@ def to_plain_layout(params):
   return {**params, "main": main}
 
 
-# (in, out) -> (out, in) for each block matrix, by its name: the axes moved.
-_OUT_IN = {"q": (-3, -1), "k": (-3, -1), "v": (-3, -1), "o": (-1, -3),
-           "gate": (-2, -1), "up": (-2, -1), "down": (-2, -1)}
-
-
-def to_out_in(params):
-  """The main blocks' matrices in the (out, in) layout of `BlockDims.out_in`
-  (q/k/v (D, N, Dh) -> (N, Dh, D), o (H, Dh, D) -> (D, H, Dh), gate/up/down
-  transposed), for `extend(..., out_in=True)`; either main layout, the head and
-  the embeddings unchanged. A copy (`decode.prepare_params` makes it)."""
-  def convert(path, x):
-    names = [getattr(p, "key", None) for p in path]
-    if len(names) >= 2 and names[-2] in ("attn", "mlp") and names[-1] in _OUT_IN:
-      src, dst = _OUT_IN[names[-1]]
-      return jnp.moveaxis(x, src, dst)
-    return x
-  return {**params, "main": jax.tree_util.tree_map_with_path(convert, params["main"])}
-
-
 def _rbg(key: jax.Array) -> jax.Array:
   # Initializers draw from an RBG key seeded by `key`: XLA compiles one
   # threefry per parameter otherwise, which dominates start-up on a CPU.
@@ -170,7 +123,7 @@ def _rbg(key: jax.Array) -> jax.Array:
 def _init_fn(cfg: Config, mesh: Mesh | None, head_only: bool = False):
   if head_only:
     init = lambda key: nn.meta.unbox(  # noqa: E731
-        _init_head_boxed(cfg, jax.random.split(_rbg(key))[1]))
+        head_for(cfg).init(jax.random.split(_rbg(key))[1]))
     shardings = None if mesh is None else param_shardings(cfg, mesh)["head"]
   else:
     init = lambda key: nn.meta.unbox(_init_boxed(cfg, _rbg(key)))  # noqa: E731
@@ -195,15 +148,10 @@ def unembed_matrix(cfg: Config, params) -> jax.Array:
   return main["embed"].T if cfg.model.tie_embeddings else main["unembed"]
 
 
-def _shared(cfg: Config, x: jax.Array) -> jax.Array:
-  """A main-model array as the head sees it: a constant under stop_gradient_residual."""
-  return jax.lax.stop_gradient(x) if cfg.head.stop_gradient_residual else x
-
-
 def head_logits(cfg: Config, params, features: jax.Array) -> jax.Array:
   """(..., D) head features -> (..., V) float32 logits through the shared unembedding."""
   dt = jnp.dtype(cfg.model.dtype)
-  unembed = _shared(cfg, unembed_matrix(cfg, params))
+  unembed = shared(cfg, unembed_matrix(cfg, params))
   return (features.astype(dt) @ unembed.astype(dt)).astype(jnp.float32)
 
 
@@ -217,37 +165,11 @@ def chain_tokens(tokens_BxT: jax.Array, positions_BxP: jax.Array, k: int) -> jax
 
 
 def run_head(cfg: Config, params, sources, chain_BxPxC, shard: shd.Sharder = shd.Sharder()):
-  """Head features (..., C, D) from source residuals (..., D) and chain tokens (..., C).
-
-  With head.stop_gradient_residual the head's loss gives no gradient to any main
-  parameter: the residual and the shared embedding are constants to it.
-  """
-  sources = tuple(_shared(cfg, s) for s in sources)
-  return head_module(cfg, shard).apply(
-      {"params": params["head"]}, sources, chain_BxPxC, _shared(cfg, params["main"]["embed"]))
-
-
-def head_memory_kv(cfg: Config, params, sources, positions_BxT):
-  """The head with context's per-layer memory (keys, values), each (B, T, H, Dh),
-  of T positions from their sources (B, T, D): what the decoder caches."""
-  return head_module(cfg).apply(
-      {"params": params["head"]}, tuple(_shared(cfg, s) for s in sources), positions_BxT,
-      method=lambda mod, s, p: mod.memory_kv(mod.memory(s), p))
-
-
-def context_chain(cfg: Config, params, sources, chain_BxC, mem_kv, lengths_B):
-  """The head with context's chain features (B, C, D) at each sequence's last
-  processed position t = lengths - 1, reading the cached memory `mem_kv` (per
-  layer (B, S, H, Dh) keys and values, slot = position) at u <= t, u > t - C."""
-  S = mem_kv[0][0].shape[1]
-  t = (lengths_B - 1)[:, None]
-  mask = context_mask(cfg, t, S)
-
-  def fn(mod, s, c, e, kv, m, pos):
-    return mod.chains(mod.memory(s)[:, None], c[:, None], e, kv, m, pos)[:, 0]
-  return head_module(cfg).apply(
-      {"params": params["head"]}, tuple(_shared(cfg, s) for s in sources), chain_BxC,
-      _shared(cfg, params["main"]["embed"]), mem_kv, mask, t, method=fn)
+  """The projection head's features (..., C, D) from source residuals (..., D) and
+  chain tokens (..., C). With head.stop_gradient_residual the head's loss gives
+  no gradient to any main parameter: the residual and the shared embedding are
+  constants to it."""
+  return Projection(cfg, shard).run(params, sources, chain_BxPxC)
 
 
 def apply(cfg: Config, params, tokens_BxT, *, positions=None, segment_ids=None,
@@ -258,22 +180,14 @@ def apply(cfg: Config, params, tokens_BxT, *, positions=None, segment_ids=None,
       {"params": params["main"]}, tokens_BxT, positions, segment_ids)
   feats = None
   if with_head and cfg.head.k > 0:
+    B, T = tokens_BxT.shape
     if head_positions is None:
-      B, T = tokens_BxT.shape
       head_positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    chain = chain_tokens(tokens_BxT, head_positions, cfg.head.k)
-    if cfg.head.context:
-      B, T = tokens_BxT.shape
-      pos = (jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)) if positions is None
-             else positions)
-      feats = head_module(cfg, shard).apply(
-          {"params": params["head"]}, tuple(_shared(cfg, s) for s in main.sources), chain,
-          _shared(cfg, params["main"]["embed"]), pos, head_positions,
-          context_mask(cfg, head_positions, T, segment_ids))
-    else:
-      b_idx = jnp.arange(tokens_BxT.shape[0])[:, None]
-      sources = tuple(s[b_idx, head_positions] for s in main.sources)
-      feats = run_head(cfg, params, sources, chain, shard)
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    feats = head_for(cfg, shard).features(params, main.sources,
+                                          chain_tokens(tokens_BxT, head_positions, cfg.head.k),
+                                          positions, head_positions, segment_ids)
   return ForwardOutput(main.logits, main.residual, main.sources, feats, head_positions)
 
 
@@ -326,5 +240,5 @@ def extend(cfg: Config, params, cache: KVCache, tokens_BxT, num_new_B=None,
       raise ValueError(f"KV cache overflow: appending {T} tokens to lengths up to "
                        f"{int(jnp.max(cache.lengths))} needs {need} slots; capacity is "
                        f"{cache.capacity}. Accepted: lengths + new tokens <= capacity")
-  return main_module(cfg, shard, out_in).apply({"params": params["main"]}, tokens_BxT,
+  return main_module(cfg, shard, out_in, decode=True).apply({"params": params["main"]}, tokens_BxT,
                                                cache=cache, num_new_B=num_new_B)

@@ -32,11 +32,6 @@ class BlockDims:
   embed_axis: str = "embed"   # the logical name of this block's width dimension
   rope_scaling: tuple = ()    # ModelConfig.rope_scaling
   qkv_bias: bool = False
-  # Matrices stored (out, in): every product contracts the weight's minor
-  # dimension, the layout XLA:CPU's mat-vecs read fastest (decoding with
-  # decode.weights_layout=out_in converts to it: `api.to_out_in`). The parameter
-  # files keep the (in, out) layout.
-  out_in: bool = False
 
 
 def _param(module: nn.Module, name: str, shape, names, std: float, dtype):
@@ -92,7 +87,7 @@ def rope(x_BxTxNxDh: jax.Array, pos_BxT: jax.Array, theta: float,
   return out.astype(x_BxTxNxDh.dtype)
 
 
-def _attention_probs(logits_f32, mask, dtype):
+def attention_probs(logits_f32, mask, dtype):
   """softmax over the last axis (the cache slots) where `mask` (broadcast to the
   logits) holds; float32 in, `dtype` out."""
   return jax.nn.softmax(jnp.where(mask, logits_f32, -1e30), axis=-1).astype(dtype)
@@ -107,35 +102,43 @@ class Attention(nn.Module):
   new tokens take), the new keys and values are written into the cache first and
   the tokens attend over the whole cache: `mask_BxTxS` is (B, T, S) over its
   slots. Returns the output and the updated (k, v) cache (None without one).
+
+  `project` and `attend` are the two places a variant changes: `model/cpu.py`
+  holds the CPU decode variants (a transposed weight layout, a one-token split).
   """
   dims: BlockDims
   shard: Sharder = Sharder()
 
+  def project(self, x_BxTxD):
+    """q (B, T, H, Dh), k and v (B, T, K, Dh) from x, and the output projection
+    (B, T, H, Dh) -> (B, T, D). Matrices stored (in, out)."""
+    d = self.dims
+    D, H, K, Dh, ax = d.d_model, d.num_heads, d.num_kv_heads, d.head_dim, d.embed_axis
+    dt = x_BxTxD.dtype
+    w = lambda name, n, heads: _param(  # noqa: E731
+        self, name, (D, n, Dh), (ax, heads, "head_dim"), d.init_std, d.param_dtype)
+    # Created in this order (o first): initial values depend on it.
+    wo = _param(self, "o", (H, Dh, D), ("heads", "head_dim", ax), d.init_std, d.param_dtype)
+    wq, wk, wv = w("q", H, "heads"), w("k", K, "kv_heads"), w("v", K, "kv_heads")
+    q, k, v = (jnp.einsum("btd,dhk->bthk", x_BxTxD, m.astype(dt)) for m in (wq, wk, wv))
+    return q, k, v, lambda o_BxTxHxDh: jnp.einsum("bthk,hkd->btd", o_BxTxHxDh, wo.astype(dt))
+
+  def attend(self, q_BxTxKxGxDh, keys, values, mask_BxTxS, kspec: str, vspec: str):
+    """Softmax attention over the keys/values (layouts named by kspec/vspec)."""
+    dt = q_BxTxKxGxDh.dtype
+    logits_BxKxGxTxS = jnp.einsum(f"btkgd,{kspec}->bkgts", q_BxTxKxGxDh,
+                                  keys.astype(dt)).astype(jnp.float32)
+    probs = attention_probs(logits_BxKxGxTxS, mask_BxTxS[:, None, None], dt)
+    return jnp.einsum(f"bkgts,{vspec}->btkgd", probs, values.astype(dt))
+
   @nn.compact
   def __call__(self, x_BxTxD, pos_BxT, mask_BxTxS, cache_kv=None, write=None):
     d = self.dims
-    D, H, K, Dh = d.d_model, d.num_heads, d.num_kv_heads, d.head_dim
+    H, K, Dh = d.num_heads, d.num_kv_heads, d.head_dim
     dt = jnp.dtype(d.dtype)
-    ax = d.embed_axis
     x = x_BxTxD.astype(dt)
     B, T = x.shape[:2]
-    if d.out_in:   # each product a 2-D (out, in) matrix: one contracting dimension, minor
-      proj = lambda name, n, heads: _param(  # noqa: E731
-          self, name, (n, Dh, D), (heads, "head_dim", ax), d.init_std, d.param_dtype)
-      wo = _param(self, "o", (D, H, Dh), (ax, "heads", "head_dim"), d.init_std, d.param_dtype)
-      project = lambda w: jnp.einsum(  # noqa: E731
-          "btd,jd->btj", x, w.reshape(-1, D).astype(dt)).reshape(B, T, -1, Dh)
-      out_proj = lambda o_BxTxHxDh: jnp.einsum(  # noqa: E731
-          "btj,dj->btd", o_BxTxHxDh.reshape(B, T, H * Dh), wo.reshape(D, H * Dh).astype(dt))
-    else:
-      proj = lambda name, n, heads: _param(  # noqa: E731
-          self, name, (D, n, Dh), (ax, heads, "head_dim"), d.init_std, d.param_dtype)
-      wo = _param(self, "o", (H, Dh, D), ("heads", "head_dim", ax), d.init_std, d.param_dtype)
-      project = lambda w: jnp.einsum("btd,dhk->bthk", x, w.astype(dt))  # noqa: E731
-      out_proj = lambda o_BxTxHxDh: jnp.einsum(  # noqa: E731
-          "bthk,hkd->btd", o_BxTxHxDh, wo.astype(dt))
-    wq, wk, wv = proj("q", H, "heads"), proj("k", K, "kv_heads"), proj("v", K, "kv_heads")
-    q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh = project(wq), project(wk), project(wv)
+    q_BxTxHxDh, k_BxTxKxDh, v_BxTxKxDh, out_proj = self.project(x)
     if d.qkv_bias:
       bias = lambda name, n: self.param(  # noqa: E731
           name, nn.with_logical_partitioning(nn.initializers.zeros, (n, "head_dim")),
@@ -160,65 +163,26 @@ class Attention(nn.Module):
       new_cache = (cache_kv[0].at[b, k, s].set(to_cache(k_BxTxKxDh, cache_kv[0]), mode="drop"),
                    cache_kv[1].at[b, k, :, s].set(to_cache(v_BxTxKxDh, cache_kv[1]), mode="drop"))
       keys, values, kspec, vspec = new_cache[0], new_cache[1], "bksd", "bkds"
-
-    def attend(q_BxTxKxGxDh, keys, values, mask_BxTxS):
-      logits_BxKxGxTxS = jnp.einsum(f"btkgd,{kspec}->bkgts", q_BxTxKxGxDh,
-                                    keys.astype(dt)).astype(jnp.float32)
-      probs = _attention_probs(logits_BxKxGxTxS, mask_BxTxS[:, None, None], dt)
-      return jnp.einsum(f"bkgts,{vspec}->btkgd", probs, values.astype(dt))
-
-    args = (q_BxTxKxGxDh, keys, values, mask_BxTxS)
-    if cache_kv is not None and T == 1 and G > 1:   # the platform XLA compiles for decides
-      out_BxTxKxGxDh = jax.lax.platform_dependent(
-          *args, default=attend, cpu=lambda q, k, v, m: self._one_token(
-              q[:, 0], k.astype(dt), v.astype(dt), m)[:, None])
-    else:
-      out_BxTxKxGxDh = attend(*args)
+    out_BxTxKxGxDh = self.attend(q_BxTxKxGxDh, keys, values, mask_BxTxS, kspec, vspec)
     return out_proj(out_BxTxKxGxDh.reshape(B, T, H, Dh)), new_cache
-
-  @staticmethod
-  def _one_token(q_BxKxGxDh, k_BxKxSxDh, v_BxKxDhxS, mask_Bx1xS):
-    """One new token over the cache, as one mat-vec per query head of a group
-    for the scores and one for the values (2 G per layer), on a CPU backend only.
-
-    The same arithmetic as the general path, arranged for XLA:CPU: a dot whose
-    free dimension on one side is 1 runs as XLA's own mat-vec, which streams the
-    cache on every core; with the G queries of a group as that dimension (G > 1)
-    XLA:CPU hands the dot to YNNPACK, which runs it on one core at a fixed cost
-    of ~25 us: 0.4 ms of a 2.9 ms pass of the 25M model at 266 cache slots
-    (docs/results.md, third decode session). The group's keys and values are
-    read G times, from the CPU's cache after the first; on an accelerator
-    those reads would come from HBM, so there the general path's one dot runs
-    (`jax.lax.platform_dependent`: chosen when XLA lowers for the platform).
-    """
-    G = q_BxKxGxDh.shape[2]
-    logits_BxKxGxS = jnp.stack(
-        [jnp.einsum("bkd,bksd->bks", q_BxKxGxDh[:, :, g], k_BxKxSxDh) for g in range(G)],
-        axis=2).astype(jnp.float32)
-    probs = _attention_probs(logits_BxKxGxS, mask_Bx1xS[:, None], v_BxKxDhxS.dtype)
-    return jnp.stack(
-        [jnp.einsum("bks,bkds->bkd", probs[:, :, g], v_BxKxDhxS) for g in range(G)], axis=2)
 
 
 class SwiGLU(nn.Module):
   dims: BlockDims
   shard: Sharder = Sharder()
 
+  def matrices(self):
+    """gate, up (D, F) and down (F, D) and the einsum specs that read them."""
+    d = self.dims
+    D, F, ax = d.d_model, d.mlp_dim, d.embed_axis
+    up = lambda name: _param(self, name, (D, F), (ax, "mlp"), d.init_std, d.param_dtype)  # noqa: E731
+    wg, wu = up("gate"), up("up")
+    return wg, wu, _param(self, "down", (F, D), ("mlp", ax), d.init_std, d.param_dtype), "df", "fd"
+
   @nn.compact
   def __call__(self, x_BxTxD):
-    d = self.dims
-    dt = jnp.dtype(d.dtype)
-    ax = d.embed_axis
-    D, F = d.d_model, d.mlp_dim
-    if d.out_in:
-      up_shape, up_names, down_shape, down_names = (F, D), ("mlp", ax), (D, F), (ax, "mlp")
-      up_spec, down_spec = "fd", "df"
-    else:
-      up_shape, up_names, down_shape, down_names = (D, F), (ax, "mlp"), (F, D), ("mlp", ax)
-      up_spec, down_spec = "df", "fd"
-    wg = _param(self, "gate", up_shape, up_names, d.init_std, d.param_dtype)
-    wu = _param(self, "up", up_shape, up_names, d.init_std, d.param_dtype)
-    wd = _param(self, "down", down_shape, down_names, d.init_std, d.param_dtype)
+    dt = jnp.dtype(self.dims.dtype)
+    wg, wu, wd, up_spec, down_spec = self.matrices()
     x = x_BxTxD.astype(dt)
     up = lambda w: jnp.einsum(f"...d,{up_spec}->...f", x, w.astype(dt))  # noqa: E731
     h_BxTxF = jax.nn.silu(up(wg)) * up(wu)
@@ -227,17 +191,20 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-RMSNorm transformer block: x + attn(norm x), then + mlp(norm x)."""
+  """Pre-RMSNorm transformer block: x + attn(norm x), then + mlp(norm x).
+  `parts`: the attention and MLP module classes (variants: `model/cpu.py`)."""
   dims: BlockDims
   shard: Sharder = Sharder()
+  parts: tuple = (Attention, SwiGLU)
 
   @nn.compact
   def __call__(self, x_BxTxD, pos_BxT, mask_BxTxS, cache_kv=None, write=None):
     d = self.dims
     norm = lambda name: RMSNorm(d.norm_eps, d.dtype, d.param_dtype, name=name)  # noqa: E731
-    h, new_kv = Attention(d, self.shard, name="attn")(
+    attention, mlp = self.parts
+    h, new_kv = attention(d, self.shard, name="attn")(
         norm("attn_norm")(x_BxTxD), pos_BxT, mask_BxTxS, cache_kv, write)
     x_BxTxD = x_BxTxD + h
-    x_BxTxD = x_BxTxD + SwiGLU(d, self.shard, name="mlp")(norm("mlp_norm")(x_BxTxD))
+    x_BxTxD = x_BxTxD + mlp(d, self.shard, name="mlp")(norm("mlp_norm")(x_BxTxD))
     x_BxTxD = self.shard(x_BxTxD, ("batch", "length", "act_embed"))
     return x_BxTxD, new_kv

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from mtcot_jax.config import ModelConfig
-from mtcot_jax.model.layers import Block, BlockDims, RMSNorm, _param
+from mtcot_jax.model.layers import Attention, Block, BlockDims, RMSNorm, SwiGLU, _param
 from mtcot_jax.sharding import Sharder
 
 _REMAT_POLICIES = {
@@ -68,19 +68,21 @@ class MainOutput(NamedTuple):
   cache: KVCache | None
 
 
-def block_dims(cfg: ModelConfig, out_in: bool = False) -> BlockDims:
+def block_dims(cfg: ModelConfig) -> BlockDims:
   return BlockDims(d_model=cfg.d_model, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
                    head_dim=cfg.dh, mlp_dim=cfg.mlp_dim, rope_theta=cfg.rope_theta,
                    norm_eps=cfg.norm_eps, init_std=cfg.init_std, dtype=cfg.dtype,
                    param_dtype=cfg.param_dtype, rope_scaling=cfg.rope_scaling,
-                   qkv_bias=cfg.qkv_bias, out_in=out_in)
+                   qkv_bias=cfg.qkv_bias)
 
 
 class Transformer(nn.Module):
   cfg: ModelConfig
   source_layers: tuple[int, ...] = (-1,)
   shard: Sharder = Sharder()
-  out_in: bool = False   # the blocks' matrices stored (out, in): BlockDims.out_in
+  # The blocks' (attention, mlp) module classes: cached decode passes use
+  # `model/cpu.py`'s variants (`cpu.decode_parts`).
+  parts: tuple = (Attention, SwiGLU)
 
   @nn.compact
   def __call__(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None,
@@ -149,7 +151,7 @@ class Transformer(nn.Module):
     layer_out, new_k, new_v = {}, [], []
     for i in range(c.num_layers):
       layer_kv = None if kv is None else (kv[0][i], kv[1][i])
-      x_BxTxD, layer_kv = block_cls(block_dims(c, self.out_in), self.shard, name=f"layer_{i}")(
+      x_BxTxD, layer_kv = block_cls(block_dims(c), self.shard, self.parts, name=f"layer_{i}")(
           x_BxTxD, positions_BxT, mask_BxTxS, layer_kv, write)
       if kv is not None:
         new_k.append(layer_kv[0])
@@ -179,7 +181,7 @@ class Transformer(nn.Module):
     scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
                    in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers,
                    metadata_params={nn.PARTITION_NAME: "layers"})
-    block = self._block(scanned=True)(block_dims(c, self.out_in), self.shard, name="layers")
+    block = self._block(scanned=True)(block_dims(c), self.shard, self.parts, name="layers")
     stacked = None if kv is None else (jnp.stack(kv[0]), jnp.stack(kv[1]))
     x_BxTxD, (new_kv, outs_LxBxTxD) = scan(block, x_BxTxD, stacked, positions_BxT, mask_BxTxS,
                                            write)

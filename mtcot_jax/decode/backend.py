@@ -1,0 +1,98 @@
+"""The machine-specific seam of decoding: the weights as the loops read them and
+the function that runs a cached main pass. The only module of the decoder that
+knows about the native CPU kernel (`mtcot_jax/native`), which it builds and loads
+only when the pass will run on a CPU; the model's own CPU variants (the one-token
+attention split, the out_in layout) are in `model/cpu.py`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from mtcot_jax import sharding as shd
+from mtcot_jax.config import Config
+from mtcot_jax.model import api, cpu
+
+
+@flax.struct.dataclass
+class DecodeParams:
+  """Parameters as the decode loops read them (`prepare_params`): matrices in
+  decode.weights_dtype and the main blocks' in `layout` ("in_out" as stored, or
+  "out_in": `model.cpu.to_out_in`). Pass to `generate` in place of the parameters
+  to make this copy once for many calls."""
+  params: dict
+  layout: str = flax.struct.field(pytree_node=False, default="in_out")
+  weights_dtype: str = flax.struct.field(pytree_node=False, default="float32")
+
+
+@functools.lru_cache(maxsize=None)
+def _prepare_fn(layout: str, weights_dtype: str, param_dtype: str, plain: bool):
+  wdt = jnp.dtype(weights_dtype)
+
+  @jax.jit
+  def prepare(params):
+    if wdt != jnp.dtype(param_dtype):   # norm scales and biases kept
+      params = jax.tree.map(lambda w: w.astype(wdt) if w.ndim >= 2 else w, params)
+    if plain and "layers" in params["main"]:   # the native kernel reads layer_{i}
+      params = api.to_plain_layout(params)
+    return cpu.to_out_in(params) if layout == "out_in" else params
+  return prepare
+
+
+def prepare_params(cfg: Config, params) -> DecodeParams:
+  """The weights as the decode loops read them: decode.weights_dtype (every
+  matrix cast; the layers still compute in model.dtype) and
+  decode.weights_layout. A copy of the matrices where either differs from the
+  stored parameters; `generate` makes it per call unless given the result.
+  Sharded parameters stay sharded (by propagation). Given a `DecodeParams`,
+  returns it if it was prepared for this config."""
+  if isinstance(params, DecodeParams):
+    if (params.weights_dtype, params.layout) != (cfg.decode.weights_dtype,
+                                                 cfg.decode.weights_layout):
+      raise ValueError(
+          f"params were prepared for weights_dtype={params.weights_dtype}, layout="
+          f"{params.layout}; the config asks decode.weights_dtype={cfg.decode.weights_dtype}, "
+          f"decode.weights_layout={cfg.decode.weights_layout}. Accepted: prepare_params with "
+          "this config, or the parameters themselves")
+    return params
+  layout, wdt = cfg.decode.weights_layout, cfg.decode.weights_dtype   # validated by Config
+  if layout == "in_out" and jnp.dtype(wdt) == jnp.dtype(cfg.model.param_dtype):
+    return DecodeParams(params, layout, wdt)
+  plain = cfg.decode.cpu_kernel == "native"
+  return DecodeParams(_prepare_fn(layout, wdt, cfg.model.param_dtype, plain)(params), layout, wdt)
+
+
+def target_platform(mesh: Mesh | None) -> str:
+  """The platform the decode loops compile for: the mesh's devices', else JAX's default."""
+  return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+
+
+def uses_native(cfg: Config, mesh: Mesh | None) -> bool:
+  """decode.cpu_kernel=native applies: asked for, and the loops run on a CPU."""
+  return cfg.decode.cpu_kernel == "native" and target_platform(mesh) == "cpu"
+
+
+def extend_fn(cfg: Config, mesh: Mesh | None):
+  """extend(params, cache, block_BxT, n_B) -> MainOutput: the cached main pass as
+  the decode loops run it, on parameters from `prepare_params(cfg, ...)`."""
+  shard = shd.sharder(cfg, mesh)
+  if cfg.decode.cpu_kernel == "native":   # prepare_params made the layout plain
+    cfg = cfg.replace(model={"scan_layers": False})
+  xla = functools.partial(api.extend, cfg, shard=shard,
+                          out_in=cfg.decode.weights_layout == "out_in")
+  if not uses_native(cfg, mesh):
+    return xla
+  from mtcot_jax import native   # built on first use; registered before the loops are traced
+  native.load()
+
+  def extend(params, cache, block_BxT, n_B):
+    if block_BxT.shape[0] * block_BxT.shape[1] > native.MAX_ROWS:
+      return xla(params, cache, block_BxT, n_B)
+    fast = functools.partial(native.extend, cfg, source_layers=cfg.head.source_layers)
+    return jax.lax.platform_dependent(params, cache, block_BxT, n_B, cpu=fast, default=xla)
+  return extend

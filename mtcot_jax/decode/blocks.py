@@ -1,0 +1,105 @@
+"""How a block is drafted, cut and accepted: small pure functions the loop steps share."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtcot_jax import sampling
+from mtcot_jax.model import api
+from mtcot_jax.model.heads import Projection
+
+
+def sample_head_chain(head: Projection, params, head_state, sources, x1_B, keys,
+                      s: sampling.Sampling, lengths_B, with_dists: bool = False):
+  """The head's k = len(keys) chained samples x[t+2..t+k+1] after the main token x1.
+
+  sources: the head's source residuals (B, D) at t = lengths_B - 1; head_state:
+  the head's decode state (`heads.py`). Depth j runs the head over the chain
+  prefix x[t+1..t+j] it reads. Returns (B, k) tokens and log-probs; with
+  `with_dists` also the (B, k, V) log-probabilities of the distributions they
+  were drawn from (q, for verifying).
+  """
+  k = len(keys)
+  chain_BxK = jnp.zeros((x1_B.shape[0], k), jnp.int32).at[:, 0].set(x1_B)
+  toks, lps, dists = [], [], []
+  for j in range(k):   # depth j+1 predicts x[t+2+j] from chain x[t+1..t+1+j]
+    feats_BxJxD = head.chain(params, head_state, sources, chain_BxK[:, : j + 1], lengths_B)
+    logits_BxV = api.head_logits(head.cfg, params, feats_BxJxD[:, j])
+    tok, lp = sampling.sample(keys[j], logits_BxV, s)
+    if j + 1 < k:
+      chain_BxK = chain_BxK.at[:, j + 1].set(tok)
+    toks.append(tok)
+    lps.append(lp)
+    if with_dists:
+      dists.append(sampling.process_logits(logits_BxV, s))
+  out = jnp.stack(toks, 1), jnp.stack(lps, 1)
+  return out + (jnp.stack(dists, 1),) if with_dists else out
+
+
+def adaptive_keep(lps_BxT, force_B, tau: float):
+  """Adaptive blocks: the main token and the head tokens while their probability
+  is >= tau (the whole block where tau = 0 or the CoT is being closed by force)."""
+  B, T = lps_BxT.shape
+  if T == 1 or tau <= 0:
+    return jnp.full((B,), T, jnp.int32)
+  sure = jnp.cumprod((lps_BxT[:, 1:] >= np.log(tau)).astype(jnp.int32), axis=1)
+  return jnp.where(force_B, T, 1 + jnp.sum(sure, axis=1)).astype(jnp.int32)
+
+
+def cut_block(block_BxT, keep_B, limit_B, active_B, stop_ids: tuple[int, ...],
+              stop_upto_B):
+  """How many tokens of a block are committed: through the first stop token
+  (one of `stop_ids`) among the first `keep` tokens at a position <= stop_upto,
+  else min(keep, limit); at least 1 for an active row and 0 for another.
+  The CoT passes stop_upto = limit = its thinking budget (a `</think>` after the
+  budget's last token is allowed), the answer stop_upto = limit - 1 (an EOS is
+  one of the answer's tokens). Returns (n_valid, ended: a stop token was
+  committed, the stop token)."""
+  pos = jnp.arange(block_BxT.shape[1])[None, :]
+  stop = functools.reduce(jnp.logical_or, [block_BxT == i for i in stop_ids])
+  stop = stop & (pos <= stop_upto_B[:, None]) & (pos < keep_B[:, None])
+  has_stop = jnp.any(stop, axis=1)
+  first = jnp.argmax(stop, axis=1)
+  n_valid = jnp.where(has_stop, first + 1, jnp.minimum(keep_B, limit_B))
+  n_valid = jnp.where(active_B, jnp.maximum(n_valid, 1), 0).astype(jnp.int32)
+  stop_tok = jnp.take_along_axis(block_BxT, first[:, None], 1)[:, 0]
+  return n_valid, active_B & has_stop, stop_tok
+
+
+def speculative_accept(key, p_logp_BxKxV, q_logp_BxKxV, drafts_BxK, greedy: bool):
+  """Verification of k drafts d_1..d_k against the main model.
+
+  p_logp[:, j-1] is the main model's (sampling) log-distribution at draft d_j's
+  position, q_logp[:, j-1] the head's that d_j was drawn from. Greedy: d_j is
+  kept while it is argmax p. Sampling: kept with probability min(1, p(d_j)/q(d_j)),
+  and after the first rejection (at draft a+1) the replacement is drawn from
+  normalise(max(0, p - q)) there, which makes the kept-then-replaced sequence
+  p-distributed (Leviathan et al. 2023; Chen et al. 2023).
+  Returns (kept drafts a (B,) int32, replacement token (B,) int32: meaningful
+  only where a < k, and for greedy the argmax of p at draft a+1).
+  """
+  B, k, _ = p_logp_BxKxV.shape
+  k_accept, k_resid = jax.random.split(key)
+  d = drafts_BxK[..., None]
+  if greedy:                                   # q_logp is not read (may be None)
+    ok = drafts_BxK == jnp.argmax(p_logp_BxKxV, axis=-1)
+  else:
+    p_d = jnp.take_along_axis(p_logp_BxKxV, d, axis=-1)[..., 0]
+    q_d = jnp.take_along_axis(q_logp_BxKxV, d, axis=-1)[..., 0]
+    u = jax.random.uniform(k_accept, (B, k), minval=jnp.finfo(jnp.float32).tiny)
+    ok = jnp.log(u) < p_d - q_d
+  a = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1).astype(jnp.int32)
+  at = jnp.minimum(a, k - 1)[:, None, None]
+  p_a = jnp.take_along_axis(p_logp_BxKxV, at, axis=1)[:, 0]          # (B, V)
+  if greedy:
+    return a, jnp.argmax(p_a, axis=-1).astype(jnp.int32)
+  q_a = jnp.take_along_axis(q_logp_BxKxV, at, axis=1)[:, 0]
+  resid = jnp.maximum(jnp.exp(p_a) - jnp.exp(q_a), 0.0)
+  # p == q leaves no residual mass; a rejection is then impossible, but guard it.
+  resid = jnp.where(jnp.sum(resid, -1, keepdims=True) > 0, resid, jnp.exp(p_a))
+  logr = jnp.where(resid > 0, jnp.log(jnp.maximum(resid, 1e-38)), sampling.NEG_INF)
+  return a, jax.random.categorical(k_resid, logr, axis=-1).astype(jnp.int32)

@@ -1,0 +1,250 @@
+"""The decode loop object: static settings as fields, one method per step.
+
+`Decoder` is frozen and hashable; its jitted methods take it as a static
+argument, so the two loops compile once per Decoder (settings) and shape.
+
+Prefill (1 main pass) fills the KV cache and gives h, the main model's logits
+and head sources at each prompt's last position. Then:
+
+CoT loop (one `lax.while_loop` iteration = one main forward pass, `cot_step`):
+  1. x[t+1] ~ main(h);  2. x[t+2..t+k+1] ~ head chain from h's sources;
+  3. cut the block after the first `</think>` (or EOS, which ends the sequence),
+     at the CoT budget, and (adaptive blocks) before the first unsure head token;
+  4. one main pass appends the block and gives the new h.
+  A sequence whose CoT has ended waits, masked. One that spends `max_cot`
+  tokens without `</think>` gets `</think>` as a one-token block from the main
+  model (budget forcing).
+Answer loop (`answer_step`: one main pass per token, the head not run) until EOS
+or `max_answer`.
+
+Verified phases (`verified_step`; verify "answer": the answer phase, "all": the
+CoT too): an iteration samples the main model's token x1 from h, lets the head
+draft k tokens after it, and runs one main pass over the block [x1, d1..dk].
+That pass gives the main model's distribution p_j at every block position;
+`blocks.speculative_accept` keeps drafts while they are p's argmax (greedy) or
+by the speculative-sampling rule; after a rejection the next x1 comes from
+normalise(max(0, p - q)) there. The cache's length moves past the committed
+tokens only, so rejected positions are overwritten by the next block. The
+output is k=0's, token for token (greedy), or has k=0's distribution (sampling).
+
+forward_passes = 1 + CoT blocks + (answer length - 1), per sequence (an EOS
+that ends a sequence is never fed back, in either phase). In a verified phase
+every iteration costs one pass except one whose own token x1 ends the sequence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from mtcot_jax import sampling
+from mtcot_jax import sharding as shd
+from mtcot_jax.config import Config
+from mtcot_jax.decode import backend, blocks
+from mtcot_jax.decode.state import (GenerateResult, PassOutput, State, advance, commit, result,
+                                    take_at)
+from mtcot_jax.model.heads import head_for
+from mtcot_jax.model.transformer import KVCache
+
+_jit = functools.partial(jax.jit, static_argnums=0)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Decoder:
+  """Two-phase decoding with one set of static settings (see the module docstring).
+
+  `verify` is "none", "answer" or "all" ("none" where k = 0); `tau` the adaptive
+  blocks' threshold (unverified CoT blocks only). Parameters come from
+  `backend.prepare_params(cfg, ...).params`.
+  """
+  cfg: Config
+  k: int
+  sample: sampling.Sampling
+  max_cot: int
+  max_answer: int
+  eos_id: int
+  think_end_id: int
+  tau: float = 0.0
+  verify: str = "none"
+  mesh: Mesh | None = None
+
+  @property
+  def out_len(self) -> int:
+    """The output buffer's length: k slots of slack for blocks cut short."""
+    return self.max_cot + 1 + self.k + self.max_answer
+
+  def capacity(self, prompt_len: int) -> int:
+    """The KV cache's slots for a prompt of this length."""
+    return prompt_len + self.max_cot + 1 + (self.k + 1) + self.max_answer
+
+  @functools.cached_property
+  def _extend(self):
+    return backend.extend_fn(self.cfg, self.mesh)
+
+  @functools.cached_property
+  def head(self):
+    return head_for(self.cfg, shd.sharder(self.cfg, self.mesh))
+
+  def main_pass(self, params, cache: KVCache, block_BxT, n_B, head_state) -> PassOutput:
+    """One main pass over a (B, T) block (its first n_B tokens real; n_B None: all),
+    the head's memory of every new position written at the same slots."""
+    out = self._extend(params, cache, block_BxT, n_B)
+    if head_state:
+      slots_BxT = cache.lengths[:, None] + jnp.arange(block_BxT.shape[1], dtype=jnp.int32)
+      head_state = self.head.remember(params, head_state, out.sources, slots_BxT)
+    return PassOutput(out.cache, out.logits, out.sources, head_state)
+
+  def prefill(self, params, prompt_BxP, lens_B, key) -> State:
+    """The prompt's main pass: the first state, h at each prompt's last token."""
+    B, P = prompt_BxP.shape
+    capacity = self.capacity(P)
+    shard = shd.sharder(self.cfg, self.mesh)
+    cache = KVCache.empty(self.cfg.model, B, capacity)
+    spec = ("batch", "act_kv_heads", None, None)
+    cache = cache.replace(k=tuple(shard(a, spec) for a in cache.k),
+                          v=tuple(shard(a, spec) for a in cache.v))
+    head_state = self.head.decode_state(B, capacity) if self.k > 0 else ()
+    out = self.main_pass(params, cache, prompt_BxP, lens_B, head_state)
+    last_prompt = jnp.take_along_axis(prompt_BxP, (lens_B - 1)[:, None], axis=1)[:, 0]
+    zeros_BxL, zeros_B = jnp.zeros((B, self.out_len), jnp.int32), jnp.zeros((B,), jnp.int32)
+    return State(
+        cache=out.cache, logits=take_at(out.logits, lens_B),
+        sources=tuple(take_at(s, lens_B) for s in out.sources),
+        head_state=out.head_state, tokens=zeros_BxL, source=zeros_BxL - 1, phase=zeros_BxL - 1,
+        logprobs=jnp.zeros((B, self.out_len), jnp.float32), n_out=zeros_B, n_think=zeros_B,
+        cot_done=last_prompt == self.think_end_id, done=zeros_B.astype(bool),
+        passes=zeros_B + 1, forced=zeros_B.astype(bool), last=last_prompt, key=key,
+        pend=zeros_B - 1, accepted=zeros_B)
+
+  def _draft(self, params, st: State, x1_B, keys, with_dists: bool = False):
+    return blocks.sample_head_chain(self.head, params, st.head_state, st.sources, x1_B, keys,
+                                    self.sample, st.cache.lengths, with_dists)
+
+  def _cot_counters(self, st: State, active_B, force_B, n_valid_B, ends_cot_B, ends_seq_B):
+    return st.replace(
+        n_think=st.n_think + n_valid_B - (ends_cot_B | ends_seq_B).astype(jnp.int32),
+        cot_done=st.cot_done | ends_cot_B, forced=st.forced | (active_B & force_B))
+
+  def cot_step(self, params, st: State) -> State:
+    """One unverified CoT iteration: the main token, k head tokens, one pass."""
+    k, think_end = self.k, self.think_end_id
+    key, step_key = jax.random.split(st.key)
+    keys = jax.random.split(step_key, k + 1)
+    active = ~st.cot_done & ~st.done
+    x1, lp1 = sampling.sample(keys[0], st.logits, self.sample)
+    block, lps = x1[:, None], lp1[:, None]
+    if k > 0:
+      head_toks, head_lps = self._draft(params, st, x1, keys[1:])
+      block = jnp.concatenate([block, head_toks], 1)                # (B, k+1)
+      lps = jnp.concatenate([lps, head_lps], 1)
+    # Budget forcing: a sequence with no thinking budget left gets </think>.
+    budget = self.max_cot - st.n_think                               # (B,) >= 0
+    force = budget <= 0
+    forced_lp = sampling.logprobs_of(st.logits, jnp.full_like(x1, think_end), self.sample)
+    block = jnp.where(force[:, None], block.at[:, 0].set(think_end), block)
+    lps = jnp.where(force[:, None], lps.at[:, 0].set(forced_lp), lps)
+    keep = blocks.adaptive_keep(lps, force, self.tau)
+    n_valid, ended, stop_tok = blocks.cut_block(block, keep, budget, active,
+                                                (think_end, self.eos_id), budget)
+    ends_cot, ends_seq = ended & (stop_tok == think_end), ended & (stop_tok == self.eos_id)
+    out = self.main_pass(params, st.cache, block, jnp.maximum(n_valid, 1), st.head_state)
+    st = commit(st, active_B=active, block_BxT=block, phase=0, logprobs_BxT=lps, n_B=n_valid,
+                source_BxT=jnp.broadcast_to(jnp.arange(k + 1, dtype=jnp.int32), block.shape),
+                ends_seq_B=ends_seq, key=key, out=out,
+                # A block that ends the sequence (EOS) needs no pass: nothing reads its h.
+                passes_B=(active & ~ends_seq).astype(jnp.int32))
+    return self._cot_counters(st, active, force, n_valid, ends_cot, ends_seq)
+
+  def verified_step(self, params, st: State, answer_start=None) -> State:
+    """One verified iteration; answer_start: None in the CoT phase, else the
+    output offset where the answer began."""
+    k, in_answer = self.k, answer_start is not None
+    key, step_key = jax.random.split(st.key)
+    keys = jax.random.split(step_key, k + 2)
+    x1, _ = sampling.sample(keys[0], st.logits, self.sample)
+    x1 = jnp.where(st.pend >= 0, st.pend, x1)
+    if in_answer:
+      room = self.max_answer - (st.n_out - answer_start)            # (B,) tokens left
+      active, force = ~st.done & (room > 0), jnp.zeros_like(st.done)
+    else:
+      budget = self.max_cot - st.n_think
+      active, force = ~st.cot_done & ~st.done, budget <= 0          # budget forcing
+      x1 = jnp.where(force, self.think_end_id, x1)
+    lp1 = sampling.logprobs_of(st.logits, x1, self.sample)          # the main model's
+    # Greedy acceptance compares with the main model's argmax: no q needed.
+    drafted = self._draft(params, st, x1, keys[1:k + 1], with_dists=not self.sample.greedy)
+    drafts, q_logp = drafted[0], (drafted[2] if len(drafted) == 3 else None)
+    block = jnp.concatenate([x1[:, None], drafts], 1)                # (B, k+1)
+    out = self.main_pass(params, st.cache, block, None, st.head_state)
+    p_logp = sampling.process_logits(out.logits[:, :k], self.sample)  # (B, k, V) at d_1..d_k
+    a, resid = blocks.speculative_accept(keys[k + 1], p_logp, q_logp, drafts, self.sample.greedy)
+    a = jnp.where(force, 0, a)
+    keep = 1 + a
+    if in_answer:   # cut after the first stop token kept, and at the length limits
+      n_valid, ended, stop_tok = blocks.cut_block(block, keep, room, active, (self.eos_id,),
+                                                  room - 1)
+    else:
+      n_valid, ended, stop_tok = blocks.cut_block(block, keep, budget, active,
+                                                  (self.think_end_id, self.eos_id), budget)
+    ends_cot = ended & (stop_tok == self.think_end_id) & (not in_answer)
+    ends_seq = ended & (stop_tok == self.eos_id)
+    # The next x1 comes from the residual only where the rejection ended the block.
+    rejected = active & (a < k) & ~ended & (n_valid == keep)
+    pend = jnp.where(rejected & (not self.sample.greedy), resid, -1)
+    terminal_x1 = (x1 == self.eos_id) | (room <= 1 if in_answer else False)
+    lps = jnp.concatenate(
+        [lp1[:, None], jnp.take_along_axis(p_logp, drafts[..., None], -1)[..., 0]], 1)
+    st = commit(st, active_B=active, block_BxT=block, phase=int(in_answer), logprobs_BxT=lps,
+                n_B=n_valid, source_BxT=jnp.broadcast_to(jnp.arange(k + 1, dtype=jnp.int32),
+                                                         block.shape),
+                ends_seq_B=ends_seq, passes_B=(active & ~terminal_x1).astype(jnp.int32),
+                key=key, out=out)
+    st = st.replace(accepted=st.accepted + jnp.maximum(n_valid - 1, 0),
+                    pend=jnp.where(active, pend, st.pend))
+    return st if in_answer else self._cot_counters(st, active, force, n_valid, ends_cot,
+                                                   ends_seq)
+
+  def answer_step(self, params, st: State, answer_start, first: bool = False) -> State:
+    """One answer token from the main model; unless `first` (sampled from h), a
+    main pass over the previous answer token gives its h."""
+    active = ~st.done & (st.n_out - answer_start < self.max_answer)
+    if not first:
+      n = active.astype(jnp.int32)
+      out = self.main_pass(params, st.cache, st.last[:, None], n, st.head_state)
+      st = advance(st, active, n, out).replace(passes=st.passes + n)
+    key, step_key = jax.random.split(st.key)
+    tok, lp = sampling.sample(step_key, st.logits, self.sample)
+    return commit(st, active_B=active, block_BxT=tok[:, None], phase=1,
+                  source_BxT=jnp.zeros_like(tok)[:, None], logprobs_BxT=lp[:, None],
+                  n_B=active.astype(jnp.int32), ends_seq_B=active & (tok == self.eos_id),
+                  passes_B=0, key=key)
+
+  def _verified(self, phase: int) -> bool:
+    return self.k > 0 and phase in {"none": (), "answer": (1,), "all": (0, 1)}[self.verify]
+
+  @_jit
+  def run_cot(self, params, prompt_BxP, lens_B, key) -> State:
+    """Prefill, then the CoT loop until every row has ended its CoT."""
+    step = self.verified_step if self._verified(0) else self.cot_step
+    return jax.lax.while_loop(lambda s: jnp.any(~s.cot_done & ~s.done),
+                              functools.partial(step, params),
+                              self.prefill(params, prompt_BxP, lens_B, key))
+
+  @_jit
+  def run_answer(self, params, st: State) -> GenerateResult:
+    """The answer loop, from the state `run_cot` left, to the result."""
+    start = st.n_out
+
+    def cond(s):
+      return jnp.any(~s.done & (s.n_out - start < self.max_answer))
+    if self._verified(1):
+      return result(jax.lax.while_loop(cond, lambda s: self.verified_step(params, s, start), st))
+    st = self.answer_step(params, st, start, first=True)
+    return result(jax.lax.while_loop(cond, lambda s: self.answer_step(params, s, start), st))
+
+  def __call__(self, params, prompt_BxP, lens_B, key) -> GenerateResult:
+    return self.run_answer(params, self.run_cot(params, prompt_BxP, lens_B, key))

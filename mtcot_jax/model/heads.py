@@ -1,0 +1,148 @@
+"""One interface for both multi-token heads, so that callers never branch on
+`head.context`: `head_for(cfg)` gives the projection head (head.context == 0) or
+the head with context, each a frozen object with
+
+    init(key)                                    boxed parameters of the head
+    features(params, sources, chains, ...)       teacher-forced chain features
+    decode_state(batch, capacity)                what decoding keeps between passes
+    remember(params, state, sources, slots)      the state after a main pass
+    chain(params, state, sources, chain, lengths)  decode-time chain features
+
+`params` is always the whole {"main": ..., "head": ...} tree: the heads read the
+main model's embedding. The projection head keeps no decode state (an empty
+tuple); the head with context keeps per layer the keys and values of its memory
+of every processed position (slot = position), so cached = teacher-forced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from mtcot_jax import sharding as shd
+from mtcot_jax.config import Config
+from mtcot_jax.model.head import ContextHead, MultiTokenHead, head_dims
+
+
+def shared(cfg: Config, x: jax.Array) -> jax.Array:
+  """A main-model array as the head sees it: a constant under stop_gradient_residual."""
+  return jax.lax.stop_gradient(x) if cfg.head.stop_gradient_residual else x
+
+
+def context_mask(cfg: Config, head_positions_BxP, T: int, segment_ids_BxT=None):
+  """(B, P, T): the memory the chain at each source t reads: u <= t, u > t - C
+  (head.context = C > 0), and u in t's packed segment."""
+  u = jnp.arange(T)[None, None, :]
+  t = head_positions_BxP[:, :, None]
+  mask = u <= t
+  if cfg.head.context > 0:
+    mask = mask & (u > t - cfg.head.context)
+  if segment_ids_BxT is not None:
+    b = jnp.arange(head_positions_BxP.shape[0])[:, None]
+    mask = mask & (segment_ids_BxT[:, None, :] == segment_ids_BxT[b, head_positions_BxP][..., None])
+  return mask
+
+
+@dataclasses.dataclass(frozen=True)
+class Projection:
+  """The projection head: the chain at t reads the residual at t only."""
+  cfg: Config
+  shard: shd.Sharder = shd.Sharder()
+
+  def module(self, sharded: bool = True):
+    return MultiTokenHead(self.cfg.model, self.cfg.head, self.shard if sharded else shd.Sharder())
+
+  def _sources(self, sources):
+    return tuple(shared(self.cfg, s) for s in sources)
+
+  def init(self, key):
+    c = self.cfg
+    sources = tuple(jnp.zeros((1, c.model.d_model), jnp.dtype(c.model.dtype))
+                    for _ in c.head.source_layers)
+    embed = jnp.zeros((c.model.vocab_size, c.model.d_model), jnp.dtype(c.model.param_dtype))
+    return self.module().init(key, sources, jnp.zeros((1, 1), jnp.int32), embed)["params"]
+
+  def run(self, params, sources, chain):
+    """Features (..., C, D) from source residuals (..., D) and chain tokens (..., C)."""
+    return self.module().apply({"params": params["head"]}, self._sources(sources), chain,
+                               shared(self.cfg, params["main"]["embed"]))
+
+  def features(self, params, sources_BxTxD, chain_BxPxK, positions_BxT, head_positions_BxP,
+               segment_ids_BxT=None):
+    b = jnp.arange(chain_BxPxK.shape[0])[:, None]
+    return self.run(params, tuple(s[b, head_positions_BxP] for s in sources_BxTxD), chain_BxPxK)
+
+  def decode_state(self, batch: int, capacity: int) -> tuple:
+    return ()
+
+  def remember(self, params, state, sources_BxTxD, slots_BxT):
+    return state
+
+  def chain(self, params, state, sources_BxD, chain_BxC, lengths_B):
+    return self.run(params, sources_BxD, chain_BxC)
+
+
+@dataclasses.dataclass(frozen=True)
+class WithContext(Projection):
+  """The head with context: the chain at t also attends to its memory of every
+  position u <= t (u > t - C for head.context = C > 0)."""
+
+  def module(self, sharded: bool = True):
+    return ContextHead(self.cfg.model, self.cfg.head, self.shard if sharded else shd.Sharder())
+
+  def init(self, key):
+    c = self.cfg
+    sources = tuple(jnp.zeros((1, 1, c.model.d_model), jnp.dtype(c.model.dtype))
+                    for _ in c.head.source_layers)
+    embed = jnp.zeros((c.model.vocab_size, c.model.d_model), jnp.dtype(c.model.param_dtype))
+    one = jnp.zeros((1, 1), jnp.int32)
+    return self.module().init(key, sources, one[..., None], embed, one, one,
+                              jnp.ones((1, 1, 1), bool))["params"]
+
+  def features(self, params, sources_BxTxD, chain_BxPxK, positions_BxT, head_positions_BxP,
+               segment_ids_BxT=None):
+    T = positions_BxT.shape[1]
+    return self.module().apply(
+        {"params": params["head"]}, self._sources(sources_BxTxD), chain_BxPxK,
+        shared(self.cfg, params["main"]["embed"]), positions_BxT, head_positions_BxP,
+        context_mask(self.cfg, head_positions_BxP, T, segment_ids_BxT))
+
+  def decode_state(self, batch: int, capacity: int) -> tuple:
+    """Per head layer, (keys, values) (B, S, H, Dh) of the memory, slot = position."""
+    hd = head_dims(self.cfg.model, self.cfg.head)
+    zeros = jnp.zeros((batch, capacity, hd.num_heads, hd.head_dim), jnp.dtype(self.cfg.model.dtype))
+    return tuple((zeros, zeros) for _ in range(self.cfg.head.num_layers))
+
+  def memory_kv(self, params, sources_BxTxD, positions_BxT):
+    """Per layer (keys, values), each (B, T, H, Dh), of T positions' memory."""
+    return self.module(sharded=False).apply(
+        {"params": params["head"]}, self._sources(sources_BxTxD), positions_BxT,
+        method=lambda mod, s, p: mod.memory_kv(mod.memory(s), p))
+
+  def remember(self, params, state, sources_BxTxD, slots_BxT):
+    """The memory of T new positions written at their slots (past the capacity: dropped)."""
+    rows = jnp.arange(slots_BxT.shape[0])[:, None]
+    new = self.memory_kv(params, sources_BxTxD, slots_BxT)
+    return tuple((hk.at[rows, slots_BxT].set(nk.astype(hk.dtype), mode="drop"),
+                  hv.at[rows, slots_BxT].set(nv.astype(hv.dtype), mode="drop"))
+                 for (hk, hv), (nk, nv) in zip(state, new))
+
+  def chain(self, params, state, sources_BxD, chain_BxC, lengths_B):
+    """Chain features (B, C, D) at each sequence's last processed position
+    t = lengths - 1, reading the memory in `state` at u <= t, u > t - C."""
+    S = state[0][0].shape[1]
+    t = (lengths_B - 1)[:, None]
+
+    def fn(mod, s, c, e, kv, m, pos):
+      return mod.chains(mod.memory(s)[:, None], c[:, None], e, kv, m, pos)[:, 0]
+    return self.module(sharded=False).apply(
+        {"params": params["head"]}, self._sources(sources_BxD), chain_BxC,
+        shared(self.cfg, params["main"]["embed"]), state, context_mask(self.cfg, t, S), t,
+        method=fn)
+
+
+def head_for(cfg: Config, shard: shd.Sharder = shd.Sharder()) -> Projection:
+  """The configured head: `WithContext` if head.context != 0, else `Projection`."""
+  return (WithContext if cfg.head.context else Projection)(cfg, shard)
