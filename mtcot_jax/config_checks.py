@@ -42,9 +42,8 @@ def _check_rope_scaling(scaling) -> None:
            s["high_freq_factor"], f"a number > low_freq_factor={s['low_freq_factor']}")
 
 
-def validate(cfg) -> None:
-  """Checks values that no type can express. Raises ConfigError."""
-  m, h, d, t, r, dec = cfg.model, cfg.head, cfg.data, cfg.train, cfg.rl, cfg.decode
+def _check_model(m) -> None:
+  """`model.*`: sizes, dtypes, norm and RoPE settings."""
   for key in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "mlp_dim"):
     _check(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), "an int >= 1")
   _check(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads", m.num_kv_heads,
@@ -60,6 +59,9 @@ def validate(cfg) -> None:
   _check(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "a number > 0")
   _check_rope_scaling(m.rope_scaling)
 
+
+def _check_head(h, m) -> None:
+  """`head.*`, some against the model `m` (its width, its layers)."""
   _check(h.k >= 0, "head.k", h.k, "an int >= 0 (0: no head tokens)")
   _check(h.num_layers >= 1, "head.num_layers", h.num_layers, "an int >= 1")
   _check(h.width >= 0, "head.width", h.width, "0 (d_model) or an int >= 1")
@@ -79,11 +81,13 @@ def validate(cfg) -> None:
   _check(0 <= h.train_positions, "head.train_positions", h.train_positions,
          "0 (every position) or an int >= 1")
 
-  mesh_axes = cfg.mesh.shape
+
+def _check_mesh(mc) -> None:
+  """`mesh.*`: axis sizes, the multi-process settings, the sharding rules."""
+  mesh_axes = mc.shape
   _check(all(a == -1 or a >= 1 for a in mesh_axes) and mesh_axes.count(-1) <= 1,
          "mesh", dict(zip(("data", "fsdp", "tensor"), mesh_axes)),
          "axis sizes >= 1, at most one of them -1")
-  mc = cfg.mesh
   _check(mc.distributed in _DISTRIBUTED, "mesh.distributed", mc.distributed,
          f"one of {_DISTRIBUTED}")
   _check(mc.num_processes >= 0, "mesh.num_processes", mc.num_processes,
@@ -93,12 +97,15 @@ def validate(cfg) -> None:
   if mc.num_processes and mc.process_id >= 0:
     _check(mc.process_id < mc.num_processes, "mesh.process_id", mc.process_id,
            f"an int in [0, mesh.num_processes={mc.num_processes})")
-  for name, axes in cfg.mesh.rules:
+  for name, axes in mc.rules:
     names = axes if isinstance(axes, tuple) else (axes,)
     for a in names:
       _check(a in (None, "data", "fsdp", "tensor"), f"mesh.rules[{name}]", axes,
              "mesh axes among data, fsdp, tensor (or null)")
 
+
+def _check_data(d) -> None:
+  """`data.*`."""
   _check(d.seq_len >= 4, "data.seq_len", d.seq_len, "an int >= 4")
   _check(d.on_too_long in ("skip", "error"), "data.on_too_long", d.on_too_long, "skip or error")
   _check(0.0 <= d.no_cot_fraction <= 1.0, "data.no_cot_fraction", d.no_cot_fraction, "in [0, 1]")
@@ -106,6 +113,9 @@ def validate(cfg) -> None:
   _check(d.eval_size >= 1, "data.eval_size", d.eval_size, "an int >= 1")
   _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "an int >= 0 (0: no worker processes)")
 
+
+def _check_train(t) -> None:
+  """`train.*`."""
   _check(t.stage in ("sft", "rl"), "train.stage", t.stage, "sft or rl")
   _check(not (t.init_from_hf and (t.init_from or t.stage == "rl")), "train.init_from_hf",
          t.init_from_hf, "a Hugging Face directory for SFT (train.stage=sft) without "
@@ -117,6 +127,9 @@ def validate(cfg) -> None:
   _check(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "a number > 0")
   _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "in [0, 1]")
 
+
+def _check_rl(r, h) -> None:
+  """`rl.*`, the k schedule against `head.k`."""
   _check(r.group_size >= 2, "rl.group_size", r.group_size, "an int >= 2 (advantages need a group)")
   _check(r.epsilon > 0, "rl.epsilon", r.epsilon, "a number > 0")
   _check(r.beta >= 0, "rl.beta", r.beta, "a number >= 0")
@@ -128,6 +141,9 @@ def validate(cfg) -> None:
          f"(from_step, k) pairs with strictly increasing steps from 0 and 0 <= k <= head.k={h.k}")
   _check(r.reward in ("exact", "partial"), "rl.reward", r.reward, "exact or partial")
 
+
+def _check_decode(dec, h, m) -> None:
+  """`decode.*`, against `head.k` and the model (vocabulary, dtype for the native kernel)."""
   _check(-1 <= dec.k <= h.k, "decode.k", dec.k, f"-1 (head.k) or an int in [0, head.k={h.k}]")
   _check(dec.max_cot_tokens >= 1, "decode.max_cot_tokens", dec.max_cot_tokens, "an int >= 1")
   _check(dec.max_answer_tokens >= 1, "decode.max_answer_tokens", dec.max_answer_tokens,
@@ -154,3 +170,15 @@ def validate(cfg) -> None:
     _check(-1 <= v < m.vocab_size, f"decode.{key}", v,
            f"-1 (mtcot_jax's tokenizers' id) or an id in [0, model.vocab_size={m.vocab_size})")
   _check(0 < dec.top_p <= 1, "decode.top_p", dec.top_p, "a number in (0, 1]")
+
+
+def validate(cfg) -> None:
+  """Checks values that no type can express, one config section after another.
+  Raises ConfigError."""
+  _check_model(cfg.model)
+  _check_head(cfg.head, cfg.model)
+  _check_mesh(cfg.mesh)
+  _check_data(cfg.data)
+  _check_train(cfg.train)
+  _check_rl(cfg.rl, cfg.head)
+  _check_decode(cfg.decode, cfg.head, cfg.model)
