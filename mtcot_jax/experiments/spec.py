@@ -83,6 +83,33 @@ def _str_list(path: str, key: str, value: Any) -> tuple[str, ...]:
 
 def load_spec(path: str, seeds: int | None = None) -> Spec:
   """Reads and checks a spec; `seeds` (the --seeds flag) replaces its seeds by 0..N-1."""
+  raw = _read(path)
+  if "base" not in raw or not isinstance(raw["base"], str):
+    raise _err(path, "base", raw.get("base"), "a preset path, relative to the spec")
+  base = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), raw["base"]))
+  overrides = _str_list(path, "overrides", raw.get("overrides"))
+  seed_list = _seeds(path, raw.get("seeds", 3) if seeds is None else seeds)
+  n_eval = raw.get("eval_examples", 500)
+  if not isinstance(n_eval, int) or isinstance(n_eval, bool) or n_eval < 1:
+    raise _err(path, "eval_examples", n_eval, "an int >= 1")
+  tasks = _tasks(path, raw.get("tasks"))
+  trunc, frozen, rl = _stage_sections(path, raw)
+  kw = dict(head_k=load_config(base, overrides).head.k, pair=trunc.get("pair"),
+            fractions=tuple(trunc.get("fractions") or []),
+            frozen=_str_list(path, "frozen_main.overrides", frozen.get("overrides")),
+            rl=_str_list(path, "rl.overrides", rl.get("overrides")))
+  methods = _methods(path, raw.get("methods"), kw)
+  spec = Spec(path=os.path.abspath(path), base=base, overrides=overrides, seeds=seed_list,
+              eval_examples=n_eval, tasks=tasks, methods=methods)
+  for cell in cells(spec):        # every run's config is valid before anything runs
+    for stage in cell.method.stages:
+      stage_config(spec, cell, stage, "/tmp/_check")
+    cell_config(spec, cell, "/tmp/_check")
+  return spec
+
+
+def _read(path: str) -> dict:
+  """The spec file's mapping, its keys checked against `_KEYS`."""
   if not os.path.exists(path):
     raise ConfigError(f"experiment spec {path} does not exist")
   with open(path) as f:
@@ -92,26 +119,22 @@ def load_spec(path: str, seeds: int | None = None) -> Spec:
   unknown = set(raw) - _KEYS
   if unknown:
     raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; accepted: {sorted(_KEYS)}")
-  if "base" not in raw or not isinstance(raw["base"], str):
-    raise _err(path, "base", raw.get("base"), "a preset path, relative to the spec")
-  base = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), raw["base"]))
-  overrides = _str_list(path, "overrides", raw.get("overrides"))
+  return raw
 
-  s = raw.get("seeds", 3) if seeds is None else seeds
+
+def _seeds(path: str, s: Any) -> tuple[int, ...]:
+  """`seeds: N` as 0..N-1, or a list of distinct seeds as given."""
   if isinstance(s, int) and not isinstance(s, bool) and s >= 1:
-    seed_list = tuple(range(s))
-  elif (isinstance(s, list) and s and all(isinstance(x, int) and x >= 0 for x in s)
-        and len(set(s)) == len(s)):
-    seed_list = tuple(s)
-  else:
-    raise _err(path, "seeds", s, "an int >= 1 (seeds 0..N-1) or a list of distinct ints >= 0")
+    return tuple(range(s))
+  if (isinstance(s, list) and s and all(isinstance(x, int) and x >= 0 for x in s)
+      and len(set(s)) == len(s)):
+    return tuple(s)
+  raise _err(path, "seeds", s, "an int >= 1 (seeds 0..N-1) or a list of distinct ints >= 0")
 
-  n_eval = raw.get("eval_examples", 500)
-  if not isinstance(n_eval, int) or isinstance(n_eval, bool) or n_eval < 1:
-    raise _err(path, "eval_examples", n_eval, "an int >= 1")
 
+def _tasks(path: str, raw_tasks: Any) -> tuple[Task, ...]:
+  """The `tasks:` mapping, each task built once to check its name and arguments."""
   tasks = []
-  raw_tasks = raw.get("tasks")
   if not isinstance(raw_tasks, dict) or not raw_tasks:
     raise _err(path, "tasks", raw_tasks, "a mapping name -> {task, args, overrides}")
   for name, t in raw_tasks.items():
@@ -128,7 +151,11 @@ def load_spec(path: str, seeds: int | None = None) -> Spec:
       raise _err(path, "tasks", name, "task names without '/'")
     tasks.append(Task(str(name), t["task"], tuple(sorted(args.items())),
                       _str_list(path, f"tasks.{name}.overrides", t.get("overrides"))))
+  return tuple(tasks)
 
+
+def _stage_sections(path: str, raw: dict) -> tuple[dict, dict, dict]:
+  """The `truncated`, `frozen_main` and `rl` mappings, their keys and fractions checked."""
   def section(key):
     v = raw.get(key) or {}
     if not isinstance(v, dict):
@@ -144,35 +171,18 @@ def load_spec(path: str, seeds: int | None = None) -> Spec:
   if not isinstance(fractions, list) or not all(
       isinstance(f, (int, float)) and 0 < f < 1 for f in fractions):
     raise _err(path, "truncated.fractions", fractions, "a list of numbers in (0, 1)")
+  return trunc, frozen, rl
 
-  probe = load_config(base, overrides)
-  head_k = probe.head.k
-  kw = dict(head_k=head_k, pair=trunc.get("pair"), fractions=tuple(fractions),
-            frozen=_str_list(path, "frozen_main.overrides", frozen.get("overrides")),
-            rl=_str_list(path, "rl.overrides", rl.get("overrides")))
+
+def _methods(path: str, raw_methods: Any, kw: dict[str, Any]) -> tuple[mm.Method, ...]:
+  """The `methods:` list: built-in names and variants ({name, like, ...}) built with
+  `kw` (mm.builtin's settings), then checked as a whole."""
   methods: list[mm.Method] = []
-  raw_methods = raw.get("methods")
   if not isinstance(raw_methods, list) or not raw_methods:
     raise _err(path, "methods", raw_methods, f"a list of methods ({', '.join(mm.BUILTIN)})")
   for m in raw_methods:
     try:
-      if isinstance(m, str):
-        methods.append(mm.builtin(m, **kw))
-      elif isinstance(m, dict) and {"name", "like"} <= set(m) <= {"name", "like", "train",
-                                                                     "decode", "run", "stages"}:
-        per_stage = m.get("stages") or {}
-        if not isinstance(per_stage, dict):
-          raise _err(path, f"{m['name']}.stages", per_stage,
-                     "a mapping {stage: [section.key=value, ...]}")
-        methods.append(mm.variant(mm.builtin(m["like"], **kw), str(m["name"]),
-                                  _str_list(path, f"{m['name']}.train", m.get("train")),
-                                  _str_list(path, f"{m['name']}.decode", m.get("decode")),
-                                  m.get("run"),
-                                  {str(st): _str_list(path, f"{m['name']}.stages.{st}", ov)
-                                   for st, ov in per_stage.items()}))
-      else:
-        raise ValueError(f"method {m!r}: accepted a name or a mapping "
-                         "{name, like, train, decode, run, stages}")
+      methods.append(_method(path, m, kw))
     except ValueError as e:
       raise ConfigError(f"{path}: {e}") from None
   names = [m.name for m in methods]
@@ -189,13 +199,27 @@ def load_spec(path: str, seeds: int | None = None) -> Spec:
   for m in methods:
     if m.pair is not None and m.pair not in multi:
       raise _err(path, "truncated.pair", m.pair, f"one of the spec's multi-token methods {multi}")
-  spec = Spec(path=os.path.abspath(path), base=base, overrides=overrides, seeds=seed_list,
-              eval_examples=n_eval, tasks=tuple(tasks), methods=tuple(methods))
-  for cell in cells(spec):        # every run's config is valid before anything runs
-    for stage in cell.method.stages:
-      stage_config(spec, cell, stage, "/tmp/_check")
-    cell_config(spec, cell, "/tmp/_check")
-  return spec
+  return tuple(methods)
+
+
+def _method(path: str, m: Any, kw: dict[str, Any]) -> mm.Method:
+  """One entry of `methods:`. Raises ValueError (or ConfigError) for a bad one."""
+  if isinstance(m, str):
+    return mm.builtin(m, **kw)
+  if isinstance(m, dict) and {"name", "like"} <= set(m) <= {"name", "like", "train",
+                                                             "decode", "run", "stages"}:
+    per_stage = m.get("stages") or {}
+    if not isinstance(per_stage, dict):
+      raise _err(path, f"{m['name']}.stages", per_stage,
+                 "a mapping {stage: [section.key=value, ...]}")
+    return mm.variant(mm.builtin(m["like"], **kw), str(m["name"]),
+                      _str_list(path, f"{m['name']}.train", m.get("train")),
+                      _str_list(path, f"{m['name']}.decode", m.get("decode")),
+                      m.get("run"),
+                      {str(st): _str_list(path, f"{m['name']}.stages.{st}", ov)
+                       for st, ov in per_stage.items()})
+  raise ValueError(f"method {m!r}: accepted a name or a mapping "
+                   "{name, like, train, decode, run, stages}")
 
 
 def cells(spec: Spec, only: str | None = None) -> list[Cell]:
