@@ -10,31 +10,36 @@ head's weights) over the bandwidth of a jitted mat-vec measured in the same run
 (`common.memory_bandwidth`); on a GPU we know, also over its nominal bandwidth
 (H200: 4.8 TB/s). `--contexts` times k=0 per token at several context lengths.
 
-Random weights, greedy sampling. What is measured, per (model, batch):
+Random weights, greedy sampling. Every piece timed is the decoder's own code:
+a `mtcot_jax.decode.Decoder` built for the row's settings (`row_decoder`:
+`decode.decoder(decode.decode_config(cfg, ...))`), its methods jitted alone
+where a piece is timed apart from the loop. What is measured, per (model, batch):
 
-* CoT phase, for each k: `run_cot` (the jitted prefill + CoT `while_loop` of
-  `mtcot_jax.decode._static`) alone, warm, ended by `block_until_ready`, median
+* CoT phase, for each k: `Decoder.run_cot` (the jitted prefill + CoT
+  `while_loop`) alone, warm, ended by `block_until_ready`, median
   of `--repeats`. The EOS id given to the loop is `vocab_size` (never sampled),
   so random weights cannot end a sequence; they rarely emit `</think>` (id 5),
   so the CoT runs to `--max-cot` and is budget-forced. CoT tokens are counted
   from the loop's own output (`phase == 0`, the forced `</think>` included;
-  every one of them cost a main pass or rode in a block). The prefill (one main
-  pass over the prompt, timed on its own by the same jitted code path) is
-  subtracted: CoT tok/s = CoT tokens / (t_run_cot - t_prefill).
+  every one of them cost a main pass or rode in a block). The prefill
+  (`Decoder.prefill` jitted alone: one main pass over the prompt, and for a
+  head with context at k > 0 the head's memory of it) is subtracted:
+  CoT tok/s = CoT tokens / (t_run_cot - t_prefill).
 * Answer phase: a no-CoT prompt ending in `</think>`, so `run_cot` stops after
-  the prefill; `run_answer` alone is timed (one token per main pass,
+  the prefill; `Decoder.run_answer` alone is timed (one token per main pass,
   `--max-answer` tokens, an EOS id the model never produces).
-* One CoT iteration, split: a main pass (`api.extend`) over a (B, k+1) block
-  and over a (B, 1) block, on a cache of the loop's capacity filled to
-  prompt + max_cot/2, timed as 16 passes in a jitted fori_loop that carries
-  the cache in place as the decode loops do (`_main_passes_fn`); the head's
-  chain of k samples, jitted exactly as the CoT loop runs it
-  (`decode.sample_head_chain`: depth j runs the head over the chain prefix it
-  reads). "other" = the loop's measured time per
+* One CoT iteration, split: a main pass (`Decoder.main_pass`: the cached pass
+  and, for a head with context at k > 0, the head's memory of the new
+  positions) over a (B, k+1) block and over a (B, 1) block, on the prefill's
+  cache (the loop's capacity) filled to prompt + max_cot/2, timed as 16 passes
+  in a jitted fori_loop that carries the cache in place as the decode loops do
+  (`_main_passes_fn`); the head's chain of k samples as the CoT loop draws it
+  (`decode.blocks.sample_head_chain(dec.head, ...)`: depth j runs the head over
+  the chain prefix it reads). "other" = the loop's measured time per
   iteration - main(k+1) - head chain: sampling, cutting, buffer writes and the
   while_loop's own overhead.
-* A naive Python loop over a jitted one-token step (extend + argmax, cache
-  donated), k=0 equivalent.
+* A naive Python loop over a jitted one-token step (`Decoder.main_pass` +
+  argmax, cache donated) after `Decoder.prefill`, k=0 equivalent.
 * Hugging Face transformers' `LlamaForCausalLM.generate` on the same Llama
   configuration (random weights, greedy, batch 1, the same number of new
   tokens), when torch and transformers are importable (an optional extra).
@@ -131,12 +136,10 @@ import numpy as np  # noqa: E402
 from common import cpu_info, memory_bandwidth, nominal_bandwidth, time_fn  # noqa: E402
 
 import mtcot_jax as mt  # noqa: E402
-from mtcot_jax import decode, native, sampling  # noqa: E402
+from mtcot_jax import decode, native  # noqa: E402
+from mtcot_jax.decode import blocks  # noqa: E402
 from mtcot_jax.model import api  # noqa: E402
-from mtcot_jax.model.transformer import KVCache  # noqa: E402
 from mtcot_jax.tokens import BOS_ID, THINK_END_ID, THINK_ID  # noqa: E402
-
-GREEDY = sampling.Sampling()
 
 
 def load(name: str) -> mt.Config:
@@ -173,66 +176,84 @@ def timed(fn, *args, repeats: int):
 
 # ----------------------------------------------------------------------------- pieces
 
-@functools.lru_cache(maxsize=None)
-def _prefill_fn(cfg: mt.Config, capacity: int, out_in: bool):
-  """The prefill's main pass as `decode.py` runs it (an empty cache of the loop's capacity)."""
-  @jax.jit
-  def prefill(params, prompt_BxP, lens_B):
-    cache = KVCache.empty(cfg.model, prompt_BxP.shape[0], capacity)
-    out = api.extend(cfg, params, cache, prompt_BxP, lens_B, out_in=out_in)
-    return out.cache, out.logits[:, -1], out.sources[0][:, -1]
-  return prefill
+def row_decoder(cfg: mt.Config, k: int, max_cot: int, max_answer: int, eos_id: int,
+                think_end_id: int = THINK_END_ID) -> decode.Decoder:
+  """The real decode loop object for a row's settings: `decode.decoder` of
+  `decode.decode_config(cfg, ...)` (greedy, fixed blocks, unverified; cfg's
+  weights_layout, weights_dtype and cpu_kernel), its stop ids then replaced.
+  The rows pass eos_id = vocab_size, an id never sampled, so that random weights
+  cannot end a sequence: decode_config rightly refuses it, the dataclass takes any int."""
+  dec = decode.decoder(decode.decode_config(
+      cfg, k=k, max_cot_tokens=max_cot, max_answer_tokens=max_answer, temperature=0.0,
+      top_k=0, top_p=1.0, head_threshold=0.0, verify="none"))
+  return dataclasses.replace(dec, eos_id=eos_id, think_end_id=think_end_id)
 
 
 @functools.lru_cache(maxsize=None)
-def _main_pass_fn(cfg: mt.Config, out_in: bool):
-  """`decode.py`'s main_pass: extend over a (B, T) block, keep the last position."""
+def _prefill_fn(dec: decode.Decoder):
+  """`Decoder.prefill`, jitted alone: the prompt's main pass (and the head's memory
+  of it, for a head with context at k > 0) into a cache of the loop's capacity, as
+  `run_cot` starts."""
+  return jax.jit(dec.prefill)
+
+
+@functools.lru_cache(maxsize=None)
+def _main_pass_fn(dec: decode.Decoder):
+  """`Decoder.main_pass`, jitted alone: one pass over a (B, T) block (all T real)."""
   @jax.jit
-  def main_pass(params, cache, block_BxT):
+  def main_pass(params, cache, head_state, block_BxT):
     B, T = block_BxT.shape
-    out = api.extend(cfg, params, cache, block_BxT, jnp.full((B,), T, jnp.int32), out_in=out_in)
-    return out.cache, out.logits[:, -1], tuple(s[:, -1] for s in out.sources)
+    return dec.main_pass(params, cache, block_BxT, jnp.full((B,), T, jnp.int32), head_state)
   return main_pass
 
 
 PASSES = 16   # main passes per timed call of _main_passes_fn
 
 
-def _main_passes_fn(cfg: mt.Config, out_in: bool):
-  """PASSES of decode.py's main passes over one (B, T) block, in a fori_loop that
-  carries the cache as the decode loops do (updated in place; a jitted single pass
-  instead returns a copy of the whole cache). Each pass writes at the same slots
-  (lengths restored) and adds its logits and sources to the carry, so that none
-  of its work is dead code. Per-pass time = call / PASSES (which includes 1/PASSES
-  of one copy of the cache, the call's input, which is not donated)."""
+@functools.lru_cache(maxsize=None)
+def _main_passes_fn(dec: decode.Decoder):
+  """PASSES of `Decoder.main_pass` over one (B, T) block, in a fori_loop that
+  carries the cache (and the head's decode state) as the decode loops do (updated
+  in place; a jitted single pass instead returns a copy of the whole cache). Each
+  pass writes at the same slots (lengths restored) and adds its logits and
+  sources to the carry, so that none of its work is dead code; the head state is
+  returned for the same reason. Per-pass time = call / PASSES (which includes
+  1/PASSES of one copy of the cache and head state, the call's inputs, which are
+  not donated)."""
   @jax.jit
-  def passes(params, cache, block_BxT):
+  def passes(params, cache, head_state, block_BxT):
     B, T = block_BxT.shape
+    n_B = jnp.full((B,), T, jnp.int32)
 
     def body(_, carry):
-      c, acc = carry
-      out = api.extend(cfg, params, c, block_BxT, jnp.full((B,), T, jnp.int32), out_in=out_in)
+      c, hs, acc = carry
+      out = dec.main_pass(params, c, block_BxT, n_B, hs)
       acc = acc + out.logits[:, -1].sum() + sum(s[:, -1].sum() for s in out.sources)
-      return out.cache.replace(lengths=c.lengths), acc
-    return jax.lax.fori_loop(0, PASSES, body, (cache, jnp.zeros((), jnp.float32)))[1]
+      return out.cache.replace(lengths=c.lengths), out.head_state, acc
+    _, hs, acc = jax.lax.fori_loop(0, PASSES, body,
+                                   (cache, head_state, jnp.zeros((), jnp.float32)))
+    return acc, hs
   return passes
 
 
 @functools.lru_cache(maxsize=None)
-def _head_chain_fn(cfg: mt.Config, k: int):
-  """The head's chain of k greedy samples, exactly as the CoT loop runs it."""
+def _head_chain_fn(dec: decode.Decoder):
+  """The head's chain of k samples as the CoT loop draws it:
+  `decode.blocks.sample_head_chain(dec.head, ...)` with the loop's sampling."""
   @jax.jit
-  def head_chain(params, sources, x1_B, key):
-    return decode.sample_head_chain(cfg, params, sources, x1_B, jax.random.split(key, k), GREEDY)
+  def head_chain(params, head_state, sources, x1_B, lengths_B, key):
+    return blocks.sample_head_chain(dec.head, params, head_state, sources, x1_B,
+                                    jax.random.split(key, dec.k), dec.sample, lengths_B)
   return head_chain
 
 
 @functools.lru_cache(maxsize=None)
-def _step_fn(cfg: mt.Config, out_in: bool):
-  """One greedy token: a (B, 1) main pass + argmax; the cache is donated (updated in place)."""
+def _step_fn(dec: decode.Decoder):
+  """One greedy token: `Decoder.main_pass` over a (B, 1) block + argmax; the cache
+  is donated (updated in place). k = 0: no head state."""
   @functools.partial(jax.jit, donate_argnums=(1,))
   def step(params, cache, tok_B):
-    out = api.extend(cfg, params, cache, tok_B[:, None], out_in=out_in)
+    out = dec.main_pass(params, cache, tok_B[:, None], None, ())
     return out.cache, jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32)
   return step
 
@@ -276,16 +297,17 @@ def weights_floor_ms(cfg: mt.Config, dp: decode.DecodeParams, repeats: int) -> f
   return 1e3 * t / 64
 
 
-def naive_loop(cfg, dp: decode.DecodeParams, prompt, lens, n_tokens: int, capacity: int,
+def naive_loop(dec: decode.Decoder, dp: decode.DecodeParams, prompt, lens, n_tokens: int,
                repeats: int):
-  """tokens/s of a Python loop over a jitted one-token step (k=0 equivalent)."""
+  """tokens/s of a Python loop over a jitted one-token step (k=0 equivalent): the
+  loop's own prefill and main pass (`dec`, k = 0), driven from Python."""
   params = dp.params
-  prefill = _prefill_fn(cfg, capacity, dp.layout == "out_in")
-  step = _step_fn(cfg, dp.layout == "out_in")
+  prefill = _prefill_fn(dec)
+  step = _step_fn(dec)
 
   def run():
-    cache, logits, _ = prefill(params, prompt, lens)
-    tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    st = prefill(params, prompt, lens, jax.random.key(0))
+    cache, tok = st.cache, jnp.argmax(st.logits, axis=-1).astype(jnp.int32)
     jax.block_until_ready((cache, tok))
     t0 = time.perf_counter()
     for _ in range(n_tokens):
@@ -349,10 +371,10 @@ def bench_contexts(kernels: dict, contexts, a) -> dict[str, dict[int, float]]:
       W = windows[c] = max(min(256, 2 * (c - 34)), 2)   # centred, with a prompt >= 2 tokens
       prompt, lens = prompts(cfg, 1, max(c - 32 - W // 2, 2), seed=7, no_cot=False)
       for n in (32, 32 + W):
-        run_cot, _ = decode._static(cfg, 0, GREEDY, n, 64 + W - n, V, V, None)  # same capacity
+        dec = row_decoder(cfg, 0, n, 64 + W - n, V, V)       # the same capacity
         args = (dp.params, prompt, lens, jax.random.key(0))
-        jax.block_until_ready(run_cot(*args))                # compile + warm-up
-        fns[kern, c, n] = (run_cot, args)
+        jax.block_until_ready(dec.run_cot(*args))            # compile + warm-up
+        fns[kern, c, n] = (dec.run_cot, args)
   times = {key: [] for key in fns}
   for _ in range(3 * a.repeats):
     for key, (fn, args) in fns.items():
@@ -379,7 +401,7 @@ class CotRow:
   t_prefill: float         # s
   main_block_ms: float = float("nan")   # one main pass over (B, k+1)
   main_one_ms: float = float("nan")     # one main pass over (B, 1)
-  head_ms: float = float("nan")         # the head chain as decode.py runs it
+  head_ms: float = float("nan")         # the head chain as the CoT loop draws it
 
   @property
   def t_cot(self) -> float:
@@ -402,34 +424,35 @@ class CotRow:
 def bench_cot(name, cfg, dp: decode.DecodeParams, B, k, a) -> CotRow:
   V = cfg.model.vocab_size
   P = a.prompt_len
-  out_in, params = dp.layout == "out_in", dp.params
-  run_cot, _ = decode._static(cfg, k, GREEDY, a.max_cot, a.max_answer, V, THINK_END_ID, None)
+  params = dp.params
+  dec = row_decoder(cfg, k, a.max_cot, a.max_answer, V)
   prompt, lens = prompts(cfg, B, P, seed=B, no_cot=False)
   key = jax.random.key(0)
-  t, st = timed(run_cot, params, prompt, lens, key, repeats=a.repeats)
+  t, st = timed(dec.run_cot, params, prompt, lens, key, repeats=a.repeats)
   # The raw loop state: slots at or past n_out hold a cut block's leftovers.
   written = np.arange(st.phase.shape[1])[None, :] < np.asarray(st.n_out)[:, None]
   cot_tokens = int(((np.asarray(st.phase) == 0) & written).sum())
   iterations = int(np.asarray(st.passes).max()) - 1
-  capacity = P + a.max_cot + 1 + (k + 1) + a.max_answer
-  t_pre, _ = timed(_prefill_fn(cfg, capacity, out_in), params, prompt, lens,
-                   repeats=a.repeats + 2)
+  prefill = _prefill_fn(dec)
+  t_pre, st0 = timed(prefill, params, prompt, lens, key, repeats=a.repeats + 2)
   row = CotRow(name, B, k, cot_tokens, iterations, int(np.asarray(st.forced).sum()), t, t_pre)
 
   if not a.no_breakdown:
-    cache = KVCache.empty(cfg.model, B, capacity).replace(
-        lengths=jnp.full((B,), P + a.max_cot // 2, jnp.int32))
-    mp, mps = _main_pass_fn(cfg, out_in), _main_passes_fn(cfg, out_in)
+    # The prefill's cache (the loop's capacity) and head state, filled to mid-CoT.
+    mid = jnp.full((B,), P + a.max_cot // 2, jnp.int32)
+    cache, head_state = st0.cache.replace(lengths=mid), st0.head_state
+    mps = _main_passes_fn(dec)
     reps = max(5, 3 * a.repeats)
-    row.main_block_ms = 1e3 / PASSES * time_fn(mps, params, cache, jnp.ones((B, k + 1), jnp.int32),
-                                               repeats=reps)["median"]
-    row.main_one_ms = 1e3 / PASSES * time_fn(mps, params, cache, jnp.ones((B, 1), jnp.int32),
-                                             repeats=reps)["median"]
-    if k > 0:
-      _, _, sources = mp(params, cache, jnp.ones((B, 1), jnp.int32))
+    row.main_block_ms = 1e3 / PASSES * time_fn(
+        mps, params, cache, head_state, jnp.ones((B, k + 1), jnp.int32), repeats=reps)["median"]
+    row.main_one_ms = 1e3 / PASSES * time_fn(
+        mps, params, cache, head_state, jnp.ones((B, 1), jnp.int32), repeats=reps)["median"]
+    if k > 0:   # the chain at h after one more pass, as the loop's next iteration draws it
+      out = _main_pass_fn(dec)(params, cache, head_state, jnp.ones((B, 1), jnp.int32))
+      sources = tuple(s[:, -1] for s in out.sources)
       x1 = jnp.full((B,), 7, jnp.int32)
-      chain = _head_chain_fn(cfg, k)
-      row.head_ms = 1e3 * time_fn(chain, params, sources, x1, key, repeats=reps)["median"]
+      row.head_ms = 1e3 * time_fn(_head_chain_fn(dec), params, out.head_state, sources, x1,
+                                  mid + 1, key, repeats=reps)["median"]
   return row
 
 
@@ -437,12 +460,11 @@ def bench_answer(name, cfg, dp: decode.DecodeParams, B, a):
   """(tokens/s, tokens, seconds) of run_answer alone after a no-CoT prefill."""
   V = cfg.model.vocab_size
   params = dp.params
-  run_cot, run_answer = decode._static(cfg, 0, GREEDY, a.max_cot, a.max_answer, V, THINK_END_ID,
-                                       None)
+  dec = row_decoder(cfg, 0, a.max_cot, a.max_answer, V)
   prompt, lens = prompts(cfg, B, a.prompt_len, seed=100 + B, no_cot=True)
-  st = jax.block_until_ready(run_cot(params, prompt, lens, jax.random.key(0)))
+  st = jax.block_until_ready(dec.run_cot(params, prompt, lens, jax.random.key(0)))
   assert bool(np.all(np.asarray(st.cot_done))), "a no-CoT prompt should skip the CoT loop"
-  t, res = timed(run_answer, params, st, repeats=a.repeats)
+  t, res = timed(dec.run_answer, params, st, repeats=a.repeats)
   n = int((np.asarray(res.phase) == 1).sum())
   return n / t, n, t
 
@@ -552,9 +574,9 @@ def main(a) -> None:
         results.setdefault("bf16", []).append({"model": name, "B": B, "iter_ms": r16.iter_ms,
                                                "tok_s": r16.tok_s, "bound_ms": bnd16})
       ans_tps, ans_n, ans_t = bench_answer(name, cfg, dp, B, a)
-      cap0 = a.prompt_len + a.max_cot + 2 + a.max_answer
       prompt, lens = prompts(cfg, B, a.prompt_len, seed=B, no_cot=False)
-      naive_tps, naive_t = naive_loop(cfg, dp, prompt, lens, a.max_cot, cap0, a.repeats)
+      naive_dec = row_decoder(cfg, 0, a.max_cot, a.max_answer, m.vocab_size)
+      naive_tps, naive_t = naive_loop(naive_dec, dp, prompt, lens, a.max_cot, a.repeats)
       ans_pass = 1e3 * ans_t / max(ans_n // B - 1, 1)
       ans_bnd = bound_ms(cfg, params, B, a.prompt_len + a.max_answer // 2, bw)
       print(f"answer phase (run_answer): {ans_n} tokens in {1e3*ans_t:.1f} ms = {ans_tps:.1f} tok/s"
@@ -685,9 +707,9 @@ def main(a) -> None:
   print("\n# columns: tok/s = CoT tokens / (run_cot - prefill); ms/iter = that time / iterations;"
         " bound = the bytes a pass reads (main weights, KV cache at mid-CoT, k x the head's weights)"
         " / the measured bandwidth (best of 30 probe calls); of bnd = bound / ms/iter (a median);"
-        " main(k+1), main(1) = one main pass (extend) over a (B, k+1) / (B, 1) block, cache carried"
+        " main(k+1), main(1) = one Decoder.main_pass over a (B, k+1) / (B, 1) block, cache carried"
         " in place (16 in a fori_loop); ratio = their"
-        " quotient; head = the head chain as decode.py runs it (decode.sample_head_chain);"
+        " quotient; head = the head chain as the loop draws it (decode.blocks.sample_head_chain);"
         " other = ms/iter - main(k+1) - head")
   print(f"# total {time.perf_counter() - t_start:.0f}s")
   if a.json:
