@@ -2,7 +2,7 @@ PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test clean
+.PHONY: demo test test-all clean
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -13,8 +13,16 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/python train.py
 
+# Two pytest workers (the CPU's two cores: compiles are single-threaded), one
+# test file per worker at a time so that module fixtures compile once; the
+# `slow` tier (tests that cannot shrink further) only in test-all.
+PYTEST := $(VENV)/bin/python -m pytest tests -n 2 --dist loadfile
+
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest tests
+	$(PYTEST) -m "not slow"
+
+test-all: $(STAMP)
+	$(PYTEST)
 
 clean:
 	rm -rf $(VENV) *.egg-info
