@@ -414,3 +414,17 @@ def test_native_kernel_decodes_as_xla(tiny_cfg, dparams, prompt):
       np.testing.assert_array_equal(got.tokens, want.tokens)
       np.testing.assert_array_equal(got.forward_passes, want.forward_passes)
       np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=0, atol=1e-5)  # as above
+
+
+def test_make_generate_inside_jit_equals_generate(tiny_cfg, dparams, prompt):
+  """The pure form under the caller's own jit writes generate's output, with the
+  same settings given as DecodeConfig overrides; a name that is not a decode
+  setting is refused, naming it."""
+  kw = dict(k=3, max_cot_tokens=MAX_COT, max_answer_tokens=MAX_ANS)
+  want = _gen(tiny_cfg, dparams, prompt, **kw)
+  fn = mt.make_generate(tiny_cfg, **kw)
+  got = jax.tree.map(np.asarray, jax.jit(fn)(dparams, prompt, LENS, jax.random.key(1)))
+  for name, w, g in zip(want._fields, want, got):
+    np.testing.assert_array_equal(g, w, err_msg=name)
+  with pytest.raises(ValueError, match="max_cot"):
+    mt.make_generate(tiny_cfg, max_cot=4)

@@ -182,3 +182,23 @@ def test_native_config_errors(tiny_cfg, tiny_params):
   with pytest.raises(ValueError, match="decode.cpu_kernel=native runs on one CPU device"):
     decode.generate(cfg, tiny_params, np.ones((1, 2), np.int32), np.array([2]),
                     jax.random.key(0), mesh=mesh)
+
+
+def test_native_kernel_loads_only_for_a_cpu_target(tiny_cfg, monkeypatch):
+  """decode.cpu_kernel=native on an accelerator host: the decoder runs XLA's pass
+  there and never builds or loads the kernel (a host without a C++ compiler must
+  not fail on a kernel it would never run). The platform is faked: no GPU here."""
+  from mtcot_jax.decode import backend
+  cfg = tiny_cfg.replace(decode={"cpu_kernel": "native", "weights_layout": "out_in"})
+
+  def refuse():
+    raise AssertionError("native.load() called for a non-CPU target")
+  monkeypatch.setattr(native, "load", refuse)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert not backend.uses_native(cfg, None)
+  extend = backend.extend_fn(cfg, None)
+  assert extend.func is api.extend and extend.keywords["out_in"]
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+  assert backend.uses_native(cfg, None)
+  with pytest.raises(AssertionError, match="non-CPU target"):
+    backend.extend_fn(cfg, None)
