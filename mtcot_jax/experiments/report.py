@@ -2,7 +2,8 @@
 
 Regenerate with `python -m mtcot_jax.experiments report <dir>`. Needs matplotlib,
 computes nothing with JAX: it reads JSON files (loading this module imports no JAX;
-the runs' metrics.jsonl are read through `mtcot_jax.train.metrics`, imported on use).
+the runs' metrics.jsonl are read through `mtcot_jax.train.metrics` and the markdown
+tables built by `tables.py`, both imported on use).
 """
 
 from __future__ import annotations
@@ -22,6 +23,13 @@ DASH = "–"
 # The last row wins when a cell's evaluation was appended twice (a rerun).
 _KEY = ("task", "method", "seed", "eval")
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "*", "p"]
+
+
+# The columns of report.md's tables (the tables themselves: tables.py).
+PRIMARY_COLUMNS = ["method", "n", "accuracy", "passes", "passes ÷ cot", "accuracy ÷ cot",
+                   "tokens/pass", "kept/pass", "CoT tokens", "finished", "head accept by depth",
+                   "train s"]
+EVAL_COLUMNS = ["method", "eval", "n", "k", "accuracy", "passes", "max CoT tokens"]
 
 
 def load_rows(out_dir: str) -> list[dict]:
@@ -59,27 +67,6 @@ def _isnan(v: Any) -> bool:
   return isinstance(v, float) and math.isnan(v)
 
 
-def _fmt(values: Iterable[float | None], digits: int) -> str:
-  """'mean ± std' (sample std) for n >= 2, the bare value for n = 1, '–' for none."""
-  s = _stats(values)
-  if s is None:
-    return DASH
-  mean, std, n = s
-  return f"{mean:.{digits}f}" if n == 1 else f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
-def _fmt_mean(values: Iterable[float | None], digits: int) -> str:
-  s = _stats(values)
-  return DASH if s is None else f"{s[0]:.{digits}f}"
-
-
-def _per_depth_mean(lists: list[list[float] | None]) -> list[float]:
-  """Mean over seeds per depth (ragged lists allowed)."""
-  lists = [l for l in lists if l]
-  depth = max((len(l) for l in lists), default=0)
-  return [statistics.fmean([l[d] for l in lists if len(l) > d]) for d in range(depth)]
-
-
 def _per_depth_stats(lists: list[list[float] | None]) -> tuple[list[float], list[float]]:
   lists = [l for l in lists if l]
   depth = max((len(l) for l in lists), default=0)
@@ -91,18 +78,19 @@ def _per_depth_stats(lists: list[list[float] | None]) -> tuple[list[float], list
   return means, stds
 
 
-def _ratio(num: float | None, den: float | None) -> float | None:
-  if num is None or den is None or den == 0:
-    return None
-  return num / den
-
-
 # ---------------------------------------------------------------------------- grouping
 
 
 def _ordered(values: Iterable) -> list:
   """Distinct values in order of first appearance."""
   return list(dict.fromkeys(values))
+
+
+def _eval_groups(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
+  groups: dict[tuple[str, str], list[dict]] = {}
+  for r in rows:
+    groups.setdefault((r["method"], r.get("eval")), []).append(r)
+  return groups
 
 
 def _is_rl(row: dict) -> bool:
@@ -119,85 +107,6 @@ def _task_title(rows: list[dict]) -> str:
 
 def _safe(name: str) -> str:
   return re.sub(r"[^A-Za-z0-9._-]+", "_", str(name))
-
-
-def _cell(text: Any) -> str:
-  return str(text).replace("|", "\\|")
-
-
-def _table(header: list[str], lines: list[list[str]]) -> list[str]:
-  out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-  out += ["| " + " | ".join(_cell(c) for c in line) + " |" for line in lines]
-  return out
-
-
-# ---------------------------------------------------------------------------- tables
-
-PRIMARY_COLUMNS = ["method", "n", "accuracy", "passes", "passes ÷ cot", "accuracy ÷ cot",
-                   "tokens/pass", "kept/pass", "CoT tokens", "finished", "head accept by depth",
-                   "train s"]
-EVAL_COLUMNS = ["method", "eval", "n", "k", "accuracy", "passes", "max CoT tokens"]
-
-
-def _primary_table(rows: list[dict]) -> list[str]:
-  primary = [r for r in rows if r.get("primary")]
-  cot = {r.get("seed"): r for r in primary if r["method"] == "cot"}
-  lines = []
-  for method in _ordered(r["method"] for r in primary):
-    mine = [r for r in primary if r["method"] == method]
-    pass_ratio, acc_ratio = [], []
-    for r in mine:
-      base = cot.get(r.get("seed"))
-      if base is not None:
-        pass_ratio.append(_ratio(r.get("forward_passes"), base.get("forward_passes")))
-        acc_ratio.append(_ratio(r.get("accuracy"), base.get("accuracy")))
-    accept = _per_depth_mean([r.get("head_accept") for r in mine])
-    lines.append([
-        method, str(len(mine)),
-        _fmt((r.get("accuracy") for r in mine), 3),
-        _fmt((r.get("forward_passes") for r in mine), 1),
-        _fmt(pass_ratio, 2), _fmt(acc_ratio, 2),
-        _fmt((r.get("tokens_per_pass") for r in mine), 2),
-        _fmt((r.get("accepted_per_pass") for r in mine), 2),
-        _fmt((r.get("cot_tokens") for r in mine), 1),
-        _fmt((r.get("finished") for r in mine), 3),
-        " ".join(f"{a:.2f}" for a in accept) if accept else DASH,
-        _fmt_mean((r.get("train_seconds") for r in mine), 0),
-    ])
-  return _table(PRIMARY_COLUMNS, lines)
-
-
-def _eval_groups(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
-  groups: dict[tuple[str, str], list[dict]] = {}
-  for r in rows:
-    groups.setdefault((r["method"], r.get("eval")), []).append(r)
-  return groups
-
-
-def _eval_table(rows: list[dict]) -> list[str]:
-  lines = []
-  for (method, name), group in _eval_groups([r for r in rows if not r.get("primary")]).items():
-    lines.append([
-        method, str(name), str(len(group)),
-        "/".join(str(v) for v in _ordered(r.get("k") for r in group)),
-        _fmt((r.get("accuracy") for r in group), 3),
-        _fmt((r.get("forward_passes") for r in group), 1),
-        "/".join(str(v) for v in _ordered(r.get("max_cot_tokens") for r in group)),
-    ])
-  return _table(EVAL_COLUMNS, lines) if lines else ["(none)"]
-
-
-def _budget_lines(rows: list[dict]) -> list[str]:
-  out = []
-  for (method, name), group in _eval_groups(rows).items():
-    targets = [(r.get("budget") or {}).get("target_passes") for r in group]
-    if all(t is None for t in targets):
-      continue
-    caps = "/".join(str(v) for v in _ordered(r.get("max_cot_tokens") for r in group))
-    out.append(f"- `{method}` `{name}` (equal-passes baseline, max CoT tokens {caps}): "
-               f"mean passes {_fmt((r.get('forward_passes') for r in group), 2)} "
-               f"vs target {_fmt(targets, 2)}")
-  return out
 
 
 # ---------------------------------------------------------------------------- plots
@@ -388,6 +297,7 @@ def _plot_rl_reward(rows: list[dict], out_dir: str, title: str, path: str) -> bo
 def write_report(out_dir: str) -> str:
   """Writes out_dir/report.md and out_dir/plots/*.png from out_dir/results.jsonl; returns
   the report's path."""
+  from mtcot_jax.experiments.tables import budget_lines, eval_table, primary_table
   rows = load_rows(out_dir)
   plots = os.path.join(out_dir, PLOTS)
   os.makedirs(plots, exist_ok=True)
@@ -407,9 +317,9 @@ def write_report(out_dir: str) -> str:
   for task in _ordered(r["task"] for r in rows):
     mine = [r for r in rows if r["task"] == task]
     title = _task_title(mine)
-    lines += ["", f"## {title}", "", "### Primary evaluations", ""] + _primary_table(mine)
-    lines += ["", "### Other evaluations", ""] + _eval_table(mine)
-    budget = _budget_lines(mine)
+    lines += ["", f"## {title}", "", "### Primary evaluations", ""] + primary_table(mine)
+    lines += ["", "### Other evaluations", ""] + eval_table(mine)
+    budget = budget_lines(mine)
     if budget:
       lines += ["", "### Equal-passes budgets", ""] + budget
     made = []
