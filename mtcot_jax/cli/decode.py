@@ -33,11 +33,13 @@ from absl import logging as absl_logging
 import jax
 import numpy as np
 
-import mtcot_jax as mt
 from mtcot_jax.errors import ConfigError, user_errors
-from mtcot_jax.config import parse_override
+from mtcot_jax.config import load_config, parse_override
+from mtcot_jax.data import encode_prompt
 from mtcot_jax.data.catalog import task_for
 from mtcot_jax.data.tasks import Example
+from mtcot_jax.decode import generate, prepare_params
+from mtcot_jax.model import init_params
 from mtcot_jax.train.evaluate import answer_text, render
 
 
@@ -89,12 +91,13 @@ def _decode_overrides(overrides) -> dict:
 def _load(args):
   if args.checkpoint:
     changes = _decode_overrides(args.overrides)
-    run = mt.load_run(args.checkpoint)
+    from mtcot_jax.train.checkpoint import load_run   # orbax: imported when a run is read
+    run = load_run(args.checkpoint)
     cfg = run.cfg.replace(decode=changes) if changes else run.cfg
     return cfg, run.params, run.tokenizer
   from mtcot_jax.data import tokenizer_for
-  cfg = mt.load_config(args.config, args.overrides)
-  return cfg, mt.init_params(cfg, jax.random.key(args.seed)), tokenizer_for(cfg)
+  cfg = load_config(args.config, args.overrides)
+  return cfg, init_params(cfg, jax.random.key(args.seed)), tokenizer_for(cfg)
 
 
 def _questions(args, cfg, tok):
@@ -120,7 +123,7 @@ def _encode(tok, questions, cfg, no_cot: bool, source: str) -> list[list[int]]:
   ids = []
   for i, q in enumerate(questions):
     try:
-      row = mt.encode_prompt(tok, q, cot=not no_cot)
+      row = encode_prompt(tok, q, cot=not no_cot)
     except ValueError as e:
       raise ValueError(f"{source}, question {i + 1}: {e}") from None
     if len(row) > limit:
@@ -150,7 +153,7 @@ def main(argv=None):
             eos_id=tok.eos_id, think_end_id=tok.think_end_id, head_threshold=args.head_threshold,
             verify=args.verify)
   key = jax.random.key(args.seed)
-  params = mt.prepare_params(cfg, params)   # decode.weights_dtype/_layout: once for every batch
+  params = prepare_params(cfg, params)   # decode.weights_dtype/_layout: once for every batch
   results, dt = [], 0.0
   for start in range(0, len(ids), args.batch_size):
     chunk = ids[start:start + args.batch_size]
@@ -162,9 +165,9 @@ def main(argv=None):
       lengths[i] = len(row)
     step_key = jax.random.fold_in(key, start)
     if start == 0:
-      mt.generate(cfg, params, prompt, lengths, step_key, **kw)     # compile once
+      generate(cfg, params, prompt, lengths, step_key, **kw)     # compile once
     t0 = time.perf_counter()
-    res = jax.tree.map(np.asarray, mt.generate(cfg, params, prompt, lengths, step_key, **kw))
+    res = jax.tree.map(np.asarray, generate(cfg, params, prompt, lengths, step_key, **kw))
     dt += time.perf_counter() - t0
     results += [jax.tree.map(lambda x, i=i: x[i], res) for i in range(len(chunk))]
   k = args.k if args.k is not None else (cfg.decode.k if cfg.decode.k >= 0 else cfg.head.k)

@@ -16,7 +16,7 @@ import os
 from absl import logging as absl_logging
 import jax
 
-import mtcot_jax as mt
+from mtcot_jax.config import load_config
 from mtcot_jax.errors import user_errors
 
 DEFAULT_CONFIG = os.path.normpath(
@@ -48,7 +48,7 @@ def write_plots(cfg) -> None:
 def main(argv=None):
   args = parse_args(argv)
   absl_logging.set_verbosity(absl_logging.ERROR)   # tfds/orbax info lines drown the output
-  cfg = mt.load_config(args.config, args.overrides)
+  cfg = load_config(args.config, args.overrides)
   # Multi-host: every process runs this command; the runtime must start before
   # anything below touches a device.
   from mtcot_jax import distributed
