@@ -1,6 +1,7 @@
 """The package's import structure: `import mtcot_jax` (and a decode) reads neither
-tfds, TensorFlow nor grain, the plot tool no orbax, and no module imports itself
-back through others (a cycle) at import time."""
+tfds, TensorFlow nor grain, the plot tool no orbax, no module imports itself
+back through others (a cycle) at import time, and every import goes down the
+layers of `LAYERS` (or stays within one)."""
 
 import ast
 import json
@@ -108,6 +109,74 @@ def test_import_graph_reads_the_package():
 def test_no_import_cycle():
   found = cycles(import_graph())
   assert not found, "import cycles (each a set of modules importing one another): " + str(found)
+
+
+# The package's layers, lowest first: a module may import from its own layer and
+# those below, never from one above; imports inside functions count too. A name
+# ending in `*` names every module that starts with the rest (`mtcot_jax.model*`:
+# the package and its modules; `mtcot_jax.hf*`: hf.py and hf_format.py).
+LAYERS = (
+    # 0: the standard library only.
+    ("mtcot_jax.tokens", "mtcot_jax.errors"),
+    # 1: the typed config, its file format and its checks.
+    ("mtcot_jax.config_io", "mtcot_jax.config_checks", "mtcot_jax.config"),
+    # 2: what reads a config but no model: the mesh, the multi-host runtime, sampling.
+    ("mtcot_jax.sharding", "mtcot_jax.distributed", "mtcot_jax.sampling"),
+    # 3: the model. native/ (the C++ decode step) wraps the model's layers and is
+    # loaded by decode/backend.py: the model's layer, not decode's.
+    ("mtcot_jax.model*", "mtcot_jax.native"),
+    # 4: decoding (uses the model) and the data (tasks, tokenizers, pipeline; the
+    # model never reads it).
+    ("mtcot_jax.decode*", "mtcot_jax.data*"),
+    # 5: training and Hugging Face interop. train/loop.py imports hf (a run that
+    # starts from a Hugging Face checkpoint), hf's import never trains: one layer.
+    ("mtcot_jax.hf*", "mtcot_jax.train*"),
+    # 6: the programs on top: the experiment runner and report, tools, command lines.
+    ("mtcot_jax.experiments*", "mtcot_jax.tools*", "mtcot_jax.cli*"),
+    # 7: `import mtcot_jax`, the public API: it may import anything, nothing imports it.
+    ("mtcot_jax",),
+)
+
+
+def layer_of(module: str, layers=LAYERS) -> int | None:
+  """The index in `layers` of the entry naming `module`, None if none does."""
+  for i, names in enumerate(layers):
+    for name in names:
+      if module == name.rstrip("*") or (name.endswith("*") and module.startswith(name[:-1])):
+        return i
+  return None
+
+
+def upward_imports(graph: dict[str, set[str]], layers=LAYERS) -> list[str]:
+  """Every edge of `graph` from a module to one in a higher layer, as text."""
+  out = []
+  for module in sorted(graph):
+    for dep in sorted(graph[module]):
+      if layer_of(dep, layers) > layer_of(module, layers):
+        out.append(f"{module} (layer {layer_of(module, layers)}) imports {dep} "
+                   f"(layer {layer_of(dep, layers)})")
+  return out
+
+
+def test_layers_read_the_table():
+  layers = (("a", "b*"), ("c*",), ("top",))
+  assert [layer_of(m, layers) for m in ("a", "b", "b.x", "bee", "c.d.e", "top", "d")] == \
+      [0, 0, 0, 0, 1, 2, None]
+  graph = {"a": {"b.x"}, "b.x": {"c"}, "c.d.e": {"a", "top"}, "top": {"a"}}
+  assert upward_imports(graph, layers) == ["b.x (layer 0) imports c (layer 1)",
+                                           "c.d.e (layer 1) imports top (layer 2)"]
+  assert layer_of("mtcot_jax.hf_format") == layer_of("mtcot_jax.train.loop") == 5
+  assert layer_of("mtcot_jax.model.api") < layer_of("mtcot_jax.data.tokenizer")
+
+
+def test_every_module_has_a_layer():
+  missing = sorted(m for m in import_graph() if layer_of(m) is None)
+  assert not missing, f"modules in no layer of LAYERS (add them where they belong): {missing}"
+
+
+def test_imports_go_down_the_layers():
+  up = upward_imports(import_graph(top_level=False))
+  assert not up, "imports from a lower layer to a higher one (see LAYERS):\n" + "\n".join(up)
 
 
 HEAVY = ("tensorflow", "grain", "orbax")   # tensorflow_datasets, tensorflow_metadata too
