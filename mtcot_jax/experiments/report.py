@@ -178,11 +178,17 @@ def _plot_accuracy(rows: list[dict], title: str, path: str) -> bool:
     ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.xaxis.set_minor_formatter(NullFormatter())
+  return _finish(fig, ax, path, "forward passes per problem (serial main-model passes, mean"
+                 + (", log scale)" if log else ")"), "accuracy on held-out problems",
+                 f"{title}: accuracy vs forward passes")
+
+
+def _finish(fig, ax, path: str, xlabel: str, ylabel: str, title: str) -> bool:
+  """Labels, the [0, 1] y range, a grid and the legend outside; writes the PNG."""
   ax.set_ylim(-0.03, 1.03)
-  ax.set_xlabel("forward passes per problem (serial main-model passes, mean"
-                + (", log scale)" if log else ")"))
-  ax.set_ylabel("accuracy on held-out problems")
-  ax.set_title(f"{title}: accuracy vs forward passes")
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
   ax.grid(alpha=0.3)
   _legend_outside(ax)
   _save(fig, path)
@@ -240,14 +246,9 @@ def _plot_head_acceptance(rows: list[dict], title: str, path: str) -> bool:
                 **_style(methods.index(method)))
   k = max(len(r["head_accept"]) for r in primary)
   ax.set_xticks(range(1, k + 1))
-  ax.set_ylim(-0.03, 1.03)
-  ax.set_xlabel("head depth (token position within a CoT block)")
-  ax.set_ylabel("head acceptance (agrees with main greedy token)")
-  ax.set_title(f"{title}: multi-token head acceptance by depth")
-  ax.grid(alpha=0.3)
-  _legend_outside(ax)
-  _save(fig, path)
-  return True
+  return _finish(fig, ax, path, "head depth (token position within a CoT block)",
+                 "head acceptance (agrees with main greedy token)",
+                 f"{title}: multi-token head acceptance by depth")
 
 
 def _reward_curve(out_dir: str, workdir: str) -> tuple[list[float], list[float]]:
