@@ -26,12 +26,25 @@ def tiny_params(tiny_cfg):
   return mt.init_params(tiny_cfg, jax.random.key(0))
 
 
+CACHE_DIR = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "jax"))
+
+
 def pytest_configure(config):
   # Compiles dominate test time on a CPU: share them across the runs in this
-  # session (train() builds a new jitted step per call) through XLA's cache.
-  cache = os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "jax")
-  jax.config.update("jax_compilation_cache_dir", os.path.abspath(cache))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  # session (train() builds a new jitted step per call) and across sessions
+  # through XLA's persistent cache. Every compile is kept, the one-primitive
+  # programs of eager code included (most take well under a second each, but
+  # there are hundreds): a cached one loads in a millisecond or two.
+  jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
+def subprocess_env(**extra) -> dict:
+  """os.environ for a child Python process that runs JAX, plus `extra`: the
+  tests' persistent compile cache and its settings (a child reads them from the
+  environment, not from this process's jax.config)."""
+  return {**os.environ, "JAX_COMPILATION_CACHE_DIR": CACHE_DIR,
+          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", **extra}
 
 
 def adam_param_bound(cfg, steps: int) -> float:
