@@ -16,18 +16,28 @@ def _tokens(cfg, seed=1, shape=(B, T)):
   return jax.random.randint(jax.random.key(seed), shape, 1, cfg.model.vocab_size)
 
 
+def _rows_jacobian(f, *args):
+  """d f(*args)[i] / d args[-1] for every output i: f returns one value per
+  output row, and one jitted jacrev (a VJP per row, vmapped) gives them all in a
+  single compile. The perturbation is the last argument (the first ones, the
+  parameters, stay arguments rather than constants baked into the program)."""
+  return np.asarray(jax.jit(jax.jacrev(f, argnums=len(args) - 1))(*args))
+
+
 def test_main_causality(tiny_cfg, tiny_params):
-  """d logits[t] / d embedding[u] is exactly zero for u > t (and nonzero for u <= t)."""
+  """d logits[t] / d embedding[u] is exactly zero for u > t (and nonzero for u <= t),
+  at every position t."""
   tokens = _tokens(tiny_cfg, shape=(1, 8))
   module = api.main_module(tiny_cfg)
 
-  def logits_at(z, t):
-    out = module.apply({"params": tiny_params["main"], "perturbations": {"embeddings": z}}, tokens)
-    return out.logits[0, t].sum() + out.residual[0, t].sum()
+  def per_position(params, z):   # (8,): position t's logits and residual, summed
+    out = module.apply({"params": params, "perturbations": {"embeddings": z}}, tokens)
+    return out.logits[0].sum(-1) + out.residual[0].sum(-1)
 
   z = jnp.zeros((1, 8, tiny_cfg.model.d_model))
-  for t in (0, 3, 7):
-    g = np.asarray(jax.grad(logits_at)(z, t))[0]
+  jac = _rows_jacobian(per_position, tiny_params["main"], z)[:, 0]   # (t, u, D)
+  for t in range(8):
+    g = jac[t]
     assert np.all(g[t + 1:] == 0.0), f"position {t} sees the future"
     assert np.all(np.abs(g[: t + 1]).sum(-1) > 0), f"position {t} ignores its past"
 
@@ -41,27 +51,29 @@ def test_head_chain_causality_and_residual_channel(tiny_cfg, tiny_params):
   out = mt.forward(tiny_cfg, tiny_params, tokens)
   head = api.head_module(tiny_cfg)
 
-  def feat(zc, j):
-    f = head.apply({"params": tiny_params["head"], "perturbations": {"chain_embeddings": zc}},
-                   out.sources, chain, tiny_params["main"]["embed"])
-    return f[0, 4, j].sum()
+  def per_depth(params, zc):   # (k,): each depth's features at source position 4
+    f = head.apply({"params": params["head"], "perturbations": {"chain_embeddings": zc}},
+                   out.sources, chain, params["main"]["embed"])
+    return f[0, 4].sum(-1)
 
   zc = jnp.zeros((8, k, tiny_cfg.model.d_model))
+  jac = _rows_jacobian(per_depth, tiny_params, zc)      # (j, source, chain slot, D)
   for j in range(k):
-    g = np.asarray(jax.grad(feat)(zc, j))[4]   # the chain at source position 4
+    g = jac[j, 4]   # the chain at source position 4
     assert np.all(g[j + 1:] == 0.0), f"head depth {j + 1} sees later chain tokens"
     assert np.all(np.abs(g[: j + 1]).sum(-1) > 0)
 
   main = api.main_module(tiny_cfg)
 
-  def head_feat_from_main(z, t):
-    mo = main.apply({"params": tiny_params["main"], "perturbations": {"embeddings": z}}, tokens)
-    f = api.run_head(tiny_cfg, tiny_params, mo.sources, chain)
-    return f[0, t].sum()
+  def per_source(params, z):   # (8,): the head's features at each source position
+    mo = main.apply({"params": params["main"], "perturbations": {"embeddings": z}}, tokens)
+    f = api.run_head(tiny_cfg, params, mo.sources, chain)
+    return f[0].sum((-2, -1))
 
   z = jnp.zeros((1, 8, tiny_cfg.model.d_model))
-  for t in (2, 6):
-    g = np.asarray(jax.grad(head_feat_from_main)(z, t))[0]
+  jac = _rows_jacobian(per_source, tiny_params, z)[:, 0]   # (t, u, D)
+  for t in range(8):
+    g = jac[t]
     assert np.all(g[t + 1:] == 0.0), "the head reads main activations past its source"
     assert np.abs(g[t]).sum() > 0
 
@@ -138,15 +150,17 @@ def test_head_decode_mode_equals_training_mode(tiny_cfg, tiny_params):
   tokens = _tokens(tiny_cfg)
   out = mt.forward(tiny_cfg, tiny_params, tokens)
   k = tiny_cfg.head.k
+  run_head = jax.jit(api.run_head, static_argnums=0)          # one compile per chain length
+  head_logits = jax.jit(mt.head_logits, static_argnums=0)
   for t in (0, 4, 9):
     sources = tuple(s[:, t] for s in out.sources)
     chain = api.chain_tokens(tokens, jnp.full((B, 1), t), k)[:, 0]
-    feats = api.run_head(tiny_cfg, tiny_params, sources, chain)           # (B, k, D)
-    got = mt.head_logits(tiny_cfg, tiny_params, feats)
-    want = mt.head_logits(tiny_cfg, tiny_params, out.head_features[:, t])
+    feats = run_head(tiny_cfg, tiny_params, sources, chain)               # (B, k, D)
+    got = head_logits(tiny_cfg, tiny_params, feats)
+    want = head_logits(tiny_cfg, tiny_params, out.head_features[:, t])
     chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
     # A shorter chain (decode step j) gives the same first depths.
-    short = api.run_head(tiny_cfg, tiny_params, sources, chain[:, :2])
+    short = run_head(tiny_cfg, tiny_params, sources, chain[:, :2])
     chex.assert_trees_all_close(short, feats[:, :2], atol=1e-5, rtol=1e-5)
 
 
@@ -165,13 +179,17 @@ def _head_loss(cfg, params, tokens):
   return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0])
 
 
+# Jitted: one compile per config instead of one per primitive (eager grad).
+_head_loss_grad = jax.jit(jax.grad(_head_loss, argnums=1), static_argnums=0)
+
+
 def test_stop_gradient_residual(tiny_cfg, tiny_params):
   tokens = _tokens(tiny_cfg)
-  g_on = jax.grad(_head_loss, argnums=1)(tiny_cfg, tiny_params, tokens)
+  g_on = _head_loss_grad(tiny_cfg, tiny_params, tokens)
   assert any(float(jnp.abs(x).sum()) > 0 for x in jax.tree.leaves(g_on["main"]))
   assert float(jnp.abs(g_on["main"]["layer_1"]["mlp"]["down"]).sum()) > 0
   cfg_sg = tiny_cfg.replace(head={"stop_gradient_residual": True})
-  g_off = jax.grad(_head_loss, argnums=1)(cfg_sg, tiny_params, tokens)
+  g_off = _head_loss_grad(cfg_sg, tiny_params, tokens)
   for path, leaf in jax.tree_util.tree_leaves_with_path(g_off["main"]):
     assert float(jnp.abs(leaf).sum()) == 0.0, jax.tree_util.keystr(path)
   assert any(float(jnp.abs(x).sum()) > 0 for x in jax.tree.leaves(g_off["head"]))
@@ -237,51 +255,51 @@ def test_context_head_causality(tiny_cfg, context):
   k = cfg.head.k
   tokens = _tokens(cfg, shape=(1, 8))
   main = api.main_module(cfg)
+  pos = jnp.arange(8)[None]
+  mask = api.context_mask(cfg, pos, 8)
 
-  def feat(z, t, j):
+  def first_depth(params, z):   # (8,): depth 1's features at each source position
     mo = main.apply({"params": params["main"], "perturbations": {"embeddings": z}}, tokens)
-    pos = jnp.arange(8)[None]
     f = api.head_module(cfg).apply(
         {"params": params["head"]}, mo.sources, api.chain_tokens(tokens, pos, k),
-        params["main"]["embed"], pos, pos, api.context_mask(cfg, pos, 8))
-    return f[0, t, j].sum()
+        params["main"]["embed"], pos, pos, mask)
+    return f[0, :, 0].sum(-1)
 
   z = jnp.zeros((1, 8, cfg.model.d_model))
-  for t in (2, 5):
-    g = np.asarray(jax.grad(feat)(z, t, 0))[0]
+  jac = _rows_jacobian(first_depth, params, z)[:, 0]   # (t, u, D)
+  for t in range(8):
+    g = jac[t]
     assert np.all(g[t + 1:] == 0.0), "the head reads positions past its source"
     assert np.all(np.abs(g[: t + 1]).sum(-1) > 0)
 
   # Through the memory alone (the main model's outputs held fixed): the window.
   out = mt.forward(cfg, params, tokens)
-  chain = api.chain_tokens(tokens, jnp.arange(8)[None], k)
+  chain = api.chain_tokens(tokens, pos, k)
 
-  def from_sources(dz, t, j):
+  def from_sources(params, dz):   # (k,): each depth's features at source 5
     src = tuple(s + dz for s in out.sources)
-    pos = jnp.arange(8)[None]
     f = api.head_module(cfg).apply({"params": params["head"]}, src, chain,
-                                   params["main"]["embed"], pos, pos,
-                                   api.context_mask(cfg, pos, 8))
-    return f[0, t, j].sum()
+                                   params["main"]["embed"], pos, pos, mask)
+    return f[0, 5].sum(-1)
 
   t = 5
   lo = t - context if context > 0 else -1
+  jac = _rows_jacobian(from_sources, params, jnp.zeros_like(out.sources[0]))   # (j, 1, u, D)
   for j in range(k):
-    g = np.abs(np.asarray(jax.grad(from_sources)(jnp.zeros_like(out.sources[0]), t, j))[0]).sum(-1)
+    g = np.abs(jac[j, 0]).sum(-1)
     assert np.all(g[t + 1:] == 0.0) and np.all(g[lo + 1: t + 1] > 0), (j, g)
     assert np.all(g[: lo + 1] == 0.0), f"the window {context} reads older memory"
 
   head = api.head_module(cfg)
-  pos = jnp.arange(8)[None]
 
-  def chain_feat(zc, j):
+  def chain_feat(params, zc):   # (k,): each depth's features at source 4
     f = head.apply({"params": params["head"], "perturbations": {"chain_embeddings": zc}},
-                   out.sources, chain, params["main"]["embed"], pos, pos,
-                   api.context_mask(cfg, pos, 8))
-    return f[0, 4, j].sum()
+                   out.sources, chain, params["main"]["embed"], pos, pos, mask)
+    return f[0, 4].sum(-1)
 
   zc = jnp.zeros((1, 8, k, cfg.model.d_model))
+  jac = _rows_jacobian(chain_feat, params, zc)   # (j, 1, source, chain slot, D)
   for j in range(k):
-    g = np.asarray(jax.grad(chain_feat)(zc, j))[0, 4]
+    g = jac[j, 0, 4]
     assert np.all(g[j + 1:] == 0.0), f"head depth {j + 1} sees later chain tokens"
     assert np.all(np.abs(g[: j + 1]).sum(-1) > 0)
