@@ -1,6 +1,7 @@
 """GRPO: recomputed log-probs, first-step KL/ratio, the ablation switches, and a
 short run whose reward rises."""
 
+import functools
 import json
 import os
 
@@ -17,6 +18,17 @@ from mtcot_jax.train.step import create_state
 
 B, P, G = 4, 5, 2
 S = sampling.Sampling(temperature=0.9)
+
+# Jitted (cfg and the sampling settings static): one compile per config instead of
+# one per primitive, and a program the persistent cache keeps.
+_token_logprobs = jax.jit(rl.token_logprobs, static_argnums=(0, 4))
+_grpo_loss = jax.jit(rl.grpo_loss, static_argnums=(0, 4))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _grpo_grads(cfg, params, batch):
+  total = rl.counts(cfg, batch)
+  return jax.grad(lambda p: rl.grpo_loss(cfg, p, batch, total, S)[0])(params)
 
 
 @pytest.fixture(scope="module")
@@ -44,21 +56,21 @@ def rollout(tiny_cfg, rparams):
 
 def test_recomputed_logprobs_equal_decoders(tiny_cfg, rparams, rollout):
   res, roll, _ = rollout
-  lp = np.asarray(rl.token_logprobs(tiny_cfg, rparams, roll.tokens, roll.source, S))
+  lp = np.asarray(_token_logprobs(tiny_cfg, rparams, roll.tokens, roll.source, S))
   gen = roll.source >= 0
   assert set(np.unique(roll.source[gen])) == {0, 1, 2, 3}
   np.testing.assert_allclose(lp[gen], roll.old_logprobs[gen], atol=1e-5, rtol=1e-5)
 
 
 def _with_ref(cfg, params, batch):
-  ref = np.asarray(rl.token_logprobs(cfg, params, batch["tokens"], batch["source"], S))
+  ref = np.asarray(_token_logprobs(cfg, params, batch["tokens"], batch["source"], S))
   return {**batch, "ref_logprobs": np.where(batch["source"] >= 0, ref, 0).astype(np.float32)}
 
 
 def test_first_step_kl_zero_ratio_one(tiny_cfg, rparams, rollout):
   batch = jax.tree.map(jnp.asarray, _with_ref(tiny_cfg, rparams, rollout[2]))
   total = rl.counts(tiny_cfg, batch)
-  loss, sums = rl.grpo_loss(tiny_cfg, rparams, batch, total, S)
+  loss, sums = _grpo_loss(tiny_cfg, rparams, batch, total, S)
   m = rl.finalize(sums, total)
   assert abs(float(m["kl"])) < 1e-6 and abs(float(m["ratio"]) - 1) < 1e-5
   assert float(m["clip_frac"]) == 0.0
@@ -102,14 +114,9 @@ def test_stop_gradient_residual_head_tokens_give_main_no_gradient(tiny_cfg, rpar
   # Keep only the head's tokens in the loss.
   head_only = {**batch, "source": np.where(batch["source"] > 0, batch["source"], -1)}
   head_only = jax.tree.map(jnp.asarray, head_only)
-
-  def grads(cfg):
-    total = rl.counts(cfg, head_only)
-    return jax.grad(lambda p: rl.grpo_loss(cfg, p, head_only, total, S)[0])(rparams)
-
-  g = grads(tiny_cfg)
+  g = _grpo_grads(tiny_cfg, rparams, head_only)
   assert any(float(jnp.abs(x).sum()) > 0 for x in jax.tree.leaves(g["main"]))
-  g = grads(tiny_cfg.replace(head={"stop_gradient_residual": True}))
+  g = _grpo_grads(tiny_cfg.replace(head={"stop_gradient_residual": True}), rparams, head_only)
   for path, x in jax.tree_util.tree_leaves_with_path(g["main"]):
     assert float(jnp.abs(x).sum()) == 0.0, jax.tree_util.keystr(path)
   assert any(float(jnp.abs(x).sum()) > 0 for x in jax.tree.leaves(g["head"]))
@@ -131,24 +138,42 @@ def _one_digit(tmp_path):
           "decode.max_cot_tokens=6", "decode.max_answer_tokens=4"]
 
 
-def test_reward_rises(tmp_path):
-  """SFT a tiny model briefly on 1x1-digit products (it stays imperfect: wrong
-  products, CoTs and answers not closed), then GRPO with the task reward plus a
-  format reward: the mean reward of the last RL steps beats the first ones."""
-  base = _one_digit(tmp_path)
+# GRPO's rollouts in both RL runs below: 8 prompts x 8 samples at temperature 1, no
+# KL term. One batch shape and one sampling setting: the two runs' decode loops
+# and reference log-probs are the same programs (the second run's come from the
+# persistent compile cache).
+RL_ROLLOUTS = ["rl.prompts_per_step=8", "rl.group_size=8", "rl.beta=0.0", "rl.temperature=1.0",
+               "rl.format_reward=1.0", "train.warmup_steps=0", "train.checkpoint_every=0"]
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+  """A tiny model SFT'd briefly on 1x1-digit products (it stays imperfect: wrong
+  products, CoTs and answers not closed): the start of both RL runs. Returns
+  (the dataset's overrides, the SFT workdir)."""
+  tmp = tmp_path_factory.mktemp("rl_sft")
+  base = _one_digit(tmp)
   sft = mt.load_config(None, base + ["train.steps=60", "train.batch_size=32",
                                      "train.learning_rate=3e-3", "train.warmup_steps=10",
-                                     f"train.workdir={tmp_path}/sft"])
+                                     f"train.workdir={tmp}/sft"])
   loop.train(sft, progress=False)
-  cfg = mt.load_config(None, base + [
-      "train.stage=rl", f"train.init_from={tmp_path}/sft", f"train.workdir={tmp_path}/rl",
-      "train.steps=30", "train.learning_rate=1e-3", "train.warmup_steps=0",
-      "train.checkpoint_every=0", "rl.prompts_per_step=8", "rl.group_size=8", "rl.beta=0.0",
-      "rl.temperature=1.0", "rl.format_reward=1.0"])
-  rl_loop.train_rl(cfg, progress=False)
+  return base, sft.train.workdir
+
+
+def _rl_rows(cfg):
   with open(os.path.join(cfg.train.workdir, "metrics.jsonl")) as f:
-    rows = [row for row in map(json.loads, f) if "reward_mean" in row]
-  r = [row["reward_mean"] for row in rows]
+    return [row for row in map(json.loads, f) if "reward_mean" in row]
+
+
+def test_reward_rises(sft_run, tmp_path):
+  """GRPO from the briefly SFT'd model with the task reward plus a format reward:
+  the mean reward of the last RL steps beats the first ones."""
+  base, sft = sft_run
+  cfg = mt.load_config(None, base + RL_ROLLOUTS + [
+      "train.stage=rl", f"train.init_from={sft}", f"train.workdir={tmp_path}/rl",
+      "train.steps=30", "train.learning_rate=1e-3"])
+  rl_loop.train_rl(cfg, progress=False)
+  r = [row["reward_mean"] for row in _rl_rows(cfg)]
   first, last = np.mean(r[:8]), np.mean(r[-8:])
   assert first < 1.5, f"SFT left no room: {first}"
   assert last > first + 0.05, (first, last)
@@ -162,7 +187,7 @@ def test_recomputed_logprobs_adaptive_blocks(tiny_cfg, context):
   params = jax.tree.map(lambda x: x * 10.0 if x.ndim > 1 else x,
                         mt.init_params(cfg, jax.random.key(4)))
   _, roll = _sample_rollouts(cfg, params, seed=1, key=6)
-  lp = np.asarray(rl.token_logprobs(cfg, params, roll.tokens, roll.source, S))
+  lp = np.asarray(_token_logprobs(cfg, params, roll.tokens, roll.source, S))
   gen = roll.source >= 0
   assert np.any(roll.source[gen] > 0) and not np.all(roll.source[gen] > 0)
   np.testing.assert_allclose(lp[gen], roll.old_logprobs[gen], atol=1e-5, rtol=1e-5)
@@ -175,8 +200,8 @@ def test_pass_cost_and_k_schedule(tiny_cfg, rparams):
   prompt = rng.integers(6, tiny_cfg.model.vocab_size, (B, P)).astype(np.int32)
   lengths = np.array([5, 3, 4, 2])
   for k in (0, 3):
-    res = jax.tree.map(np.asarray, decode.generate(
-        tiny_cfg, rparams, prompt, lengths, jax.random.key(9), k=k, temperature=1.0,
+    res = jax.tree.map(np.asarray, decode.generate(   # _sample_rollouts' settings (k=3)
+        tiny_cfg, rparams, prompt, lengths, jax.random.key(9), k=k, temperature=S.temperature,
         max_cot_tokens=8, max_answer_tokens=3))
     frac = rl_loop.pass_fraction(res)
     if k == 0:
@@ -198,20 +223,15 @@ def test_pass_cost_and_k_schedule(tiny_cfg, rparams):
     tiny_cfg.replace(rl={"k_schedule": [[5, 1]]})
 
 
-def test_updates_per_batch(tmp_path):
+def test_updates_per_batch(sft_run, tmp_path):
   """rl.updates_per_batch=2: two optimizer steps per rollout batch (the second one
   sees a ratio != 1, so the clip can act), the state still counts batches."""
-  base = _one_digit(tmp_path)
-  loop.train(mt.load_config(None, base + ["train.steps=2", "train.batch_size=8",
-                                          f"train.workdir={tmp_path}/sft"]), progress=False)
-  cfg = mt.load_config(None, base + [
-      "train.stage=rl", f"train.init_from={tmp_path}/sft", f"train.workdir={tmp_path}/rl",
-      "train.steps=2", "train.learning_rate=1e-2", "train.warmup_steps=0",
-      "train.checkpoint_every=0", "rl.prompts_per_step=2", "rl.group_size=4",
-      "rl.updates_per_batch=2", "rl.format_reward=1.0"])
+  base, sft = sft_run
+  cfg = mt.load_config(None, base + RL_ROLLOUTS + [
+      "train.stage=rl", f"train.init_from={sft}", f"train.workdir={tmp_path}/rl",
+      "train.steps=2", "train.learning_rate=1e-2", "rl.updates_per_batch=2"])
   summary = rl_loop.train_rl(cfg, progress=False)
   assert summary["step"] == 2
-  with open(os.path.join(cfg.train.workdir, "metrics.jsonl")) as f:
-    rows = [row for row in map(json.loads, f) if "reward_mean" in row]
+  rows = _rl_rows(cfg)
   assert [r["step"] for r in rows] == [1, 2]
   assert any(abs(r["ratio"] - 1.0) > 1e-4 for r in rows), rows   # the 2nd update's ratio
