@@ -128,10 +128,14 @@ class _ContextLayer(nn.Module):
     """This layer's keys and values (B, S, H, Dh) of memory entries at positions pos."""
     return self.kv(m_BxSxW, self.mem_norm, pos_BxS)
 
-  def __call__(self, x_BxPxCxW, pos_BxPxC, mem_kv, mem_mask_BxPxS, chain_kv=None, start=0):
+  def __call__(self, x_BxPxCxW, pos_BxPxC, mem_kv, mem_mask_BxPxS, chain_kv=None, start=0,
+               mem_spec=("bshd", "bshd")):
     """x (B, P, C, W): chain elements at slots start..start+C-1 of P chains.
-    chain_kv: decoding: the chains' keys and values so far, each (B, P, k, H, Dh),
-    written at those slots and read there. Returns x and chain_kv (None without)."""
+    mem_kv: the memory's keys and values in the layouts `mem_spec` names (as
+    `memory_kv` makes them, or the decode cache's (B, H, S, Dh) keys and
+    (B, H, Dh, S) values: "bhsd", "bhds"). chain_kv: decoding: the chains' keys
+    and values so far, each (B, P, k, H, Dh), written at those slots and read
+    there. Returns x and chain_kv (None without)."""
     d = self.dims
     dt = jnp.dtype(d.dtype)
     B, P, C, W = x_BxPxCxW.shape
@@ -147,14 +151,14 @@ class _ContextLayer(nn.Module):
           c, new.astype(c.dtype), start, axis=2)
       k, v = chain_kv = put(chain_kv[0], k).astype(dt), put(chain_kv[1], v).astype(dt)
     mem_k, mem_v = mem_kv
-    s_mem = jnp.einsum("bpchd,bshd->bhpcs", q, mem_k.astype(dt)).astype(jnp.float32)
+    s_mem = jnp.einsum(f"bpchd,{mem_spec[0]}->bhpcs", q, mem_k.astype(dt)).astype(jnp.float32)
     s_chain = jnp.einsum("bpchd,bpehd->bhpce", q, k).astype(jnp.float32)
     s_mem = jnp.where(mem_mask_BxPxS[:, None, :, None, :], s_mem, -1e30)
     row, col = start + jnp.arange(C), jnp.arange(k.shape[2])
     s_chain = jnp.where(row[:, None] >= col[None, :], s_chain, -1e30)
     S = s_mem.shape[-1]
     probs = jax.nn.softmax(jnp.concatenate([s_mem, s_chain], axis=-1), axis=-1).astype(dt)
-    out = (jnp.einsum("bhpcs,bshd->bpchd", probs[..., :S], mem_v.astype(dt))
+    out = (jnp.einsum(f"bhpcs,{mem_spec[1]}->bpchd", probs[..., :S], mem_v.astype(dt))
            + jnp.einsum("bhpce,bpehd->bpchd", probs[..., S:], v))
     x_BxPxCxW = x_BxPxCxW + jnp.einsum("bpchd,hdw->bpcw", out, self.wo.astype(dt))
     return x_BxPxCxW + self.mlp(self.mlp_norm(x_BxPxCxW)), chain_kv
@@ -200,7 +204,7 @@ class ContextHead(nn.Module):
     return tuple(layer.memory_kv(m_BxSxW, pos_BxS) for layer in self.layers)
 
   def chains(self, m_src_BxPxW, chain_BxPxC, embed_VxD, mem_kv, mem_mask_BxPxS, pos_BxP,
-             chain_kv=None, start=0):
+             chain_kv=None, start=0, mem_spec=("bshd", "bshd")):
     """(B, P, C, D) features of the chains at P sources (memory m_t there, at RoPE
     position pos) over tokens x[t+1..t+C], reading the memory `mem_mask` allows.
     Decoding: chain_kv (per layer (B, P, k, H, Dh) keys and values) holds the
@@ -216,7 +220,7 @@ class ContextHead(nn.Module):
     new_kv = []
     for i, (layer, kv) in enumerate(zip(self.layers, mem_kv)):
       x, layer_kv = layer(x, pos, kv, mem_mask_BxPxS, None if chain_kv is None else chain_kv[i],
-                          start)
+                          start, mem_spec)
       new_kv.append(layer_kv)
     if self.model.d_model != x.shape[-1]:
       x = x @ self.w_o.astype(dt)

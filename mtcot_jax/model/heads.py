@@ -48,6 +48,9 @@ def context_mask(cfg: Config, head_positions_BxP, T: int, segment_ids_BxT=None):
   return mask
 
 
+MEMORY_CACHE = ("bhsd", "bhds")   # the decode state's memory keys and values (`decode_state`)
+
+
 @dataclasses.dataclass(frozen=True)
 class Projection:
   """The projection head: the chain at t reads the residual at t only."""
@@ -134,10 +137,15 @@ class WithContext(Projection):
         context_mask(self.cfg, head_positions_BxP, T, segment_ids_BxT))
 
   def decode_state(self, batch: int, capacity: int) -> tuple:
-    """Per head layer, (keys, values) (B, S, H, Dh) of the memory, slot = position."""
+    """Per head layer, the memory's keys (B, H, S, Dh) and values (B, H, Dh, S),
+    slot = position: head-major like the main model's cache, so that a chain
+    step's two memory dots contract the minor dimension (a (B, S, H, Dh) layout
+    made XLA:CPU relayout the whole memory in every step: ~5x the step's time
+    at 2,048 positions, benchmarks/decode.py)."""
     hd = head_dims(self.cfg.model, self.cfg.head)
-    zeros = jnp.zeros((batch, capacity, hd.num_heads, hd.head_dim), jnp.dtype(self.cfg.model.dtype))
-    return tuple((zeros, zeros) for _ in range(self.cfg.head.num_layers))
+    B, S, H, Dh, dt = batch, capacity, hd.num_heads, hd.head_dim, jnp.dtype(self.cfg.model.dtype)
+    return tuple((jnp.zeros((B, H, S, Dh), dt), jnp.zeros((B, H, Dh, S), dt))
+                 for _ in range(self.cfg.head.num_layers))
 
   def memory_kv(self, params, sources_BxTxD, positions_BxT):
     """Per layer (keys, values), each (B, T, H, Dh), of T positions' memory."""
@@ -148,19 +156,22 @@ class WithContext(Projection):
   def remember(self, params, state, sources_BxTxD, slots_BxT):
     """The memory of T new positions written at their slots (past the capacity: dropped)."""
     rows = jnp.arange(slots_BxT.shape[0])[:, None]
-    new = self.memory_kv(params, sources_BxTxD, slots_BxT)
-    return tuple((hk.at[rows, slots_BxT].set(nk.astype(hk.dtype), mode="drop"),
-                  hv.at[rows, slots_BxT].set(nv.astype(hv.dtype), mode="drop"))
+    new = self.memory_kv(params, sources_BxTxD, slots_BxT)      # (B, T, H, Dh) each
+    # The slices between the indices put the indexed dimensions first: both
+    # updates are (B, T, H, Dh) (NumPy's rule).
+    return tuple((hk.at[rows, :, slots_BxT].set(nk.astype(hk.dtype), mode="drop"),
+                  hv.at[rows, :, :, slots_BxT].set(nv.astype(hv.dtype), mode="drop"))
                  for (hk, hv), (nk, nv) in zip(state, new))
 
   def chain(self, params, state, sources_BxD, chain_BxC, lengths_B):
     """Chain features (B, C, D) at each sequence's last processed position
     t = lengths - 1, reading the memory in `state` at u <= t, u > t - C."""
-    S = state[0][0].shape[1]
+    S = state[0][0].shape[2]
     t = (lengths_B - 1)[:, None]
 
     def fn(mod, s, c, e, kv, m, pos):
-      return mod.chains(mod.memory(s)[:, None], c[:, None], e, kv, m, pos)[:, 0]
+      return mod.chains(mod.memory(s)[:, None], c[:, None], e, kv, m, pos,
+                        mem_spec=MEMORY_CACHE)[:, 0]
     return self.module(sharded=False).apply(
         {"params": params["head"]}, self._sources(sources_BxD), chain_BxC,
         shared(self.cfg, params["main"]["embed"]), state, context_mask(self.cfg, t, S), t,
@@ -170,7 +181,7 @@ class WithContext(Projection):
     """The head with context's chain: the memory entry of its source (B, 1, W),
     the memory it may read (B, 1, S), its RoPE base t (B, 1), an empty chain KV
     cache (per layer keys and values (B, 1, k, H, Dh))."""
-    B, S = sources_BxD[0].shape[0], state[0][0].shape[1]
+    B, S = sources_BxD[0].shape[0], state[0][0].shape[2]
     t = (lengths_B - 1)[:, None]
     m_src = self.module(sharded=False).apply(
         {"params": params["head"]}, self._sources(sources_BxD), method=lambda mod, s: mod.memory(s))
@@ -184,7 +195,7 @@ class WithContext(Projection):
     m_src, mask, t, chain_kv = chain
 
     def fn(mod, m, c, e, kv, msk, pos, ckv):
-      return mod.chains(m, c, e, kv, msk, pos, ckv, j)
+      return mod.chains(m, c, e, kv, msk, pos, ckv, j, MEMORY_CACHE)
     feat, chain_kv = self.module(sharded=False).apply(
         {"params": params["head"]}, m_src, token_B[:, None, None],
         shared(self.cfg, params["main"]["embed"]), state, mask, t, chain_kv, method=fn)
