@@ -1,8 +1,13 @@
 """Decoding throughput: the k-token CoT loop, the answer loop, and where a CoT iteration's time goes.
 
-    .venv/bin/python benchmarks/decode.py                 # ~25M + demo, batch 1 and 8 (~5-6 min, 2 cores)
-    .venv/bin/python benchmarks/decode.py --quick         # tiny sizes, a smoke test (seconds)
-    .venv/bin/python benchmarks/decode.py --models 25m --batch 1 --ks 0 5
+    .venv/bin/python benchmarks/decode.py                 # 25m, 25m-ctx, demo; batch 1 and 8 (long)
+    .venv/bin/python benchmarks/decode.py --quick         # tiny sizes, both heads (~2 min)
+    .venv/bin/python benchmarks/decode.py --models 25m 25m-ctx --batch 1 --ks 0 5
+    .venv/bin/python benchmarks/decode.py --models 25m-ctx --batch 1 --ks 0 5 --pass-costs-only
+
+Models: `25m` (d=512, 8 layers, the projection head of width 256), `25m-ctx`
+(the same main model with the demo's head with context: head.context=-1, 2
+layers, width 256, 4 heads), `demo` (configs/demo.yaml), `tiny` / `tiny-ctx`.
 
 Every row is also printed as a fraction of its memory-bandwidth bound: the bytes
 one pass reads (every main weight once, the KV cache at that context, k times the
@@ -40,6 +45,21 @@ where a piece is timed apart from the loop. What is measured, per (model, batch)
   while_loop's own overhead.
 * A naive Python loop over a jitted one-token step (`Decoder.main_pass` +
   argmax, cache donated) after `Decoder.prefill`, k=0 equivalent.
+* Per-pass costs (issue 30; `pass_costs`, skipped by --no-pass-costs), per
+  (model, batch), at each of --contexts and each k, microseconds per item: the
+  main pass alone over (B, 1) and (B, k+1) tokens, one chain step
+  (`head.chain_step` + `api.head_logits` + `sampling.sample`), the whole k-step
+  chain (`sample_head_chain`), the head's memory update (`head.remember` of k+1
+  positions; 0 for the projection head), sampling alone on (B, V) logits, and
+  (chain + memory update) / main(1). Each piece jitted alone and run 16 times in
+  a fori_loop whose carry is donated (dispatch amortised, nothing copied).
+  Where the native kernel applies, the main passes again with it (it implements
+  only the main model's pass: the head always runs through XLA).
+* Head FLOPs and bytes per block as a fraction of one main pass over 1 token,
+  analytic (`head_cost`, batch 1; the formulas in the docstrings of
+  `main_pass_flops`, `head_step_flops`, ... ), printed beside each model: the
+  figure that carries to accelerators, where a pass over k+1 tokens costs about
+  one over 1. The JSON (--json) holds both ("pass_costs", "head_cost").
 * Hugging Face transformers' `LlamaForCausalLM.generate` on the same Llama
   configuration (random weights, greedy, batch 1, the same number of new
   tokens), when torch and transformers are importable (an optional extra).
@@ -87,13 +107,18 @@ M25 = ["model.vocab_size=1024", "model.d_model=512", "model.num_layers=8",
 TINY = ["model.vocab_size=128", "model.d_model=64", "model.num_layers=2", "model.num_heads=4",
         "model.num_kv_heads=2", "model.mlp_dim=128", "head.k=5", "head.width=32",
         "head.num_heads=2", "head.num_layers=1"]
-MODELS = {"25m": (None, M25), "demo": (DEMO, []), "tiny": (None, TINY)}
+# The head with context as the demo has it (configs/demo.yaml: head.context=-1, 2
+# layers, SwiGLU at 4 x width) on the same main models: 25m-ctx at the 25m row's head
+# width 256 and 4 heads (head dim 64), tiny-ctx at tiny's width 32.
+CTX = ["head.context=-1", "head.num_layers=2"]
+MODELS = {"25m": (None, M25), "25m-ctx": (None, M25 + CTX), "demo": (DEMO, []),
+          "tiny": (None, TINY), "tiny-ctx": (None, TINY + CTX)}
 
 
 def _parse(argv):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--models", nargs="+", default=None, choices=sorted(MODELS),
-                 help="default: 25m demo (tiny with --quick)")
+                 help="default: 25m 25m-ctx demo (tiny tiny-ctx with --quick)")
   p.add_argument("--batch", nargs="+", type=int, default=None, help="default: 1 8")
   p.add_argument("--ks", nargs="+", type=int, default=None, help="default: 0 1 3 5")
   p.add_argument("--max-cot", type=int, default=None, help="CoT budget (default 128)")
@@ -105,14 +130,20 @@ def _parse(argv):
   p.add_argument("--no-ynn", action="store_true",
                  help="XLA:CPU without YNNPACK dot fusions (sets XLA_FLAGS before jax starts)")
   p.add_argument("--contexts", nargs="+", type=int, default=None,
-                 help="k=0 per-token time at these context lengths, batch 1 (default 128 2048)")
+                 help="k=0 per-token time (25m, batch 1) and the per-pass costs at these "
+                      "context lengths (default 128 2048)")
   p.add_argument("--no-native", action="store_true",
                  help="skip the decode.cpu_kernel=native rows (CPU only; they need a C++ compiler)")
+  p.add_argument("--no-pass-costs", action="store_true",
+                 help="skip the per-pass cost breakdown (main passes, chain step, chain, "
+                      "memory update, sampling at each of --contexts)")
+  p.add_argument("--pass-costs-only", action="store_true",
+                 help="only the head/main counts and the per-pass cost breakdown")
   p.add_argument("--json", default="", help="also write the rows to this file")
   p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test in seconds")
   a = p.parse_args(argv)
   q = a.quick
-  a.models = a.models or (["tiny"] if q else ["25m", "demo"])
+  a.models = a.models or (["tiny", "tiny-ctx"] if q else ["25m", "25m-ctx", "demo"])
   a.batch = a.batch or ([1] if q else [1, 8])
   a.ks = a.ks or ([0, 2] if q else [0, 1, 3, 5])
   a.max_cot = a.max_cot or (16 if q else 128)
@@ -136,9 +167,10 @@ import numpy as np  # noqa: E402
 from common import cpu_info, memory_bandwidth, nominal_bandwidth, time_fn  # noqa: E402
 
 import mtcot_jax as mt  # noqa: E402
-from mtcot_jax import decode, native  # noqa: E402
+from mtcot_jax import decode, native, sampling  # noqa: E402
 from mtcot_jax.decode import blocks  # noqa: E402
 from mtcot_jax.model import api  # noqa: E402
+from mtcot_jax.model.transformer import KVCache  # noqa: E402
 from mtcot_jax.tokens import BOS_ID, THINK_END_ID, THINK_ID  # noqa: E402
 
 
@@ -387,6 +419,346 @@ def bench_contexts(kernels: dict, contexts, a) -> dict[str, dict[int, float]]:
           for kern in kernels}
 
 
+# ----------------------------------------------------------------------------- analytic counts
+#
+# Per sequence (batch 1), from the config alone. FLOPs = 2 x the multiply-adds of
+# the matrix products and attention dots; norms, RoPE, softmax and sampling (a
+# few operations per element) are not counted. Bytes = what a pass must read:
+# weights at decode.weights_dtype (read once per pass at batch 1, by a CPU or an
+# accelerator alike), keys and values at model.dtype; writes are not counted.
+# Attention is counted over the filled slots (`context`), not over the cache's
+# capacity that XLA's masked dots also run over. Notation: D d_model, L layers,
+# H / K heads / kv heads of dh, F mlp_dim, V vocab; the head: W width (its heads
+# x head dim = W), F_h its SwiGLU width, L_h layers, S = len(head.source_layers).
+
+def _wbytes(cfg: mt.Config) -> int:
+  return np.dtype(jnp.dtype(cfg.decode.weights_dtype)).itemsize
+
+
+def _abytes(cfg: mt.Config) -> int:
+  return np.dtype(jnp.dtype(cfg.model.dtype)).itemsize
+
+
+def main_layer_weights(cfg: mt.Config) -> int:
+  """Matrix entries of one main layer: D H dh (q) + 2 D K dh (k, v) + H dh D (o)
+  + 3 D F (SwiGLU)."""
+  m = cfg.model
+  D, H, K, dh = m.d_model, m.num_heads, m.num_kv_heads, m.dh
+  return D * H * dh + 2 * D * K * dh + H * dh * D + 3 * D * m.mlp_dim
+
+
+def main_pass_flops(cfg: mt.Config, T: int, context: int) -> float:
+  """One main pass over T new tokens after `context` filled slots:
+  T x 2 (L x main_layer_weights + D V) (the layers' matrices and the unembedding,
+  logits at every new position) + sum over the block's tokens i = 0..T-1 of
+  L x 2 x 2 H dh (context + i + 1) (scores and weighted values over the cache)."""
+  m = cfg.model
+  mats = 2 * T * (m.num_layers * main_layer_weights(cfg) + m.d_model * m.vocab_size)
+  keys = T * context + T * (T + 1) // 2
+  return float(mats + m.num_layers * 4 * m.num_heads * m.dh * keys)
+
+
+def main_pass_bytes(cfg: mt.Config, context: int) -> float:
+  """Bytes one main pass reads: every main matrix once, (L x main_layer_weights +
+  V D) x weight bytes (the unembedding; the T embedding rows not counted), + the
+  KV cache at `context`: 2 L K dh context x activation bytes."""
+  m = cfg.model
+  weights = (m.num_layers * main_layer_weights(cfg) + m.vocab_size * m.d_model) * _wbytes(cfg)
+  return float(weights + 2 * m.num_layers * m.num_kv_heads * m.dh * context * _abytes(cfg))
+
+
+def head_step_weights(cfg: mt.Config) -> int:
+  """Head matrix entries one chain step reads: w_p (W + D) W + L_h (4 W^2 (q, k, v,
+  o) + 3 W F_h (SwiGLU)) + w_o W D (where W != D); the projection head also
+  recomputes its source r_t = W_r . sources at every step: + S D W."""
+  m, h = cfg.model, cfg.head
+  W, D = h.resolved_width(m), m.d_model
+  n = (W + D) * W + h.num_layers * (4 * W * W + 3 * W * h.resolved_mlp_dim(m))
+  n += W * D if W != D else 0
+  return n + (0 if h.context else len(h.source_layers) * D * W)
+
+
+def head_step_flops(cfg: mt.Config, k: int, context: int) -> float:
+  """One chain step (one chain element x[t+1+j] through the head, and its logits):
+  2 head_step_weights + 2 D V (the logits through the main model's unembedding:
+  often the biggest term) + L_h x 2 x 2 W (k + context) (attention over the
+  chain's k cached slots, all of which the step's masked dot runs over, and, for
+  the head with context, over its memory of the `context` past positions)."""
+  m, h = cfg.model, cfg.head
+  W = h.resolved_width(m)
+  mem = context if h.context else 0
+  return float(2 * head_step_weights(cfg) + 2 * m.d_model * m.vocab_size
+               + h.num_layers * 4 * W * (k + mem))
+
+
+def head_memory_flops(cfg: mt.Config, k: int) -> float:
+  """The head with context's memory work per block (0 for the projection head):
+  the memory update of the block's k+1 new positions, (k+1) x 2 (S D W (W_r) +
+  L_h 2 W^2 (each layer's keys and values)), + the chain's start, its source's
+  memory entry: 2 S D W."""
+  m, h = cfg.model, cfg.head
+  if not h.context:
+    return 0.0
+  W, S = h.resolved_width(m), len(h.source_layers)
+  return float((k + 1) * 2 * (S * m.d_model * W + h.num_layers * 2 * W * W)
+               + 2 * S * m.d_model * W)
+
+
+def head_block_flops(cfg: mt.Config, k: int, context: int) -> float:
+  """The head's work per block: k x head_step_flops + head_memory_flops."""
+  return k * head_step_flops(cfg, k, context) + head_memory_flops(cfg, k)
+
+
+def head_step_bytes(cfg: mt.Config, k: int, context: int) -> float:
+  """Bytes one chain step reads: (head_step_weights + V D (the unembedding)) x
+  weight bytes, + the chain's KV cache, 2 L_h W k, and for the head with context
+  its memory's keys and values at `context`, 2 L_h W context (x activation bytes)."""
+  m, h = cfg.model, cfg.head
+  W = h.resolved_width(m)
+  mem = context if h.context else 0
+  return float((head_step_weights(cfg) + m.vocab_size * m.d_model) * _wbytes(cfg)
+               + 2 * h.num_layers * W * (k + mem) * _abytes(cfg))
+
+
+def head_memory_bytes(cfg: mt.Config, k: int) -> float:
+  """Bytes the head with context's memory work reads per block (0 for the
+  projection head): W_r twice (the memory update and the chain's start, S D W
+  each) + every layer's key and value matrices (L_h 2 W^2), x weight bytes."""
+  m, h = cfg.model, cfg.head
+  if not h.context:
+    return 0.0
+  W, S = h.resolved_width(m), len(h.source_layers)
+  return float((2 * S * m.d_model * W + h.num_layers * 2 * W * W) * _wbytes(cfg))
+
+
+def head_block_bytes(cfg: mt.Config, k: int, context: int) -> float:
+  """Bytes the head reads per block: k x head_step_bytes + head_memory_bytes."""
+  return k * head_step_bytes(cfg, k, context) + head_memory_bytes(cfg, k)
+
+
+def head_cost(cfg: mt.Config, k: int, context: int) -> dict:
+  """The head's FLOPs and bytes per block (k chain steps + the memory update) and
+  one main pass's over 1 token, at `context`, batch 1; *_frac = head / main(1)."""
+  hf, hb = head_block_flops(cfg, k, context), head_block_bytes(cfg, k, context)
+  mf, mb = main_pass_flops(cfg, 1, context), main_pass_bytes(cfg, context)
+  return {"k": k, "context": context, "head_flops": hf, "head_bytes": hb,
+          "main1_flops": mf, "main1_bytes": mb,
+          "main_block_flops": main_pass_flops(cfg, k + 1, context),
+          "flops_frac": hf / mf, "bytes_frac": hb / mb}
+
+
+# ----------------------------------------------------------------------------- per-pass costs
+#
+# Each piece is jitted alone and run PASSES times in a fori_loop whose carry (the
+# KV cache, the chain, the head's memory, the logits) is donated: every call takes
+# the last call's carry, updated in place, never copied (`time_carried`). Each
+# iteration reads a value the last one produced, so none of its work is dead or
+# loop-invariant (XLA could hoist it out of the loop).
+
+def time_carried(fn, params, carry, *rest, repeats: int) -> float:
+  """Median seconds of `fn(params, carry, *rest) -> (out, carry)`, the carry
+  donated: each call gets the last call's carry."""
+  box = [carry]
+
+  def call():
+    out, box[0] = fn(params, box[0], *rest)
+    return out
+  return time_fn(call, repeats=repeats)["median"]
+
+
+@functools.lru_cache(maxsize=None)
+def _main_carried_fn(dec: decode.Decoder):
+  """PASSES of `Decoder.main_pass` alone (no head memory: head_state ()) over
+  one (B, T) block, the cache carried (lengths restored after each pass, so that
+  every pass appends at the same context). The block's tokens read the last
+  pass's logits (a no-op), so that no layer's work is loop-invariant."""
+  @functools.partial(jax.jit, donate_argnums=(1,))
+  def passes(params, cache, block_BxT):
+    def body(_, carry):
+      c, acc = carry
+      blk = block_BxT + (acc > 3e38).astype(jnp.int32)
+      out = dec.main_pass(params, c, blk, None, ())
+      return out.cache.replace(lengths=c.lengths), acc + out.logits[:, -1, 0].sum()
+    cache, acc = jax.lax.fori_loop(0, PASSES, body, (cache, jnp.zeros((), jnp.float32)))
+    return acc, cache
+  return passes
+
+
+@functools.lru_cache(maxsize=None)
+def _chain_steps_fn(dec: decode.Decoder):
+  """PASSES chain steps, each as `blocks.sample_head_chain` runs one:
+  `head.chain_step` + `api.head_logits` + `sampling.sample`, the step's token the
+  last step's sample. Step i is depth i mod k (each depth costs the same: the
+  step's dots run over all k slots of the chain's cache, masked). The head's
+  memory is the same at every step, as within one chain. Carry: (the chain, the
+  token)."""
+  head, k = dec.head, dec.k
+
+  @functools.partial(jax.jit, donate_argnums=(1,))
+  def steps(params, carry, head_state, key):
+    def body(i, c):
+      chain, tok, acc = c
+      feats_BxD, chain = head.chain_step(params, head_state, chain, tok, i % k)
+      tok, lp = sampling.sample(jax.random.fold_in(key, i),
+                                api.head_logits(dec.cfg, params, feats_BxD), dec.sample)
+      return chain, tok, acc + lp.sum()
+    chain, tok, acc = jax.lax.fori_loop(0, PASSES, body,
+                                        (*carry, jnp.zeros((), jnp.float32)))
+    return acc, (chain, tok)
+  return steps
+
+
+@functools.lru_cache(maxsize=None)
+def _chains_fn(dec: decode.Decoder):
+  """PASSES whole chains of k samples, `blocks.sample_head_chain` as the CoT
+  loop calls it (chain_start included), each after the last chain's final token
+  (x1). As in the loop, where every main pass adds to the head's memory, each
+  chain reads a memory the last iteration wrote to (one entry nudged by 1e-30 x
+  the last log-probs: no change in value), so that no per-chain work on it is
+  hoisted out of the loop; its sources are nudged likewise. Carry: (x1 (B,),
+  the head state)."""
+  @functools.partial(jax.jit, donate_argnums=(1,))
+  def chains(params, carry, sources, lengths_B, key):
+    keys = jax.random.split(key, dec.k)
+
+    def body(_, c):
+      x1, hs, acc = c
+      nudge = 1e-30 * acc
+      hs = tuple((hk.at[:, 0].add(nudge.astype(hk.dtype)), hv) for hk, hv in hs)
+      src = tuple(s + nudge.astype(s.dtype) for s in sources)
+      toks, lps = blocks.sample_head_chain(dec.head, params, hs, src, x1, keys, dec.sample,
+                                           lengths_B)
+      return toks[:, -1], hs, acc + lps.sum()
+    x1, hs, acc = jax.lax.fori_loop(0, PASSES, body, (*carry, jnp.zeros((), jnp.float32)))
+    return acc, (x1, hs)
+  return chains
+
+
+@functools.lru_cache(maxsize=None)
+def _remember_fn(dec: decode.Decoder):
+  """PASSES memory updates, `head.remember` of a block's T new positions at the
+  same slots, the head's memory carried; the sources nudged by one entry the
+  last update wrote (1e-30 x it). Carry: the head state."""
+  @functools.partial(jax.jit, donate_argnums=(1,))
+  def remember(params, head_state, sources_BxTxD, slots_BxT):
+    def body(_, c):
+      hs, acc = c
+      src = tuple(s + (1e-30 * acc).astype(s.dtype) for s in sources_BxTxD)
+      hs = dec.head.remember(params, hs, src, slots_BxT)
+      keys = hs[0][0]
+      return hs, acc + jax.lax.dynamic_index_in_dim(keys[0], slots_BxT[0, 0], 0, False)[0, 0]
+    hs, acc = jax.lax.fori_loop(0, PASSES, body, (head_state, jnp.zeros((), jnp.float32)))
+    return acc, hs
+  return remember
+
+
+@functools.lru_cache(maxsize=None)
+def _sample_fn(s: sampling.Sampling):
+  """PASSES of `sampling.sample` on (B, V) logits, each writing its log-prob into
+  the logits the next one samples from (one entry). Carry: the logits."""
+  @functools.partial(jax.jit, donate_argnums=(1,))
+  def run(_, logits_BxV, key):
+    def body(i, c):
+      logits, acc = c
+      tok, lp = sampling.sample(jax.random.fold_in(key, i), logits, s)
+      return logits.at[:, 0].set(lp), acc + tok.sum()
+    logits, acc = jax.lax.fori_loop(0, PASSES, body, (logits_BxV, jnp.zeros((), jnp.int32)))
+    return acc, logits
+  return run
+
+
+@dataclasses.dataclass
+class PassCostRow:
+  """Microseconds per item at one (model, batch, context, k); nan where not measured."""
+  model: str
+  B: int
+  context: int
+  k: int
+  main1_us: float           # Decoder.main_pass alone over (B, 1)
+  main_block_us: float      # ... over (B, k+1)
+  step_us: float            # one chain step + head logits + sampling
+  chain_us: float           # sample_head_chain, k steps
+  memory_us: float          # head.remember of k+1 positions (0: the projection head)
+  sample_us: float          # sampling.sample on (B, V)
+  native_main1_us: float = float("nan")
+  native_main_block_us: float = float("nan")
+
+  @property
+  def ratio(self) -> float:
+    """(chain + memory update) / main(1)."""
+    return (self.chain_us + self.memory_us) / self.main1_us if self.k else float("nan")
+
+
+def pass_costs(name: str, cfg: mt.Config, dp: decode.DecodeParams, B: int, ks, contexts, a,
+               native_dp: decode.DecodeParams | None = None) -> list[PassCostRow]:
+  """The per-pass cost breakdown of one (model, batch): at each context, for each
+  k, the pieces of a CoT iteration timed apart (`time_carried`, PASSES per call,
+  median of max(5, 3 x repeats) calls). The cache is empty but for its lengths
+  (the context; a pass's time does not depend on the values it reads), its
+  capacity context + max(k) + 1; the head's memory likewise (zeros, the same
+  capacity); the sources random. XLA's masked dots (the main attention, the
+  head's memory attention) run over the whole capacity, so the decode loops,
+  whose capacity adds max_cot + max_answer + k + 2 slots to the prompt, pay for
+  their empty slots too. With `native_dp`, the main passes again with
+  decode.cpu_kernel=native (its prepared parameters). The head's pieces run
+  through XLA whatever decode.cpu_kernel says."""
+  m, params = cfg.model, dp.params
+  reps = max(5, 3 * a.repeats)
+  cfg_n = native_config(cfg) if native_dp is not None else None
+  rng = np.random.default_rng(B)
+  sources = tuple(jnp.asarray(rng.standard_normal((B, m.d_model)), m.dtype)
+                  for _ in cfg.head.source_layers)
+  key = jax.random.key(0)
+  rows = []
+  for c in contexts:
+    cap = c + max(ks) + 1
+    lengths = jnp.full((B,), c, jnp.int32)
+
+    def cache():
+      return KVCache.empty(m, B, cap).replace(lengths=jnp.copy(lengths))   # donated
+
+    def main_us(T, conf=cfg, prm=params):
+      dec = row_decoder(conf, 0, a.max_cot, a.max_answer, m.vocab_size)   # main_pass alone
+      return 1e6 / PASSES * time_carried(_main_carried_fn(dec), prm, cache(),
+                                         jnp.ones((B, T), jnp.int32), repeats=reps)
+    main1 = main_us(1)
+    native1 = main_us(1, cfg_n, native_dp.params) if cfg_n else float("nan")
+    dec0 = row_decoder(cfg, 0, a.max_cot, a.max_answer, m.vocab_size)
+    logits = jnp.asarray(rng.standard_normal((B, m.vocab_size)), jnp.float32)
+    sample = 1e6 / PASSES * time_carried(_sample_fn(dec0.sample), None, logits, key,
+                                         repeats=reps)
+    for k in ks:
+      if k == 0:
+        rows.append(PassCostRow(name, B, c, 0, main1, main1, float("nan"), float("nan"),
+                                float("nan"), sample, native1, native1))
+        continue
+      dec = row_decoder(cfg, k, a.max_cot, a.max_answer, m.vocab_size)
+      head = dec.head
+      main_blk = main_us(k + 1)
+      native_blk = main_us(k + 1, cfg_n, native_dp.params) if cfg_n else float("nan")
+      # fresh (donated), every array its own (decode_state shares one zeros array)
+      state = lambda: jax.tree.map(jnp.copy, head.decode_state(B, cap))  # noqa: E731
+      start = jax.jit(functools.partial(head.chain_start, k=k))
+      # copied: the projection head's chain holds the sources themselves, and it is donated
+      chain0 = jax.tree.map(jnp.copy, start(params, state(), sources, lengths))
+      tok = lambda: jnp.full((B,), 7, jnp.int32)  # noqa: E731   (donated)
+      step = 1e6 / PASSES * time_carried(_chain_steps_fn(dec), params, (chain0, tok()), state(),
+                                         key, repeats=reps)
+      chain = 1e6 / PASSES * time_carried(_chains_fn(dec), params, (tok(), state()), sources,
+                                          lengths, key, repeats=reps)
+      if cfg.head.context:   # the head with context: a memory to update
+        src_T = tuple(jnp.asarray(rng.standard_normal((B, k + 1, m.d_model)), m.dtype)
+                      for _ in cfg.head.source_layers)
+        slots = lengths[:, None] + jnp.arange(k + 1, dtype=jnp.int32)
+        memory = 1e6 / PASSES * time_carried(_remember_fn(dec), params, state(), src_T, slots,
+                                             repeats=reps)
+      else:
+        memory = 0.0
+      rows.append(PassCostRow(name, B, c, k, main1, main_blk, step, chain, memory, sample,
+                              native1, native_blk))
+  return rows
+
+
 # ----------------------------------------------------------------------------- rows
 
 @dataclasses.dataclass
@@ -512,6 +884,67 @@ def native_config(cfg: mt.Config) -> mt.Config:
   return cfg.replace(decode={"cpu_kernel": "native", "weights_layout": "out_in"})
 
 
+def print_head_cost(name: str, cfg: mt.Config, ks, contexts, results) -> None:
+  """The head's FLOPs and bytes per block against one main pass over 1 token
+  (`head_cost`: analytic, batch 1), for each k > 0 and context; into results["head_cost"]."""
+  for k in ks:
+    if k == 0:
+      continue
+    for c in contexts:
+      r = head_cost(cfg, k, c)
+      print(f"head/main FLOPs {r['flops_frac']:.2f}, bytes {r['bytes_frac']:.2f} (k={k}, context "
+            f"{c}; the head per block {r['head_flops']/1e6:.2f} MFLOP, {r['head_bytes']/1e6:.2f} MB"
+            f"; main(1) {r['main1_flops']/1e6:.2f} MFLOP, {r['main1_bytes']/1e6:.2f} MB)")
+      results.setdefault("head_cost", []).append({"model": name, **r})
+
+
+def print_pass_costs(name: str, cfg: mt.Config, params, dp: decode.DecodeParams, B: int, ks, a,
+                     native_ok: bool, results) -> None:
+  """`pass_costs` at --contexts, printed as one table (microseconds per item) with
+  the analytic head/main fractions beside each row; into results["pass_costs"]."""
+  native_dp = prepared(native_config(cfg), params)[0] if native_ok else None
+  rows = pass_costs(name, cfg, dp, B, ks, a.contexts, a, native_dp)
+  kind = "the head with context" if cfg.head.context else "the projection head"
+  print(f"\n### {name}, batch {B}: per-pass costs, us per item ({kind}; XLA"
+        + ("; native = the main passes with decode.cpu_kernel=native" if native_ok else "") + ")")
+  print(f"{'context':>7} {'k':>2} {'main(1)':>8} {'main(k+1)':>9} {'step':>7} {'chain':>8} "
+        f"{'chain/k':>7} {'memory':>7} {'sample':>6} {'(ch+mem)/main(1)':>16} | "
+        f"{'head/main FLOPs':>15} {'bytes':>5}"
+        + (f" | {'native main(1)':>14} {'main(k+1)':>9}" if native_ok else ""))
+  f = lambda x, w: f"{'-':>{w}}" if x != x else f"{x:>{w}.0f}"  # noqa: E731
+  for r in rows:
+    an = head_cost(cfg, r.k, r.context) if r.k else None
+    per_step = r.chain_us / r.k if r.k else float("nan")
+    line = (f"{r.context:>7} {r.k:>2} {r.main1_us:>8.0f} {r.main_block_us:>9.0f} "
+            f"{f(r.step_us, 7)} {f(r.chain_us, 8)} {f(per_step, 7)} "
+            f"{f(r.memory_us, 7)} {r.sample_us:>6.1f} "
+            + (f"{r.ratio:>16.2f}" if r.k else f"{'-':>16}") + " | "
+            + (f"{an['flops_frac']:>15.2f} {an['bytes_frac']:>5.2f}" if an
+               else f"{'-':>15} {'-':>5}"))
+    if native_ok:
+      line += f" | {r.native_main1_us:>14.0f} {r.native_main_block_us:>9.0f}"
+    print(line)
+    results.setdefault("pass_costs", []).append(
+        {**dataclasses.asdict(r), "ratio": r.ratio,
+         "head_flops_frac": an["flops_frac"] if an else 0.0,
+         "head_bytes_frac": an["bytes_frac"] if an else 0.0})
+  print("# main(1), main(k+1): Decoder.main_pass alone (no head memory) over a (B, 1) / (B, k+1)"
+        " block at the context; step: one chain step as the draft loop runs it (head.chain_step +"
+        " api.head_logits over the main unembedding + sampling.sample); chain: the whole k-step"
+        " chain (decode.blocks.sample_head_chain, its start included); memory: head.remember of"
+        " the block's k+1 new positions (the head with context; 0 for the projection head);"
+        " sample: sampling.sample on (B, V) logits. Each jitted alone, 16 in a fori_loop, the"
+        " carry donated; median. Caches (main and head memory) of capacity context + max k + 1"
+        " (XLA's masked attention runs over the whole capacity). head/main FLOPs, bytes:"
+        " analytic, batch 1 (head_cost: k steps + the memory update, over one main pass over 1"
+        " token)."
+        + (" native: the same main passes in mtcot_jax.native's kernel, which implements only the"
+           " main model's pass (its Llama layers over the main KV cache; passes over more than"
+           f" {native.MAX_ROWS} rows, B x T, go to XLA): the head's step, chain, memory update and"
+           " sampling run through XLA with either decode.cpu_kernel, so the kernel's speed-up does"
+           " not carry to them." if native_ok else ""))
+
+
 def main(a) -> None:
   t_start = time.perf_counter()
   gpu = jax.default_backend() == "gpu"
@@ -531,7 +964,10 @@ def main(a) -> None:
     print(f"\n## model {name}: d_model={m.d_model} layers={m.num_layers} heads={m.num_heads}/"
           f"{m.num_kv_heads} kv mlp={m.mlp_dim} vocab={m.vocab_size} | head width="
           f"{cfg.head.resolved_width(m)} layers={cfg.head.num_layers} k<={cfg.head.k} | "
-          f"params main {n_params(params['main'])/1e6:.2f}M head {n_params(params['head'])/1e6:.2f}M")
+          f"params main {n_params(params['main'])/1e6:.2f}M head "
+          f"{n_params(params['head'])/1e6:.2f}M ("
+          + ("the head with context)" if cfg.head.context else "the projection head)"))
+    print_head_cost(name, cfg, ks, a.contexts, results)
     bw = memory_bandwidth(nbytes(params["main"]))
     nominal = nominal_bandwidth()
     print(f"memory bandwidth (jitted mat-vec over {nbytes(params['main'])/1e6:.1f} MB, the main "
@@ -544,6 +980,9 @@ def main(a) -> None:
           "the prepared parameters; the rows below time the loops on prepared parameters)")
     results.setdefault("prepare_ms", {})[name] = 1e3 * t_prep
     for B in a.batch:
+      if a.pass_costs_only:
+        print_pass_costs(name, cfg, params, dp, B, ks, a, native_ok, results)
+        continue
       rows = [bench_cot(name, cfg, dp, B, k, a) for k in ks]
       base = next((r for r in rows if r.k == 0), None)
       print(f"\n### {name}, batch {B}: CoT phase (run_cot, prefill subtracted)")
@@ -655,8 +1094,10 @@ def main(a) -> None:
               f"{'MET' if ok else 'NOT MET'}")
       if base and B == 1:
         k0_b1[name] = base.tok_s
+      if not a.no_pass_costs:
+        print_pass_costs(name, cfg, params, dp, B, ks, a, native_ok, results)
 
-  if a.contexts:
+  if a.contexts and not a.pass_costs_only:
     name = "tiny" if a.quick else "25m"
     cfg = load(name)
     params = api.init_params(cfg, jax.random.key(0))
@@ -684,7 +1125,9 @@ def main(a) -> None:
     results["context"] = {kern: {str(c): v for c, v in per.items()}
                           for kern, per in per_kernel.items()}
 
-  if not a.no_hf and "25m" in a.models:
+  if a.pass_costs_only:
+    pass
+  elif not a.no_hf and "25m" in a.models:
     cfg = load("25m")
     tps, info = bench_hf(cfg, a.max_cot, a.prompt_len, a.repeats)
     print(f"\n## Hugging Face LlamaForCausalLM.generate, 25m config, batch 1, {a.max_cot} new tokens")

@@ -14,30 +14,43 @@ from mtcot_jax.model.heads import Projection
 
 
 def sample_head_chain(head: Projection, params, head_state, sources, x1_B, keys,
-                      s: sampling.Sampling, lengths_B, with_dists: bool = False):
+                      s: sampling.Sampling, lengths_B, with_dists: bool = False, *,
+                      go_B=None, stop_ids: tuple[int, ...] = (), tau: float = 0.0):
   """The head's k = len(keys) chained samples x[t+2..t+k+1] after the main token x1.
 
   sources: the head's source residuals (B, D) at t = lengths_B - 1; head_state:
-  the head's decode state (`heads.py`). Depth j runs the head over the chain
-  prefix x[t+1..t+j] it reads. Returns (B, k) tokens and log-probs; with
-  `with_dists` also the (B, k, V) log-probabilities of the distributions they
-  were drawn from (q, for verifying).
+  the head's decode state (`heads.py`). Depth j+1 runs one chain element (token
+  x[t+1+j]) through the head, which reads the earlier ones from the chain's own
+  KV cache. Work follows what can be kept: the chain stops once no row needs
+  another draft, a row needing none after its first stop token (`stop_ids`),
+  after a head token of probability below `tau` (adaptive blocks), or at all
+  where not `go_B`. Depths not drafted hold token 0 and log-prob -inf (the block
+  is cut before them). Returns (B, k) tokens and log-probs; with `with_dists`
+  also the (B, k, V) log-probabilities of the distributions they were drawn
+  from (q, for verifying; 0 where not drafted).
   """
-  k = len(keys)
-  chain_BxK = jnp.zeros((x1_B.shape[0], k), jnp.int32).at[:, 0].set(x1_B)
-  toks, lps, dists = [], [], []
-  for j in range(k):   # depth j+1 predicts x[t+2+j] from chain x[t+1..t+1+j]
-    feats_BxJxD = head.chain(params, head_state, sources, chain_BxK[:, : j + 1], lengths_B)
-    logits_BxV = api.head_logits(head.cfg, params, feats_BxJxD[:, j])
+  B, k, V = x1_B.shape[0], len(keys), head.cfg.model.vocab_size
+  go_B = jnp.ones((B,), bool) if go_B is None else go_B
+  stops = lambda tok: functools.reduce(  # noqa: E731
+      jnp.logical_or, [tok == i for i in stop_ids], jnp.zeros(tok.shape, bool))
+
+  def body(c):
+    j, tok, go, chain, toks, lps, dists = c
+    feats_BxD, chain = head.chain_step(params, head_state, chain, tok, j)
+    logits_BxV = api.head_logits(head.cfg, params, feats_BxD)
     tok, lp = sampling.sample(keys[j], logits_BxV, s)
-    if j + 1 < k:
-      chain_BxK = chain_BxK.at[:, j + 1].set(tok)
-    toks.append(tok)
-    lps.append(lp)
     if with_dists:
-      dists.append(sampling.process_logits(logits_BxV, s))
-  out = jnp.stack(toks, 1), jnp.stack(lps, 1)
-  return out + (jnp.stack(dists, 1),) if with_dists else out
+      dists = dists.at[:, j].set(sampling.process_logits(logits_BxV, s))
+    go = go & ~stops(tok) & ((lp >= np.log(tau)) if tau > 0 else True)
+    return j + 1, tok, go, chain, toks.at[:, j].set(tok), lps.at[:, j].set(lp), dists
+
+  init = (0, x1_B, go_B & ~stops(x1_B),
+          head.chain_start(params, head_state, sources, lengths_B, k),
+          jnp.zeros((B, k), jnp.int32), jnp.full((B, k), -jnp.inf, jnp.float32),
+          jnp.zeros((B, k, V) if with_dists else (), jnp.float32))
+  _, _, _, _, toks, lps, dists = jax.lax.while_loop(
+      lambda c: (c[0] < k) & jnp.any(c[2]), body, init)
+  return (toks, lps, dists) if with_dists else (toks, lps)
 
 
 def adaptive_keep(lps_BxT, force_B, tau: float):

@@ -120,9 +120,11 @@ class Decoder:
         passes=zeros_B + 1, forced=zeros_B.astype(bool), last=last_prompt, key=key,
         pend=zeros_B - 1, accepted=zeros_B)
 
-  def _draft(self, params, st: State, x1_B, keys, with_dists: bool = False):
+  def _draft(self, params, st: State, x1_B, keys, go_B, stop_ids, tau=0.0, with_dists=False):
+    """The head's drafts after x1 where `go_B` (rows whose drafts can be kept)."""
     return blocks.sample_head_chain(self.head, params, st.head_state, st.sources, x1_B, keys,
-                                    self.sample, st.cache.lengths, with_dists)
+                                    self.sample, st.cache.lengths, with_dists, go_B=go_B,
+                                    stop_ids=stop_ids, tau=tau)
 
   def _cot_counters(self, st: State, active_B, force_B, n_valid_B, ends_cot_B, ends_seq_B):
     return st.replace(
@@ -137,13 +139,14 @@ class Decoder:
     active = ~st.cot_done & ~st.done
     x1, lp1 = sampling.sample(keys[0], st.logits, self.sample)
     block, lps = x1[:, None], lp1[:, None]
-    if k > 0:
-      head_toks, head_lps = self._draft(params, st, x1, keys[1:])
-      block = jnp.concatenate([block, head_toks], 1)                # (B, k+1)
-      lps = jnp.concatenate([lps, head_lps], 1)
     # Budget forcing: a sequence with no thinking budget left gets </think>.
     budget = self.max_cot - st.n_think                               # (B,) >= 0
     force = budget <= 0
+    if k > 0:
+      head_toks, head_lps = self._draft(params, st, x1, keys[1:], active & ~force,
+                                        (think_end, self.eos_id), self.tau)
+      block = jnp.concatenate([block, head_toks], 1)                # (B, k+1)
+      lps = jnp.concatenate([lps, head_lps], 1)
     forced_lp = sampling.logprobs_of(st.logits, jnp.full_like(x1, think_end), self.sample)
     block = jnp.where(force[:, None], block.at[:, 0].set(think_end), block)
     lps = jnp.where(force[:, None], lps.at[:, 0].set(forced_lp), lps)
@@ -176,7 +179,9 @@ class Decoder:
       x1 = jnp.where(force, self.think_end_id, x1)
     lp1 = sampling.logprobs_of(st.logits, x1, self.sample)          # the main model's
     # Greedy acceptance compares with the main model's argmax: no q needed.
-    drafted = self._draft(params, st, x1, keys[1:k + 1], with_dists=not self.sample.greedy)
+    stop_ids = (self.eos_id,) if in_answer else (self.think_end_id, self.eos_id)
+    drafted = self._draft(params, st, x1, keys[1:k + 1], active & ~force, stop_ids,
+                          with_dists=not self.sample.greedy)
     drafts, q_logp = drafted[0], (drafted[2] if len(drafted) == 3 else None)
     block = jnp.concatenate([x1[:, None], drafts], 1)                # (B, k+1)
     out = self.main_pass(params, st.cache, block, None, st.head_state)

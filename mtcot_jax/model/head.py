@@ -39,7 +39,7 @@ class MultiTokenHead(nn.Module):
   shard: Sharder = Sharder()
 
   @nn.compact
-  def __call__(self, sources, chain_tokens, embed_VxD):
+  def __call__(self, sources, chain_tokens, embed_VxD, chain_kv=None, start=0):
     """Chain features for every source position.
 
     Args:
@@ -47,8 +47,12 @@ class MultiTokenHead(nn.Module):
       chain_tokens: (..., C) int tokens x[t+1..t+C], C <= head.k (x[t+1] is the
         main model's token; later ones the head's own or the teacher's).
       embed_VxD: the main model's embedding table.
+      chain_kv: decoding: per layer the chain's keys (N, H, k, Dh) and values
+        (N, H, Dh, k) so far (N = prod(leading)); chain_tokens are then the chain
+        elements at slots start..start+C-1, which attend to the cached ones.
     Returns:
-      (..., C, D) features; `features @ unembed` gives logits for x[t+2..t+C+1].
+      (..., C, D) features; `features @ unembed` gives logits for x[t+2..t+C+1];
+      with chain_kv, also the updated chain_kv.
     """
     m, h = self.model, self.head
     dims = head_dims(m, h)
@@ -71,13 +75,19 @@ class MultiTokenHead(nn.Module):
     x_NxCxW = jnp.concatenate([r_NxCxW, emb_NxCxD.astype(dt)], axis=-1) @ w_p.astype(dt)
 
     N = x_NxCxW.shape[0]
-    pos_NxC = jnp.broadcast_to(jnp.arange(C, dtype=jnp.int32), (N, C))
-    idx = jnp.arange(C)
-    mask_NxCxC = jnp.broadcast_to(idx[:, None] >= idx[None, :], (N, C, C))
+    pos_NxC = jnp.broadcast_to(start + jnp.arange(C, dtype=jnp.int32), (N, C))
+    slots = jnp.arange(C if chain_kv is None else chain_kv[0][0].shape[2])
+    mask_NxCxS = jnp.broadcast_to(pos_NxC[:, :, None] >= slots[None, None, :], (N, C, len(slots)))
+    write = None if chain_kv is None else (
+        jnp.arange(N)[:, None, None], jnp.arange(dims.num_kv_heads)[None, :, None],
+        pos_NxC[:, None, :])
     # Chains are short and many: only the chain (batch) axis is sharded.
     block_shard = Sharder()
+    new_kv = []
     for i in range(h.num_layers):
-      x_NxCxW, _ = Block(dims, block_shard, name=f"layer_{i}")(x_NxCxW, pos_NxC, mask_NxCxC)
+      x_NxCxW, layer_kv = Block(dims, block_shard, name=f"layer_{i}")(
+          x_NxCxW, pos_NxC, mask_NxCxS, None if chain_kv is None else chain_kv[i], write)
+      new_kv.append(layer_kv)
 
     if W != D:
       w_o = _param(self, "w_o", (W, D), ("head_embed", "embed"), m.init_std, m.param_dtype)
@@ -85,7 +95,7 @@ class MultiTokenHead(nn.Module):
     feat = norm("final_norm")(x_NxCxW).reshape(*lead, C, D)
     if len(lead) == 2:
       feat = self.shard(feat, ("batch", "length", None, "act_embed"))
-    return feat
+    return feat if chain_kv is None else (feat, tuple(new_kv))
 
 
 class _ContextLayer(nn.Module):
@@ -118,7 +128,14 @@ class _ContextLayer(nn.Module):
     """This layer's keys and values (B, S, H, Dh) of memory entries at positions pos."""
     return self.kv(m_BxSxW, self.mem_norm, pos_BxS)
 
-  def __call__(self, x_BxPxCxW, pos_BxPxC, mem_kv, mem_mask_BxPxS):
+  def __call__(self, x_BxPxCxW, pos_BxPxC, mem_kv, mem_mask_BxPxS, chain_kv=None, start=0,
+               mem_spec=("bshd", "bshd")):
+    """x (B, P, C, W): chain elements at slots start..start+C-1 of P chains.
+    mem_kv: the memory's keys and values in the layouts `mem_spec` names (as
+    `memory_kv` makes them, or the decode cache's (B, H, S, Dh) keys and
+    (B, H, Dh, S) values: "bhsd", "bhds"). chain_kv: decoding: the chains' keys
+    and values so far, each (B, P, k, H, Dh), written at those slots and read
+    there. Returns x and chain_kv (None without)."""
     d = self.dims
     dt = jnp.dtype(d.dtype)
     B, P, C, W = x_BxPxCxW.shape
@@ -129,18 +146,22 @@ class _ContextLayer(nn.Module):
     k, v = self.kv(flat(x_BxPxCxW), self.attn_norm, pos)
     shape = lambda a: a.reshape(B, P, C, *a.shape[2:])  # noqa: E731
     q, k, v = shape(q) * jnp.asarray(d.head_dim ** -0.5, dt), shape(k), shape(v)
+    if chain_kv is not None:
+      put = lambda c, new: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
+          c, new.astype(c.dtype), start, axis=2)
+      k, v = chain_kv = put(chain_kv[0], k).astype(dt), put(chain_kv[1], v).astype(dt)
     mem_k, mem_v = mem_kv
-    s_mem = jnp.einsum("bpchd,bshd->bhpcs", q, mem_k.astype(dt)).astype(jnp.float32)
+    s_mem = jnp.einsum(f"bpchd,{mem_spec[0]}->bhpcs", q, mem_k.astype(dt)).astype(jnp.float32)
     s_chain = jnp.einsum("bpchd,bpehd->bhpce", q, k).astype(jnp.float32)
     s_mem = jnp.where(mem_mask_BxPxS[:, None, :, None, :], s_mem, -1e30)
-    idx = jnp.arange(C)
-    s_chain = jnp.where(idx[:, None] >= idx[None, :], s_chain, -1e30)
+    row, col = start + jnp.arange(C), jnp.arange(k.shape[2])
+    s_chain = jnp.where(row[:, None] >= col[None, :], s_chain, -1e30)
     S = s_mem.shape[-1]
     probs = jax.nn.softmax(jnp.concatenate([s_mem, s_chain], axis=-1), axis=-1).astype(dt)
-    out = (jnp.einsum("bhpcs,bshd->bpchd", probs[..., :S], mem_v.astype(dt))
+    out = (jnp.einsum(f"bhpcs,{mem_spec[1]}->bpchd", probs[..., :S], mem_v.astype(dt))
            + jnp.einsum("bhpce,bpehd->bpchd", probs[..., S:], v))
     x_BxPxCxW = x_BxPxCxW + jnp.einsum("bpchd,hdw->bpcw", out, self.wo.astype(dt))
-    return x_BxPxCxW + self.mlp(self.mlp_norm(x_BxPxCxW))
+    return x_BxPxCxW + self.mlp(self.mlp_norm(x_BxPxCxW)), chain_kv
 
 
 class ContextHead(nn.Module):
@@ -182,22 +203,29 @@ class ContextHead(nn.Module):
     """Per layer, (keys, values) (B, S, H, Dh) of the memory at positions pos."""
     return tuple(layer.memory_kv(m_BxSxW, pos_BxS) for layer in self.layers)
 
-  def chains(self, m_src_BxPxW, chain_BxPxC, embed_VxD, mem_kv, mem_mask_BxPxS, pos_BxP):
+  def chains(self, m_src_BxPxW, chain_BxPxC, embed_VxD, mem_kv, mem_mask_BxPxS, pos_BxP,
+             chain_kv=None, start=0, mem_spec=("bshd", "bshd")):
     """(B, P, C, D) features of the chains at P sources (memory m_t there, at RoPE
-    position pos) over tokens x[t+1..t+C], reading the memory `mem_mask` allows."""
+    position pos) over tokens x[t+1..t+C], reading the memory `mem_mask` allows.
+    Decoding: chain_kv (per layer (B, P, k, H, Dh) keys and values) holds the
+    chain elements before slot `start`, and the tokens are x[t+start+1..]; then
+    (features, the updated chain_kv) are returned."""
     m, dt = self.model, jnp.dtype(self.model.dtype)
     B, P, C = chain_BxPxC.shape
     emb = self.token_norm(self.perturb("chain_embeddings", jnp.take(embed_VxD, chain_BxPxC,
                                                                     axis=0)))
     r = jnp.broadcast_to(self.src_norm(m_src_BxPxW)[:, :, None, :], (B, P, C, m_src_BxPxW.shape[-1]))
     x = jnp.concatenate([r.astype(dt), emb.astype(dt)], axis=-1) @ self.w_p.astype(dt)
-    pos = pos_BxP[:, :, None] + 1 + jnp.arange(C, dtype=jnp.int32)
-    for layer, kv in zip(self.layers, mem_kv):
-      x = layer(x, pos, kv, mem_mask_BxPxS)
+    pos = pos_BxP[:, :, None] + 1 + start + jnp.arange(C, dtype=jnp.int32)
+    new_kv = []
+    for i, (layer, kv) in enumerate(zip(self.layers, mem_kv)):
+      x, layer_kv = layer(x, pos, kv, mem_mask_BxPxS, None if chain_kv is None else chain_kv[i],
+                          start, mem_spec)
+      new_kv.append(layer_kv)
     if self.model.d_model != x.shape[-1]:
       x = x @ self.w_o.astype(dt)
-    feat = self.final_norm(x)
-    return self.shard(feat, ("batch", "length", None, "act_embed"))
+    feat = self.shard(self.final_norm(x), ("batch", "length", None, "act_embed"))
+    return feat if chain_kv is None else (feat, tuple(new_kv))
 
   def __call__(self, sources, chain_BxPxC, embed_VxD, positions_BxT, head_positions_BxP,
                mem_mask_BxPxT):

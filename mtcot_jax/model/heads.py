@@ -7,6 +7,9 @@ the head with context, each a frozen object with
     decode_state(batch, capacity)                what decoding keeps between passes
     remember(params, state, sources, slots)      the state after a main pass
     chain(params, state, sources, chain, lengths)  decode-time chain features
+    chain_start(params, state, sources, lengths, k)   a block's chain, empty
+    chain_step(params, state, chain, token, j)   depth j+1's features from token
+                                                 x[t+1+j], the chain's own KV cache
 
 `params` is always the whole {"main": ..., "head": ...} tree: the heads read the
 main model's embedding. The projection head keeps no decode state (an empty
@@ -43,6 +46,9 @@ def context_mask(cfg: Config, head_positions_BxP, T: int, segment_ids_BxT=None):
     b = jnp.arange(head_positions_BxP.shape[0])[:, None]
     mask = mask & (segment_ids_BxT[:, None, :] == segment_ids_BxT[b, head_positions_BxP][..., None])
   return mask
+
+
+MEMORY_CACHE = ("bhsd", "bhds")   # the decode state's memory keys and values (`decode_state`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +89,27 @@ class Projection:
   def chain(self, params, state, sources_BxD, chain_BxC, lengths_B):
     return self.run(params, sources_BxD, chain_BxC)
 
+  def _empty_chain_kv(self, batch: int, k: int):
+    hd = head_dims(self.cfg.model, self.cfg.head)
+    H, Dh, dt = hd.num_heads, hd.head_dim, jnp.dtype(self.cfg.model.dtype)
+    return tuple((jnp.zeros((batch, H, k, Dh), dt), jnp.zeros((batch, H, Dh, k), dt))
+                 for _ in range(self.cfg.head.num_layers))
+
+  def chain_start(self, params, state, sources_BxD, lengths_B, k: int):
+    """A block's chain before its first element: the sources and an empty KV
+    cache of k chain slots per head layer (keys (B, H, k, Dh), values (B, H, Dh, k))."""
+    return (tuple(sources_BxD), self._empty_chain_kv(sources_BxD[0].shape[0], k))
+
+  def chain_step(self, params, state, chain, token_B, j):
+    """Depth j+1's features (B, D) from chain element j (token x[t+1+j]), which
+    attends to elements < j through the chain's cache; and the updated chain.
+    The same features as `chain(...)[:, j]` over the whole prefix."""
+    sources, chain_kv = chain
+    feat, chain_kv = self.module().apply(
+        {"params": params["head"]}, self._sources(sources), token_B[:, None],
+        shared(self.cfg, params["main"]["embed"]), chain_kv, j)
+    return feat[:, 0], (sources, chain_kv)
+
 
 @dataclasses.dataclass(frozen=True)
 class WithContext(Projection):
@@ -110,10 +137,15 @@ class WithContext(Projection):
         context_mask(self.cfg, head_positions_BxP, T, segment_ids_BxT))
 
   def decode_state(self, batch: int, capacity: int) -> tuple:
-    """Per head layer, (keys, values) (B, S, H, Dh) of the memory, slot = position."""
+    """Per head layer, the memory's keys (B, H, S, Dh) and values (B, H, Dh, S),
+    slot = position: head-major like the main model's cache, so that a chain
+    step's two memory dots contract the minor dimension (a (B, S, H, Dh) layout
+    made XLA:CPU relayout the whole memory in every step: ~5x the step's time
+    at 2,048 positions, benchmarks/decode.py)."""
     hd = head_dims(self.cfg.model, self.cfg.head)
-    zeros = jnp.zeros((batch, capacity, hd.num_heads, hd.head_dim), jnp.dtype(self.cfg.model.dtype))
-    return tuple((zeros, zeros) for _ in range(self.cfg.head.num_layers))
+    B, S, H, Dh, dt = batch, capacity, hd.num_heads, hd.head_dim, jnp.dtype(self.cfg.model.dtype)
+    return tuple((jnp.zeros((B, H, S, Dh), dt), jnp.zeros((B, H, Dh, S), dt))
+                 for _ in range(self.cfg.head.num_layers))
 
   def memory_kv(self, params, sources_BxTxD, positions_BxT):
     """Per layer (keys, values), each (B, T, H, Dh), of T positions' memory."""
@@ -124,23 +156,50 @@ class WithContext(Projection):
   def remember(self, params, state, sources_BxTxD, slots_BxT):
     """The memory of T new positions written at their slots (past the capacity: dropped)."""
     rows = jnp.arange(slots_BxT.shape[0])[:, None]
-    new = self.memory_kv(params, sources_BxTxD, slots_BxT)
-    return tuple((hk.at[rows, slots_BxT].set(nk.astype(hk.dtype), mode="drop"),
-                  hv.at[rows, slots_BxT].set(nv.astype(hv.dtype), mode="drop"))
+    new = self.memory_kv(params, sources_BxTxD, slots_BxT)      # (B, T, H, Dh) each
+    # The slices between the indices put the indexed dimensions first: both
+    # updates are (B, T, H, Dh) (NumPy's rule).
+    return tuple((hk.at[rows, :, slots_BxT].set(nk.astype(hk.dtype), mode="drop"),
+                  hv.at[rows, :, :, slots_BxT].set(nv.astype(hv.dtype), mode="drop"))
                  for (hk, hv), (nk, nv) in zip(state, new))
 
   def chain(self, params, state, sources_BxD, chain_BxC, lengths_B):
     """Chain features (B, C, D) at each sequence's last processed position
     t = lengths - 1, reading the memory in `state` at u <= t, u > t - C."""
-    S = state[0][0].shape[1]
+    S = state[0][0].shape[2]
     t = (lengths_B - 1)[:, None]
 
     def fn(mod, s, c, e, kv, m, pos):
-      return mod.chains(mod.memory(s)[:, None], c[:, None], e, kv, m, pos)[:, 0]
+      return mod.chains(mod.memory(s)[:, None], c[:, None], e, kv, m, pos,
+                        mem_spec=MEMORY_CACHE)[:, 0]
     return self.module(sharded=False).apply(
         {"params": params["head"]}, self._sources(sources_BxD), chain_BxC,
         shared(self.cfg, params["main"]["embed"]), state, context_mask(self.cfg, t, S), t,
         method=fn)
+
+  def chain_start(self, params, state, sources_BxD, lengths_B, k: int):
+    """The head with context's chain: the memory entry of its source (B, 1, W),
+    the memory it may read (B, 1, S), its RoPE base t (B, 1), an empty chain KV
+    cache (per layer keys and values (B, 1, k, H, Dh))."""
+    B, S = sources_BxD[0].shape[0], state[0][0].shape[2]
+    t = (lengths_B - 1)[:, None]
+    m_src = self.module(sharded=False).apply(
+        {"params": params["head"]}, self._sources(sources_BxD), method=lambda mod, s: mod.memory(s))
+    hd = head_dims(self.cfg.model, self.cfg.head)
+    zeros = jnp.zeros((B, 1, k, hd.num_heads, hd.head_dim), jnp.dtype(self.cfg.model.dtype))
+    return (m_src[:, None], context_mask(self.cfg, t, S), t,
+            tuple((zeros, zeros) for _ in range(self.cfg.head.num_layers)))
+
+  def chain_step(self, params, state, chain, token_B, j):
+    """As `Projection.chain_step`, reading the memory in `state` too."""
+    m_src, mask, t, chain_kv = chain
+
+    def fn(mod, m, c, e, kv, msk, pos, ckv):
+      return mod.chains(m, c, e, kv, msk, pos, ckv, j, MEMORY_CACHE)
+    feat, chain_kv = self.module(sharded=False).apply(
+        {"params": params["head"]}, m_src, token_B[:, None, None],
+        shared(self.cfg, params["main"]["embed"]), state, mask, t, chain_kv, method=fn)
+    return feat[:, 0, 0], (m_src, mask, t, chain_kv)
 
 
 def head_for(cfg: Config, shard: shd.Sharder = shd.Sharder()) -> Projection:
