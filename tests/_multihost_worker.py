@@ -14,7 +14,8 @@ import os
 import sys
 
 if __name__ == "__main__":   # a worker process; imported by the test, it changes nothing
-  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+  os.environ["XLA_FLAGS"] = " ".join(   # the test's flags (tests/conftest.py), 2 CPU devices
+      [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=2"]).strip()
   os.environ["JAX_PLATFORMS"] = "cpu"
 
 import numpy as np  # noqa: E402

@@ -39,11 +39,11 @@ def pytest_configure(config):
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
-def subprocess_env(**extra) -> dict:
-  """os.environ for a child Python process that runs JAX, plus `extra`: the
-  tests' persistent compile cache and its settings (a child reads them from the
-  environment, not from this process's jax.config)."""
-  return {**os.environ, "JAX_COMPILATION_CACHE_DIR": CACHE_DIR,
+def subprocess_env(base=None, **extra) -> dict:
+  """The environment `base` (default os.environ) for a child Python process that
+  runs JAX, plus `extra`: the tests' persistent compile cache and its settings
+  (a child reads them from the environment, not from this process's jax.config)."""
+  return {**(os.environ if base is None else base), "JAX_COMPILATION_CACHE_DIR": CACHE_DIR,
           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", **extra}
 
 

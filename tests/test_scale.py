@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import mtcot_jax as mt
-from conftest import assert_adam_params_close
+from conftest import assert_adam_params_close, subprocess_env
 from mtcot_jax import decode, distributed
 from mtcot_jax.config import ConfigError, MeshConfig
 from mtcot_jax.model import api
@@ -84,7 +84,7 @@ def two_process_run(tmp_path_factory):
   """Two processes x 2 CPU devices: decode, 3 SFT steps, a checkpoint."""
   out = str(tmp_path_factory.mktemp("multihost"))
   port = _free_port()
-  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+  env = subprocess_env({k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))})
   procs = [subprocess.Popen(
       [sys.executable, os.path.join(HERE, "_multihost_worker.py"), str(i), "2", str(port), out],
       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
