@@ -39,12 +39,17 @@ def pytest_configure(config):
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
-def subprocess_env(base=None, **extra) -> dict:
+def subprocess_env(base=None, xla_flags: str = "", **extra) -> dict:
   """The environment `base` (default os.environ) for a child Python process that
-  runs JAX, plus `extra`: the tests' persistent compile cache and its settings
-  (a child reads them from the environment, not from this process's jax.config)."""
-  return {**(os.environ if base is None else base), "JAX_COMPILATION_CACHE_DIR": CACHE_DIR,
-          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", **extra}
+  runs JAX, with the tests' persistent compile cache and its settings (a child
+  reads them from the environment, not from this process's jax.config),
+  `xla_flags` after base's XLA_FLAGS, and the variables in `extra`."""
+  env = {**(os.environ if base is None else base), "JAX_COMPILATION_CACHE_DIR": CACHE_DIR,
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", **extra}
+  flags = " ".join(f for f in (env.get("XLA_FLAGS", ""), xla_flags) if f)
+  if flags:
+    env["XLA_FLAGS"] = flags
+  return env
 
 
 def adam_param_bound(cfg, steps: int) -> float:

@@ -7,14 +7,15 @@ import sys
 import pytest
 
 import mtcot_jax as mt
+from conftest import subprocess_env
 from mtcot_jax.sharding import mesh_shape
 
 HERE = os.path.dirname(__file__)
 
 
 def test_eight_device_checks():
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-         "JAX_PLATFORMS": "cpu"}
+  env = subprocess_env(xla_flags="--xla_force_host_platform_device_count=8",
+                       JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, os.path.join(HERE, "multidevice_checks.py")],
                         env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout + proc.stderr[-5000:]
