@@ -6,7 +6,21 @@ import json
 import os
 import shutil
 
+from conftest import subprocess_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The benchmark's SFT run (100 steps over 240 examples, checkpoints every 8, an
+# evaluation every 20) cut to what one kill needs: 24 steps over 96 examples (two
+# epochs), checkpoints at 8 and 16, evaluations at 6, 12 and 18. The kill lands as
+# soon as step 18 is logged: between checkpoints 16 and 24, at or just before the
+# evaluation of step 18, often while checkpoint 16 is still being written. The
+# restart resumes mid-epoch from the latest complete checkpoint (8 or 16), redoes
+# and re-logs the steps after it and the evaluations among them, and crosses into
+# the second epoch (from 8) or starts in it (from 16).
+SFT = ["train.steps=24", "train.warmup_steps=5", "train.checkpoint_every=8",
+       "train.eval_every=6", "data.train_size=96"]
+KILL_AFTER_STEP = 18
 
 
 def _soak_module():
@@ -17,17 +31,22 @@ def _soak_module():
   return mod
 
 
-def test_killed_sft_run_resumes_bit_identical(tmp_path):
+def test_killed_sft_run_resumes_bit_identical(tmp_path, monkeypatch):
   """A train.py killed with SIGKILL, then restarted, ends with the parameters,
   optimizer state and metrics.jsonl of an uninterrupted run. (The kill lands as
-  soon as step 50 of 100 is logged, between checkpoints 48 and 56, so it falls in
-  training however busy the machine is; the benchmark's kills land at random times.)
-  Then the check is shown to fail on a log that repeats a step or a changed loss."""
+  soon as step 18 of 24 is logged, so it falls in training however busy the
+  machine is; the benchmark's kills land at random times.) Then the check is
+  shown to fail on a log that repeats a step or a changed loss."""
   soak = _soak_module()
+  monkeypatch.setattr(soak, "SFT", SFT)
+  # The train.py processes compile through the tests' persistent cache (soak's
+  # _env keeps a JAX_COMPILATION_CACHE_DIR it finds in the environment).
+  for name in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
+    monkeypatch.setenv(name, subprocess_env()[name])
   lines = []
   base = str(tmp_path)
   assert soak.soak(("sft",), kills=1, seed=9, base=base, say=lines.append,
-                   kill_after_step=50), "\n".join(lines)
+                   kill_after_step=KILL_AFTER_STEP), "\n".join(lines)
   assert any("SIGKILL" in line for line in lines), lines
   ref, killed = os.path.join(base, "sft-ref"), os.path.join(base, "sft-killed")
   for change, needle in ((lambda r: r[:5] + r[4:], "duplicated training steps"),
