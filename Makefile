@@ -16,7 +16,7 @@ demo: $(STAMP)
 # Two pytest workers (the CPU's two cores: compiles are single-threaded), one
 # test file per worker at a time so that module fixtures compile once; the
 # `slow` tier (tests that cannot shrink further) only in test-all.
-PYTEST := $(VENV)/bin/python -m pytest tests -n 2 --dist loadfile
+PYTEST := $(VENV)/bin/python -m pytest tests -n 2 --dist loadfile --durations=15
 
 test: $(STAMP)
 	$(PYTEST) -m "not slow"
