@@ -20,6 +20,11 @@ RUN = TINY + ["data.task_args={digits: 2}", "data.train_size=512", "data.eval_si
               "decode.max_answer_tokens=6"]
 
 
+# Jitted (cfg static): one compile per config instead of one per primitive.
+_loss_and_metrics = jax.jit(losses.loss_and_metrics, static_argnums=0)
+_counts = jax.jit(losses.counts, static_argnums=0)
+
+
 def _cfg(tmp, *extra):
   return mt.load_config(None, RUN + [f"data.data_dir={tmp}/data", f"train.workdir={tmp}/run",
                                      *extra])
@@ -84,9 +89,9 @@ def test_loss_matches_numpy_reference(tiny_cfg, tiny_params, answer_targets):
   b = _batch(cfg)
   want, head_n = _reference_loss(cfg, tiny_params, b)
   jb = jax.tree.map(jnp.asarray, b)
-  total = losses.counts(cfg, jb)
+  total = _counts(cfg, jb)
   np.testing.assert_array_equal(np.asarray(total.head), head_n)
-  got, _ = losses.loss_and_metrics(cfg, tiny_params, jb, total)
+  got, _ = _loss_and_metrics(cfg, tiny_params, jb, total)
   np.testing.assert_allclose(float(got), want, rtol=1e-5)
 
 
@@ -95,12 +100,12 @@ def test_head_train_positions_keep_every_target(tiny_cfg, tiny_params):
   chains everywhere when no row has more than 6 such positions."""
   cfg = tiny_cfg.replace(head={"k": 3})
   b = jax.tree.map(jnp.asarray, _batch(cfg))
-  full, _ = losses.loss_and_metrics(cfg, tiny_params, b, losses.counts(cfg, b))
+  full, _ = _loss_and_metrics(cfg, tiny_params, b, _counts(cfg, b))
   sub = cfg.replace(head={"train_positions": 6})
   src = losses.head_sources(sub, b)
   assert src.shape == (2, 6)
-  np.testing.assert_array_equal(losses.counts(sub, b).head, losses.counts(cfg, b).head)
-  got, _ = losses.loss_and_metrics(sub, tiny_params, b, losses.counts(sub, b))
+  np.testing.assert_array_equal(_counts(sub, b).head, _counts(cfg, b).head)
+  got, _ = _loss_and_metrics(sub, tiny_params, b, _counts(sub, b))
   np.testing.assert_allclose(float(got), float(full), rtol=1e-6)
 
 
@@ -173,22 +178,23 @@ def test_load_run_and_decode(full_run):
   assert int(res.lengths[0]) > 0
 
 
-def test_resume_is_bit_identical(tmp_path):
-  steps = ["train.steps=6", "train.checkpoint_every=2"]
-  a = _cfg(tmp_path / "a", *steps)
-  loop.train(a, progress=False)
-  b = _cfg(tmp_path / "b", *steps)
-  stopped = loop.train(b, stop_after=3, progress=False)     # interrupted after step 3
-  assert stopped == {"stopped_at": 3}
-  assert mt.load_run(b.train.workdir).step == 2
-  loop.train(b, progress=False)                             # resumes from step 2
+def test_resume_is_bit_identical(full_run, tmp_path):
+  """The full run's config, interrupted after step 25 (checkpoint at 20) and
+  resumed: the uninterrupted run's parameters and losses, bit for bit (its
+  compiled step comes from the persistent cache)."""
+  a, _ = full_run
+  b = a.replace(train={"workdir": str(tmp_path / "run")})
+  stopped = loop.train(b, stop_after=25, progress=False)    # interrupted after step 25
+  assert stopped == {"stopped_at": 25}
+  assert mt.load_run(b.train.workdir).step == 20
+  loop.train(b, progress=False)                             # resumes from step 20
   pa, pb = mt.load_run(a.train.workdir).params, mt.load_run(b.train.workdir).params
   jax.tree.map(np.testing.assert_array_equal, pa, pb)
-  # Step 3, logged before the interruption, is dropped on resume and logged again:
-  # every step once, with the uninterrupted run's losses.
+  # Steps 21-25, logged before the interruption, are dropped on resume and logged
+  # again: every step once, with the uninterrupted run's losses.
   la = [(r["step"], r["loss"]) for r in _metrics(a.train.workdir) if "loss" in r]
   lb = [(r["step"], r["loss"]) for r in _metrics(b.train.workdir) if "loss" in r]
-  assert lb == la and [s for s, _ in la] == list(range(1, 7))
+  assert lb == la and [s for s, _ in la] == list(range(1, a.train.steps + 1))
 
 
 def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
