@@ -2,10 +2,24 @@
 
 import os
 
-import jax
-import pytest
+# The tests compile XLA's CPU code at LLVM -O0 (unless XLA_FLAGS already sets the
+# level): compiling, not running, is what the tests' tiny models spend their time
+# on, and -O0 compiles in about 60% of the time. XLA's own graph passes (fusion,
+# layouts, simplification) run as always; only LLVM's optimisation of the machine
+# code is skipped, which may round float32 results differently from -O2 (the
+# two-process run's first loss moves by 5e-7, ~1 ulp), within the rounding every
+# tolerance here allows.
+# Subprocesses get it too (subprocess_env). To run the tests on the default code
+# generation: XLA_FLAGS=--xla_backend_optimization_level=2 make test.
+OPT_LEVEL_FLAG = "--xla_backend_optimization_level"
+if OPT_LEVEL_FLAG not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {OPT_LEVEL_FLAG}=0".strip()
+OPT_LEVEL = next(f for f in os.environ["XLA_FLAGS"].split() if f.startswith(OPT_LEVEL_FLAG))
 
-import mtcot_jax as mt
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+import mtcot_jax as mt  # noqa: E402
 
 TINY = [
     "model.vocab_size=64", "model.d_model=32", "model.num_layers=2", "model.num_heads=4",
@@ -42,13 +56,15 @@ def pytest_configure(config):
 def subprocess_env(base=None, xla_flags: str = "", **extra) -> dict:
   """The environment `base` (default os.environ) for a child Python process that
   runs JAX, with the tests' persistent compile cache and its settings (a child
-  reads them from the environment, not from this process's jax.config),
-  `xla_flags` after base's XLA_FLAGS, and the variables in `extra`."""
+  reads them from the environment, not from this process's jax.config), the
+  tests' code generation (OPT_LEVEL) unless base's XLA_FLAGS sets one,
+  `xla_flags` after those, and the variables in `extra`."""
   env = {**(os.environ if base is None else base), "JAX_COMPILATION_CACHE_DIR": CACHE_DIR,
          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", **extra}
-  flags = " ".join(f for f in (env.get("XLA_FLAGS", ""), xla_flags) if f)
-  if flags:
-    env["XLA_FLAGS"] = flags
+  flags = env.get("XLA_FLAGS", "")
+  if OPT_LEVEL_FLAG not in flags:
+    flags = f"{flags} {OPT_LEVEL}"
+  env["XLA_FLAGS"] = f"{flags} {xla_flags}".strip()
   return env
 
 
