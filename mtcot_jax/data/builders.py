@@ -9,7 +9,8 @@ The first use prepares it, locally with no network; later uses reuse the files.
 Splits: `train` holds seeds 0..train-1; `test` holds seeds from 2**40 on,
 skipping any whose question is also a training question, so the two splits
 share no question. GSM8K is the real tfds `gsm8k`, which must be prepared
-beforehand (see `catalog.gsm8k_source`).
+beforehand (see `catalog.gsm8k_source`); `jsonl` reads its file directly (train:
+the file's train split, test: its validation split).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import tensorflow_datasets as tfds
 
 from mtcot_jax.config import DataConfig
 from mtcot_jax.data.catalog import default_data_dir, get_task, gsm8k_source, task_for  # noqa: F401
+from mtcot_jax.data.gsm8k_jsonl import Jsonl
 from mtcot_jax.data.tasks import GSM8K, Example, Task
 
 TEST_SEED_OFFSET = 2 ** 40
@@ -96,8 +98,12 @@ class MtcotReach(_TaskBuilder):
   """Reachability in a DAG (`mtcot_jax.data.tasks.Reach`)."""
 
 
+class MtcotWordprob(_TaskBuilder):
+  """Generated word problems (`mtcot_jax.data.word_problems.WordProblems`)."""
+
+
 BUILDERS: dict[str, type[_TaskBuilder]] = {"mult": MtcotMult, "perm": MtcotPerm,
-                                           "reach": MtcotReach}
+                                           "reach": MtcotReach, "wordprob": MtcotWordprob}
 
 
 def prepare(task: Task, data_dir: str, train_size: int, test_size: int) -> _TaskBuilder:
@@ -157,15 +163,19 @@ class ExampleSource:
 def split_source(data: DataConfig, split: str) -> ExampleSource:
   """The `train` or `test` split of `data.task` as a source of Examples.
 
-  Synthetic tasks are prepared on first use; GSM8K must already be prepared.
-  For GSM8K, `data.train_size` / `data.eval_size` cap the examples used.
+  Synthetic tasks are prepared on first use; GSM8K must already be prepared;
+  `jsonl` reads its file (test: the file's validation split). For GSM8K and
+  `jsonl`, `data.train_size` / `data.eval_size` cap the examples used.
   """
   if split not in ("train", "test"):
     raise ValueError(f"split={split!r}; accepted: 'train' or 'test'")
   task = task_for(data)
+  limit = data.train_size if split == "train" else data.eval_size
   if isinstance(task, GSM8K):
-    limit = data.train_size if split == "train" else data.eval_size
     return ExampleSource(gsm8k_source(data.data_dir, split), GSM8K.from_record, limit)
+  if isinstance(task, Jsonl):
+    part = task.examples("train" if split == "train" else "validation")
+    return ExampleSource(part, lambda ex: ex, limit)
   builder = prepare(task, data.data_dir, data.train_size, data.eval_size)
   return ExampleSource(builder.as_data_source(split=split), _synthetic_record)
 

@@ -5,7 +5,7 @@ deterministic `Example(question, cot, answer)` and `task.grade(text, example)`
 is 1.0 or 0.0. The synthetic tasks (`mult`, `perm`, `reach`) write only digits,
 a few punctuation marks and short words, so that a sentencepiece model with
 `split_digits=True` tokenizes every number digit by digit and the token
-sequence is as regular as the text.
+sequence is as regular as the text. Word problems: word_problems.py, gsm8k_jsonl.py.
 """
 
 from __future__ import annotations
@@ -59,7 +59,11 @@ class Task:
 
   def example(self, seed: int) -> Example:
     """The example for `seed`: the same seed always gives the same example."""
-    return self._generate(random.Random(f"{self.name}/{self.config_name}/{int(seed)}"))
+    return self._generate(self._rng(seed))
+
+  def _rng(self, seed: int) -> random.Random:
+    """The random generator `example(seed)` draws from."""
+    return random.Random(f"{self.name}/{self.config_name}/{int(seed)}")
 
   def _generate(self, rng: random.Random) -> Example:
     raise NotImplementedError
@@ -362,20 +366,33 @@ class GSM8K(Task):
     return float(got is not None and want is not None and got == want)
 
 
-TASKS: dict[str, Callable[..., Task]] = {t.name: t for t in (Mult, Perm, Reach, GSM8K)}
+def registry() -> dict[str, Callable[..., Task]]:
+  """`TASKS`, {name: Task class} of every task, made on first use: it has the
+  word problems too, whose modules import this one."""
+  global TASKS
+  if "TASKS" not in globals():
+    from mtcot_jax.data.gsm8k_jsonl import Jsonl
+    from mtcot_jax.data.word_problems import WordProblems
+    TASKS = {t.name: t for t in (Mult, Perm, Reach, GSM8K, WordProblems, Jsonl)}
+  return TASKS
+
+
+def __getattr__(name: str):  # `tasks.TASKS` is `registry()`
+  if name != "TASKS":
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+  return registry()
 
 
 def get_task(name: str, **difficulty) -> Task:
   """The task `name` at the given difficulty, e.g. `get_task("mult", digits=3)`
-  (for gsm8k use `mtcot_jax.data.get_task`, which gives it its records).
-
-  Raises ValueError for an unknown name or difficulty key, or a value out of
-  range, naming it and what is accepted.
-  """
-  if name not in TASKS:
-    raise ValueError(f"unknown task {name!r}; accepted: {sorted(TASKS)}")
+  (gsm8k: use `mtcot_jax.data.get_task`, which gives it its records). Raises
+  ValueError for an unknown name or difficulty key, or a value out of range,
+  naming it and what is accepted."""
+  tasks = registry()
+  if name not in tasks:
+    raise ValueError(f"unknown task {name!r}; accepted: {sorted(tasks)}")
   try:
-    return TASKS[name](**difficulty)
+    return tasks[name](**difficulty)
   except TypeError as e:  # a keyword the constructor does not take
     raise ValueError(f"task {name!r}: bad difficulty {difficulty!r} ({e}); "
-                     f"accepted: {TASKS[name]()._accepted()}") from None
+                     f"accepted: {tasks[name]()._accepted()}") from None
