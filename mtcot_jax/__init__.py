@@ -6,13 +6,14 @@
     out = mt.forward(cfg, params, tokens)
     res = mt.generate(cfg, params, prompt_tokens, prompt_lengths, key, k=5)
     hf = mt.load_hf("hf_llama_dir", ["head.k=5"])      # Hugging Face Llama / Qwen2 in
+    hf = mt.load_gguf("model.gguf", ["head.k=5"])      # a llama.cpp GGUF file in
     mt.save_hf(run, "out_dir")                          # ... and out
 """
 
 from mtcot_jax.config import Config, ConfigError, load_config, save_config
 from mtcot_jax.data import encode_prompt, get_task, load_tokenizer
 from mtcot_jax.decode import DecodeParams, GenerateResult, generate, make_generate, prepare_params
-from mtcot_jax.hf import load_hf, save_hf
+from mtcot_jax.hf import load_gguf, load_hf, save_hf
 from mtcot_jax.model import (ForwardOutput, KVCache, extend, forward, head_logits, init_params,
                              param_shardings, param_specs)
 from mtcot_jax.sharding import make_mesh

@@ -27,8 +27,8 @@ import numpy as np
 
 from mtcot_jax.config import Config, load_config
 # The format's functions, also read as mtcot_jax.hf.* (save_hf looks up hf_config here).
-from mtcot_jax.hf_format import (ARCHITECTURES, _rope, config_for, hf_config,  # noqa: F401
-                                 main_params_from_hf, main_params_to_hf, model_fields,
+from mtcot_jax.hf_format import (ARCHITECTURES, _rope, config_for, config_with,  # noqa: F401
+                                 hf_config, main_params_from_hf, main_params_to_hf, model_fields,
                                  read_config, read_weights)
 
 HEAD_WEIGHTS, HEAD_CONFIG = "mtcot_head.safetensors", "mtcot_head.json"
@@ -42,39 +42,81 @@ class HFModel:
   tokenizer: Any            # data.hf_tokenizer.HFTokenizer, or None without tokenizer files
   added_tokens: tuple[str, ...]   # pieces appended to the vocabulary (`<think>`, `</think>`)
   path: str
-
-
-def _fresh_head(cfg: Config, key) -> Any:
-  from mtcot_jax.model import api
-  return jax.tree.map(np.asarray, api.init_head_params(cfg, key))
+  chat_template: str | None = None   # the model's Jinja chat template, where it has one
 
 
 def load_hf(path: str, overrides: Sequence[str] = (), key: jax.Array | None = None,
-            base: Config | None = None) -> HFModel:
+            base: Config | None = None, mesh=None) -> HFModel:
   """A Hugging Face `LlamaForCausalLM` / `Qwen2ForCausalLM` directory as a run-like
   object: `cfg` (the checkpoint's model section on `base` or the defaults, then
   `overrides`, e.g. "head.k=5"), `params` {"main": from the checkpoint, "head":
   initialised from `key` (default key 0)} and the tokenizer (None if the
-  directory has none) with the thinking tokens appended where missing."""
+  directory has none) with the thinking tokens appended where missing. With a
+  `mesh` the parameters land on their shardings (the config's rules)."""
   from mtcot_jax.data.hf_tokenizer import from_hf_dir
-  from mtcot_jax.model import api
-  from mtcot_jax.tokens import THINK
   cfg = config_for(path, base, overrides)
   tok, added = from_hf_dir(path)
+  template = _read_json_key(os.path.join(path, "tokenizer_config.json"), "chat_template")
+  return _model(cfg, read_weights(path), tok, added, key, mesh, path, template)
+
+
+def gguf_config(path: str, base: Config | None = None, overrides: Sequence[str] = ()):
+  """(cfg, tokenizer, added pieces, reader, config.json dict) of a GGUF file."""
+  from mtcot_jax import gguf_format
+  from mtcot_jax.data.hf_tokenizer import from_tokenizer
+  reader = gguf_format.read(path)
+  meta = gguf_format.fields(reader)
+  hf = gguf_format.hf_config(meta, {t.name for t in reader.tensors})
+  tok, added = from_tokenizer(*gguf_format.tokenizer(meta), path=path)
+  return config_with(model_fields(hf), tok, base, overrides), tok, added, reader, hf, meta
+
+
+def load_gguf(path: str, overrides: Sequence[str] = (), key: jax.Array | None = None,
+              base: Config | None = None, mesh=None) -> HFModel:
+  """A llama.cpp GGUF file (Llama or Qwen2; any type `gguf` dequantises) as
+  `load_hf` returns a directory: the config, tokenizer and chat template from its
+  metadata, the main model's weights dequantised (llama.cpp's query/key row
+  order undone: `gguf_format`), a fresh head. The weights reach the devices in
+  model.param_dtype, each on its sharding when a `mesh` is given."""
+  from mtcot_jax import gguf_format
+  cfg, tok, added, reader, hf, meta = gguf_config(path, base, overrides)
+  return _model(cfg, gguf_format.hf_tensors(reader, hf), tok, added, key, mesh, path,
+                gguf_format.chat_template(meta))
+
+
+def _read_json_key(file: str, key: str):
+  if not os.path.exists(file):
+    return None
+  with open(file) as f:
+    return json.load(f).get(key)
+
+
+def _model(cfg: Config, weights: dict, tok, added, key, mesh, path, template) -> HFModel:
+  """The HFModel of Hugging Face-named float32 `weights`: mapped on the host, cast
+  to the parameter dtype there, then put on the devices (sharded with a mesh)."""
+  from mtcot_jax.model import api
+  from mtcot_jax.tokens import THINK
   plain = cfg.replace(model={"scan_layers": False})
   new_ids = [tok.think_id if piece == THINK else tok.think_end_id for piece in added]
-  main = main_params_from_hf(plain, read_weights(path), new_ids)
-  pdt = jnp.dtype(cfg.model.param_dtype)
-  params = {"main": jax.tree.map(lambda x: jnp.asarray(x, pdt), main),
-            "head": _fresh_head(cfg, jax.random.key(0) if key is None else key)}
+  main = main_params_from_hf(plain, weights, new_ids)
+  weights.clear()                              # the float32 copies go as soon as mapped
+  pdt = np.dtype(jnp.dtype(cfg.model.param_dtype))
+  main = jax.tree.map(lambda x: np.asarray(x, pdt), main)
   shapes = api.param_shapes(plain)
-  if jax.tree.structure(shapes) != jax.tree.structure(params):
+  if jax.tree.structure(shapes["main"]) != jax.tree.structure(main):
     raise ValueError("the imported parameter tree does not match the model's "
-                     f"({jax.tree.structure(shapes)} vs {jax.tree.structure(params)})")
-  params = jax.tree.map(lambda x: jnp.asarray(x), params)
+                     f"({jax.tree.structure(shapes['main'])} vs {jax.tree.structure(main)})")
   if cfg.model.scan_layers:
-    params = api.to_scan_layout(params)
-  return HFModel(cfg=cfg, params=params, tokenizer=tok, added_tokens=tuple(added), path=path)
+    main = dict(main)
+    names = [f"layer_{i}" for i in range(cfg.model.num_layers)]
+    layers = [main.pop(n) for n in names]
+    main["layers"] = jax.tree.map(lambda *xs: np.stack(xs), *layers)
+  shardings = None if mesh is None else api.param_shardings(cfg, mesh)
+  main = jax.device_put(main, None if shardings is None else shardings["main"])
+  head = api.init_head_params(cfg, jax.random.key(0) if key is None else key, mesh)
+  params = {"main": main, "head": head}
+  return HFModel(cfg=cfg, params=params, tokenizer=tok, added_tokens=tuple(added), path=path,
+                 chat_template=template)
 
 
 def _flat(tree, prefix=()) -> dict[str, np.ndarray]:

@@ -112,13 +112,20 @@ def config_for(path: str, base: Config | None = None, overrides: Sequence[str] =
   (compute/param dtypes, scan_layers and remat kept from `base`) and `overrides`
   applied after. The vocabulary grows by the thinking tokens the tokenizer lacks,
   and decode.eos_id / decode.think_end_id are the tokenizer's."""
-  from mtcot_jax.config import parse_override
   hf = read_config(path)
   fields = model_fields(hf)
   if fields["tie_embeddings"] and _unties(path):
     fields["tie_embeddings"] = False
   from mtcot_jax.data.hf_tokenizer import from_hf_dir
   tok, _ = from_hf_dir(path)
+  return config_with(fields, tok, base, overrides)
+
+
+def config_with(fields: dict, tok, base: Config | None = None,
+                overrides: Sequence[str] = ()) -> Config:
+  """`base` (or the defaults) with a checkpoint's model `fields` (`model_fields`),
+  the stop ids of its tokenizer `tok` (None: none), then `overrides`."""
+  from mtcot_jax.config import parse_override
   sections = (base or Config()).to_dict()
   if tok is not None:   # the vocabulary grows by the thinking tokens; generate's stop ids
     fields["vocab_size"] = max(fields["vocab_size"], tok.vocab_size)

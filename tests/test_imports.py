@@ -130,7 +130,7 @@ LAYERS = (
     ("mtcot_jax.decode*", "mtcot_jax.data*"),
     # 5: training and Hugging Face interop. train/loop.py imports hf (a run that
     # starts from a Hugging Face checkpoint), hf's import never trains: one layer.
-    ("mtcot_jax.hf*", "mtcot_jax.train*"),
+    ("mtcot_jax.hf*", "mtcot_jax.gguf_format", "mtcot_jax.train*"),
     # 6: the programs on top: the experiment runner and report, tools, command lines.
     ("mtcot_jax.experiments*", "mtcot_jax.tools*", "mtcot_jax.cli*"),
     # 7: `import mtcot_jax`, the public API: it may import anything, nothing imports it.

@@ -139,6 +139,37 @@ def _token_name(value) -> str | None:
   return value if isinstance(value, str) else None
 
 
+def add_think_tokens(tk) -> list[str]:
+  """Makes `<think>`/`</think>` added tokens of a `tokenizers.Tokenizer` (in place);
+  returns the pieces that were not in its vocabulary (appended as new ids)."""
+  import tokenizers
+  added = []
+  have = {t.content for t in tk.get_added_tokens_decoder().values()}
+  for piece in (THINK, THINK_END):
+    # A piece of the model's own vocabulary is split by the pre-tokenizer like
+    # any text: made an added token, it keeps its id and is matched whole.
+    if piece not in have:
+      if tk.token_to_id(piece) is None:
+        added.append(piece)
+      tk.add_special_tokens([tokenizers.AddedToken(piece, special=True, normalized=False)])
+  return added
+
+
+def from_tokenizer(tk, ids: dict[str, int], path: str = "") -> tuple[HFTokenizer, list[str]]:
+  """An HFTokenizer over a `tokenizers.Tokenizer` whose special ids are given
+  (bos, eos, pad, unk; -1 where the model has none: BOS and pad fall back to EOS),
+  with the thinking tokens added as `from_hf_dir` adds them."""
+  if ids.get("eos", -1) < 0:
+    raise ValueError(f"{path or 'tokenizer'}: no EOS token id; accepted: a tokenizer that "
+                     "names one")
+  added = add_think_tokens(tk)
+  eos = ids["eos"]
+  special = {"bos": eos if ids.get("bos", -1) < 0 else ids["bos"], "eos": eos,
+             "pad": eos if ids.get("pad", -1) < 0 else ids["pad"], "unk": ids.get("unk", -1),
+             "think": tk.token_to_id(THINK), "think_end": tk.token_to_id(THINK_END)}
+  return HFTokenizer("tokenizers", tk.to_str(), special, path), added
+
+
 def from_hf_dir(path: str) -> tuple[HFTokenizer | None, list[str]]:
   """The tokenizer of a Hugging Face directory with `<think>`/`</think>` appended
   where missing, and the pieces appended (in id order). (None, []) if the
@@ -156,14 +187,7 @@ def from_hf_dir(path: str) -> tuple[HFTokenizer | None, list[str]]:
   if os.path.exists(tj):
     import tokenizers
     tk = tokenizers.Tokenizer.from_file(tj)
-    have = {t.content for t in tk.get_added_tokens_decoder().values()}
-    for piece in (THINK, THINK_END):
-      # A piece of the model's own vocabulary is split by the pre-tokenizer like
-      # any text: made an added token, it keeps its id and is matched whole.
-      if piece not in have:
-        if tk.token_to_id(piece) is None:
-          added.append(piece)
-        tk.add_special_tokens([tokenizers.AddedToken(piece, special=True, normalized=False)])
+    added = add_think_tokens(tk)
     backend, model, to_id = "tokenizers", tk.to_str(), tk.token_to_id
   elif os.path.exists(sp_path):
     import sentencepiece as spm
