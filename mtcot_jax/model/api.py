@@ -149,10 +149,27 @@ def unembed_matrix(cfg: Config, params) -> jax.Array:
 
 
 def head_logits(cfg: Config, params, features: jax.Array) -> jax.Array:
-  """(..., D) head features -> (..., V) float32 logits through the shared unembedding."""
+  """(..., D) head features -> (..., V) float32 logits through the shared
+  unembedding; (..., N) over the draft vocabulary where params has one
+  (`with_draft_vocab`: logit i is token params["draft"]["ids"][i]'s)."""
   dt = jnp.dtype(cfg.model.dtype)
-  unembed = shared(cfg, unembed_matrix(cfg, params))
+  if "draft" in params:
+    unembed = params["draft"]["unembed"]
+  else:
+    unembed = shared(cfg, unembed_matrix(cfg, params))
   return (features.astype(dt) @ unembed.astype(dt)).astype(jnp.float32)
+
+
+def with_draft_vocab(cfg: Config, params, ids) -> dict:
+  """`params` with a draft vocabulary: the head drafts only the tokens `ids` (N,)
+  (FR-Spec: the most frequent ones), its chain step unembedding through the (D, N)
+  columns of the main model's output matrix, copied here once. The main model
+  still scores the whole vocabulary, so verified decoding stays exact; an
+  unverified CoT can only use these tokens. Decoding only (not with a mesh)."""
+  ids = jnp.asarray(ids, jnp.int32)
+  if ids.ndim != 1 or ids.shape[0] < 1:
+    raise ValueError(f"draft vocabulary of shape {ids.shape}; accepted: a non-empty (N,) id list")
+  return {**params, "draft": {"ids": ids, "unembed": unembed_matrix(cfg, params)[:, ids]}}
 
 
 def chain_tokens(tokens_BxT: jax.Array, positions_BxP: jax.Array, k: int) -> jax.Array:
