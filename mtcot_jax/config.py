@@ -241,6 +241,12 @@ class DecodeConfig:
   # mtcot_jax's tokenizers' (2, 5). train.init_from_hf records its tokenizer's here.
   eos_id: int = -1
   think_end_id: int = -1
+  # Answer markers: token-id sequences (variants, e.g. the ids of "Answer:" and of
+  # " Answer:"), each 1-8 ids; the CoT ends where one is completed (its tokens are the
+  # CoT's; a frozen instruct model is asked for one in its prompt). max_cot_tokens
+  # counts the CoT's tokens before a marker's last one; past it, budget forcing
+  # writes the first variant, one token a pass. (): the single token think_end_id.
+  answer_markers: tuple[tuple[int, ...], ...] = ()
   top_k: int = 0               # 0: off
   top_p: float = 1.0
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from mtcot_jax import tokens
 from mtcot_jax.errors import ConfigError  # noqa: F401  (re-exported)
 
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _REMAT = ("none", "full", "dots")
 _DISTRIBUTED = ("auto", "on", "off")
+MAX_MARKER_TOKENS = 8          # decode.answer_markers: tokens per marker
 
 
 def _check(ok: bool, key: str, value: Any, accepted: str) -> None:
@@ -170,6 +172,13 @@ def _check_decode(dec, h, m) -> None:
     _check(-1 <= v < m.vocab_size, f"decode.{key}", v,
            f"-1 (mtcot_jax's tokenizers' id) or an id in [0, model.vocab_size={m.vocab_size})")
   _check(0 < dec.top_p <= 1, "decode.top_p", dec.top_p, "a number in (0, 1]")
+  eos = dec.eos_id if dec.eos_id >= 0 else tokens.EOS_ID
+  for marker in dec.answer_markers:
+    _check(1 <= len(marker) <= MAX_MARKER_TOKENS
+           and all(0 <= i < m.vocab_size and i != eos for i in marker),
+           "decode.answer_markers", dec.answer_markers,
+           f"lists of 1 to {MAX_MARKER_TOKENS} token ids, each in [0, model.vocab_size="
+           f"{m.vocab_size}) and not the EOS id {eos} (e.g. [[12, 34], [56, 34]])")
 
 
 def validate(cfg) -> None:

@@ -5,6 +5,7 @@
                  verified_step, answer_step; run_cot / run_answer jitted)
     state.py     the loop state, `commit` (the update every step shares), the result
     blocks.py    the head's draft chain, adaptive cuts, cut_block, speculative_accept
+    markers.py   answer markers: token sequences that end the CoT, matched across blocks
     backend.py   the machine-specific seam: prepare_params, the cached main pass
                  (XLA, or the native CPU kernel where it applies)
 """

@@ -9,13 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtcot_jax import sampling
+from mtcot_jax.decode import markers as markers_
 from mtcot_jax.model import api
 from mtcot_jax.model.heads import Projection
 
 
 def sample_head_chain(head: Projection, params, head_state, sources, x1_B, keys,
                       s: sampling.Sampling, lengths_B, with_dists: bool = False, *,
-                      go_B=None, stop_ids: tuple[int, ...] = (), tau: float = 0.0):
+                      go_B=None, stop_ids: tuple[int, ...] = (), tau: float = 0.0,
+                      markers: markers_.Markers = (), tail_BxM=None):
   """The head's k = len(keys) chained samples x[t+2..t+k+1] after the main token x1.
 
   sources: the head's source residuals (B, D) at t = lengths_B - 1; head_state:
@@ -23,32 +25,42 @@ def sample_head_chain(head: Projection, params, head_state, sources, x1_B, keys,
   x[t+1+j]) through the head, which reads the earlier ones from the chain's own
   KV cache. Work follows what can be kept: the chain stops once no row needs
   another draft, a row needing none after its first stop token (`stop_ids`),
-  after a head token of probability below `tau` (adaptive blocks), or at all
-  where not `go_B`. Depths not drafted hold token 0 and log-prob -inf (the block
-  is cut before them). Returns (B, k) tokens and log-probs; with `with_dists`
-  also the (B, k, V) log-probabilities of the distributions they were drawn
-  from (q, for verifying; 0 where not drafted).
+  after the last token of an answer marker (`markers`, begun in the row's
+  committed `tail_BxM` (B, M-1), in x1 or in the drafts), after a head token of
+  probability below `tau` (adaptive blocks), or at all where not `go_B`. Depths
+  not drafted hold token 0 and log-prob -inf (the block is cut before them).
+  Returns (B, k) tokens and log-probs; with `with_dists` also the (B, k, V)
+  log-probabilities of the distributions they were drawn from (q, for
+  verifying; 0 where not drafted).
   """
   B, k, V = x1_B.shape[0], len(keys), head.cfg.model.vocab_size
   go_B = jnp.ones((B,), bool) if go_B is None else go_B
   stops = lambda tok: functools.reduce(  # noqa: E731
       jnp.logical_or, [tok == i for i in stop_ids], jnp.zeros(tok.shape, bool))
 
+  # The row's last M committed-or-drafted tokens, to see a marker end (M = 0: none).
+  window = (jnp.concatenate([tail_BxM, x1_B[:, None]], 1) if markers
+            else jnp.zeros((B, 0), jnp.int32))
+
+  def ends(tok, window):
+    return stops(tok) | (markers_.ends_with_marker(window, markers) if markers else False)
+
   def body(c):
-    j, tok, go, chain, toks, lps, dists = c
+    j, tok, go, window, chain, toks, lps, dists = c
     feats_BxD, chain = head.chain_step(params, head_state, chain, tok, j)
     logits_BxV = api.head_logits(head.cfg, params, feats_BxD)
     tok, lp = sampling.sample(keys[j], logits_BxV, s)
     if with_dists:
       dists = dists.at[:, j].set(sampling.process_logits(logits_BxV, s))
-    go = go & ~stops(tok) & ((lp >= np.log(tau)) if tau > 0 else True)
-    return j + 1, tok, go, chain, toks.at[:, j].set(tok), lps.at[:, j].set(lp), dists
+    window = jnp.concatenate([window[:, 1:], tok[:, None]], 1) if markers else window
+    go = go & ~ends(tok, window) & ((lp >= np.log(tau)) if tau > 0 else True)
+    return j + 1, tok, go, window, chain, toks.at[:, j].set(tok), lps.at[:, j].set(lp), dists
 
-  init = (0, x1_B, go_B & ~stops(x1_B),
+  init = (0, x1_B, go_B & ~ends(x1_B, window), window,
           head.chain_start(params, head_state, sources, lengths_B, k),
           jnp.zeros((B, k), jnp.int32), jnp.full((B, k), -jnp.inf, jnp.float32),
           jnp.zeros((B, k, V) if with_dists else (), jnp.float32))
-  _, _, _, _, toks, lps, dists = jax.lax.while_loop(
+  _, _, _, _, _, toks, lps, dists = jax.lax.while_loop(
       lambda c: (c[0] < k) & jnp.any(c[2]), body, init)
   return (toks, lps, dists) if with_dists else (toks, lps)
 
@@ -64,16 +76,18 @@ def adaptive_keep(lps_BxT, force_B, tau: float):
 
 
 def cut_block(block_BxT, keep_B, limit_B, active_B, stop_ids: tuple[int, ...],
-              stop_upto_B):
-  """How many tokens of a block are committed: through the first stop token
-  (one of `stop_ids`) among the first `keep` tokens at a position <= stop_upto,
+              stop_upto_B, stop_at_BxT=None):
+  """How many tokens of a block are committed: through the first stop (a token
+  of `stop_ids`, or a position where `stop_at_BxT` holds: an answer marker's
+  last token) among the first `keep` tokens at a position <= stop_upto,
   else min(keep, limit); at least 1 for an active row and 0 for another.
-  The CoT passes stop_upto = limit = its thinking budget (a `</think>` after the
-  budget's last token is allowed), the answer stop_upto = limit - 1 (an EOS is
-  one of the answer's tokens). Returns (n_valid, ended: a stop token was
-  committed, the stop token)."""
+  The CoT passes stop_upto = limit = its thinking budget (a marker's last token
+  just after the budget's last token is allowed), the answer stop_upto = limit - 1
+  (an EOS is one of the answer's tokens). Returns (n_valid, ended: a stop token was
+  committed, the token at the first stop)."""
   pos = jnp.arange(block_BxT.shape[1])[None, :]
-  stop = functools.reduce(jnp.logical_or, [block_BxT == i for i in stop_ids])
+  at = jnp.zeros(block_BxT.shape, bool) if stop_at_BxT is None else stop_at_BxT
+  stop = functools.reduce(jnp.logical_or, [block_BxT == i for i in stop_ids], at)
   stop = stop & (pos <= stop_upto_B[:, None]) & (pos < keep_B[:, None])
   has_stop = jnp.any(stop, axis=1)
   first = jnp.argmax(stop, axis=1)

@@ -20,9 +20,11 @@ from mtcot_jax.decode.state import GenerateResult
 def decode_config(cfg: Config, **overrides) -> Config:
   """`cfg` with decode settings changed: any `DecodeConfig` field by name (k,
   temperature, top_k, top_p, max_cot_tokens, max_answer_tokens, head_threshold,
-  verify, eos_id, think_end_id, ...); None leaves a field as it is. Validated
+  verify, eos_id, think_end_id, answer_markers, ...); None leaves a field as it is. Validated
   as the config is: an unknown name or a bad value raises, naming it."""
   changes = {name: value for name, value in overrides.items() if value is not None}
+  if "answer_markers" in changes:     # numpy arrays or lists of them, as plain lists
+    changes["answer_markers"] = [np.asarray(m).tolist() for m in changes["answer_markers"]]
   return cfg.replace(decode=changes) if changes else cfg
 
 
@@ -33,12 +35,13 @@ def decoder(cfg: Config, mesh: Mesh | None = None) -> Decoder:
     raise ValueError("decode.cpu_kernel=native runs on one CPU device and was given a mesh; "
                      "accepted: mesh=None, or decode.cpu_kernel=xla")
   k = d.k if d.k >= 0 else cfg.head.k
+  think_end = d.think_end_id if d.think_end_id >= 0 else tokens.THINK_END_ID
   return Decoder(
       cfg=cfg, k=k, sample=sampling.Sampling(temperature=d.temperature, top_k=d.top_k,
                                              top_p=d.top_p),
       max_cot=d.max_cot_tokens, max_answer=d.max_answer_tokens,
       eos_id=d.eos_id if d.eos_id >= 0 else tokens.EOS_ID,
-      think_end_id=d.think_end_id if d.think_end_id >= 0 else tokens.THINK_END_ID,
+      markers=tuple(tuple(m) for m in d.answer_markers) or ((think_end,),),
       tau=d.head_threshold, verify=d.verify if k > 0 else "none", mesh=mesh)
 
 
@@ -53,7 +56,8 @@ def _check_shapes(dec: Decoder, prompt_shape, lens_shape) -> None:
   if limit and need > limit:
     raise ValueError(
         f"a prompt of length {prompt_shape[1]} does not fit the cache: prompt + "
-        f"max_cot_tokens + 1 + (k+1) + max_answer_tokens = {need} > decode.max_len={limit}; "
+        f"max_cot_tokens + m (the forced answer marker's tokens, 1 for </think>) + (k+1) + "
+        f"max_answer_tokens = {need} > decode.max_len={limit}; "
         "accepted: a shorter prompt, smaller limits or a larger decode.max_len")
 
 
@@ -108,7 +112,9 @@ def generate(cfg: Config, params, prompt_tokens, prompt_lengths, key: jax.Array,
       head_threshold (adaptive blocks: a block is cut before the first head token
       whose probability is below it; unverified CoT blocks only), verify ("none",
       "answer": the answer phase verified, "all": the CoT too, lossless),
-      eos_id/think_end_id.
+      eos_id/think_end_id, answer_markers (token-id lists, e.g. [[12, 34], [56, 34]]:
+      the CoT ends where one of them is completed, in place of the token
+      think_end_id; budget forcing writes the first; see decode/markers.py).
   Returns:
     GenerateResult (see its fields).
   """

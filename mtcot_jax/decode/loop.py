@@ -8,12 +8,17 @@ and head sources at each prompt's last position. Then:
 
 CoT loop (one `lax.while_loop` iteration = one main forward pass, `cot_step`):
   1. x[t+1] ~ main(h);  2. x[t+2..t+k+1] ~ head chain from h's sources;
-  3. cut the block after the first `</think>` (or EOS, which ends the sequence),
-     at the CoT budget, and (adaptive blocks) before the first unsure head token;
+  3. cut the block after the first answer marker's last token (`markers.py`:
+     `</think>` by default, or token sequences such as "Answer:", begun in this
+     block, an earlier one or the prompt; or EOS, which ends the sequence), at
+     the CoT budget, and (adaptive blocks) before the first unsure head token;
+     the head's chain stops drafting where a marker or EOS is complete;
   4. one main pass appends the block and gives the new h.
   A sequence whose CoT has ended waits, masked. One that spends `max_cot`
-  tokens without `</think>` gets `</think>` as a one-token block from the main
-  model (budget forcing).
+  tokens without completing a marker gets the first marker variant written
+  for it (budget forcing): one token a pass, each a one-token block of the
+  main model's (source 0, its log-prob the main model's), until a marker
+  completes (at most the variant's m tokens: m passes, as k = 0 would spend).
 Answer loop (`answer_step`: one main pass per token, the head not run) until EOS
 or `max_answer`.
 
@@ -27,9 +32,10 @@ normalise(max(0, p - q)) there. The cache's length moves past the committed
 tokens only, so rejected positions are overwritten by the next block. The
 output is k=0's, token for token (greedy), or has k=0's distribution (sampling).
 
-forward_passes = 1 + CoT blocks + (answer length - 1), per sequence (an EOS
-that ends a sequence is never fed back, in either phase). In a verified phase
-every iteration costs one pass except one whose own token x1 ends the sequence.
+forward_passes = 1 + CoT blocks + (answer length - 1), per sequence, a forced
+marker token being a CoT block of its own (an EOS that ends a sequence is never
+fed back, in either phase). In a verified phase every iteration costs one pass
+except one whose own token x1 ends the sequence.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from mtcot_jax import sampling
 from mtcot_jax import sharding as shd
 from mtcot_jax.config import Config
 from mtcot_jax.decode import backend, blocks
+from mtcot_jax.decode import markers as markers_
 from mtcot_jax.decode.state import (GenerateResult, PassOutput, State, advance, commit, result,
                                     take_at)
 from mtcot_jax.model.heads import head_for
@@ -58,8 +65,9 @@ class Decoder:
   """Two-phase decoding with one set of static settings (see the module docstring).
 
   `verify` is "none", "answer" or "all" ("none" where k = 0); `tau` the adaptive
-  blocks' threshold (unverified CoT blocks only). Parameters come from
-  `backend.prepare_params(cfg, ...).params`.
+  blocks' threshold (unverified CoT blocks only); `markers` the answer markers
+  (token-id tuples; the CoT ends at the first one completed; budget forcing
+  writes markers[0]). Parameters come from `backend.prepare_params(cfg, ...).params`.
   """
   cfg: Config
   k: int
@@ -67,19 +75,20 @@ class Decoder:
   max_cot: int
   max_answer: int
   eos_id: int
-  think_end_id: int
+  markers: markers_.Markers
   tau: float = 0.0
   verify: str = "none"
   mesh: Mesh | None = None
 
   @property
   def out_len(self) -> int:
-    """The output buffer's length: k slots of slack for blocks cut short."""
-    return self.max_cot + 1 + self.k + self.max_answer
+    """The output buffer's length: a CoT of at most max_cot + m tokens (m the forced
+    marker's), the answer, and k slots of slack for blocks cut short."""
+    return self.max_cot + len(self.markers[0]) + self.k + self.max_answer
 
   def capacity(self, prompt_len: int) -> int:
     """The KV cache's slots for a prompt of this length."""
-    return prompt_len + self.max_cot + 1 + (self.k + 1) + self.max_answer
+    return prompt_len + self.max_cot + len(self.markers[0]) + (self.k + 1) + self.max_answer
 
   @functools.cached_property
   def _extend(self):
@@ -109,22 +118,41 @@ class Decoder:
                           v=tuple(shard(a, spec) for a in cache.v))
     head_state = self.head.decode_state(B, capacity) if self.k > 0 else ()
     out = self.main_pass(params, cache, prompt_BxP, lens_B, head_state)
-    last_prompt = jnp.take_along_axis(prompt_BxP, (lens_B - 1)[:, None], axis=1)[:, 0]
+    # A prompt that ends with a marker has no CoT to write.
+    window = markers_.prompt_window(prompt_BxP, lens_B, markers_.tail_len(self.markers) + 1)
     zeros_BxL, zeros_B = jnp.zeros((B, self.out_len), jnp.int32), jnp.zeros((B,), jnp.int32)
     return State(
         cache=out.cache, logits=take_at(out.logits, lens_B),
         sources=tuple(take_at(s, lens_B) for s in out.sources),
         head_state=out.head_state, tokens=zeros_BxL, source=zeros_BxL - 1, phase=zeros_BxL - 1,
         logprobs=jnp.zeros((B, self.out_len), jnp.float32), n_out=zeros_B, n_think=zeros_B,
-        cot_done=last_prompt == self.think_end_id, done=zeros_B.astype(bool),
-        passes=zeros_B + 1, forced=zeros_B.astype(bool), last=last_prompt, key=key,
-        pend=zeros_B - 1, accepted=zeros_B)
+        cot_done=markers_.ends_with_marker(window, self.markers), done=zeros_B.astype(bool),
+        passes=zeros_B + 1, forced=zeros_B.astype(bool), last=window[:, -1],
+        tail=window[:, 1:], key=key, pend=zeros_B - 1, accepted=zeros_B)
 
-  def _draft(self, params, st: State, x1_B, keys, go_B, stop_ids, tau=0.0, with_dists=False):
-    """The head's drafts after x1 where `go_B` (rows whose drafts can be kept)."""
+  def _draft(self, params, st: State, x1_B, keys, go_B, cot: bool, tau=0.0, with_dists=False):
+    """The head's drafts after x1 where `go_B` (rows whose drafts can be kept); the
+    chain stops at EOS and, in the CoT, where a marker completes."""
     return blocks.sample_head_chain(self.head, params, st.head_state, st.sources, x1_B, keys,
                                     self.sample, st.cache.lengths, with_dists, go_B=go_B,
-                                    stop_ids=stop_ids, tau=tau)
+                                    stop_ids=(self.eos_id,), tau=tau,
+                                    markers=self.markers if cot else (), tail_BxM=st.tail)
+
+  def _force(self, st: State, x1_B, force_B):
+    """Budget forcing: a row with no thinking budget left writes the first marker's
+    next token (n_think - max_cot of them written) in place of x1."""
+    return jnp.where(force_B, markers_.forced_token(self.markers, st.n_think - self.max_cot),
+                     x1_B)
+
+  def _cut_cot(self, st: State, block_BxT, keep_B, budget_B, active_B):
+    """How much of a CoT block is committed (`blocks.cut_block`: through the first
+    marker end or EOS, the budget allowing a marker's last token just after it; a
+    forced row's one token). Returns (n_valid, ends_cot, ends_seq)."""
+    n_valid, ended, stop_tok = blocks.cut_block(
+        block_BxT, keep_B, jnp.maximum(budget_B, 1), active_B, (self.eos_id,),
+        jnp.maximum(budget_B, 0), markers_.marker_hits(st.tail, block_BxT, self.markers))
+    ends_seq = ended & (stop_tok == self.eos_id)
+    return n_valid, ended & ~ends_seq, ends_seq
 
   def _cot_counters(self, st: State, active_B, force_B, n_valid_B, ends_cot_B, ends_seq_B):
     return st.replace(
@@ -133,27 +161,24 @@ class Decoder:
 
   def cot_step(self, params, st: State) -> State:
     """One unverified CoT iteration: the main token, k head tokens, one pass."""
-    k, think_end = self.k, self.think_end_id
+    k = self.k
     key, step_key = jax.random.split(st.key)
     keys = jax.random.split(step_key, k + 1)
     active = ~st.cot_done & ~st.done
     x1, lp1 = sampling.sample(keys[0], st.logits, self.sample)
-    block, lps = x1[:, None], lp1[:, None]
-    # Budget forcing: a sequence with no thinking budget left gets </think>.
-    budget = self.max_cot - st.n_think                               # (B,) >= 0
+    # Budget forcing: a sequence with no thinking budget left gets a marker's token.
+    budget = self.max_cot - st.n_think                               # (B,) <= 0: forced
     force = budget <= 0
+    x1 = self._force(st, x1, force)
+    lp1 = jnp.where(force, sampling.logprobs_of(st.logits, x1, self.sample), lp1)
+    block, lps = x1[:, None], lp1[:, None]
     if k > 0:
-      head_toks, head_lps = self._draft(params, st, x1, keys[1:], active & ~force,
-                                        (think_end, self.eos_id), self.tau)
+      head_toks, head_lps = self._draft(params, st, x1, keys[1:], active & ~force, True,
+                                        self.tau)
       block = jnp.concatenate([block, head_toks], 1)                # (B, k+1)
       lps = jnp.concatenate([lps, head_lps], 1)
-    forced_lp = sampling.logprobs_of(st.logits, jnp.full_like(x1, think_end), self.sample)
-    block = jnp.where(force[:, None], block.at[:, 0].set(think_end), block)
-    lps = jnp.where(force[:, None], lps.at[:, 0].set(forced_lp), lps)
-    keep = blocks.adaptive_keep(lps, force, self.tau)
-    n_valid, ended, stop_tok = blocks.cut_block(block, keep, budget, active,
-                                                (think_end, self.eos_id), budget)
-    ends_cot, ends_seq = ended & (stop_tok == think_end), ended & (stop_tok == self.eos_id)
+    keep = jnp.where(force, 1, blocks.adaptive_keep(lps, force, self.tau))
+    n_valid, ends_cot, ends_seq = self._cut_cot(st, block, keep, budget, active)
     out = self.main_pass(params, st.cache, block, jnp.maximum(n_valid, 1), st.head_state)
     st = commit(st, active_B=active, block_BxT=block, phase=0, logprobs_BxT=lps, n_B=n_valid,
                 source_BxT=jnp.broadcast_to(jnp.arange(k + 1, dtype=jnp.int32), block.shape),
@@ -176,11 +201,10 @@ class Decoder:
     else:
       budget = self.max_cot - st.n_think
       active, force = ~st.cot_done & ~st.done, budget <= 0          # budget forcing
-      x1 = jnp.where(force, self.think_end_id, x1)
+      x1 = self._force(st, x1, force)
     lp1 = sampling.logprobs_of(st.logits, x1, self.sample)          # the main model's
     # Greedy acceptance compares with the main model's argmax: no q needed.
-    stop_ids = (self.eos_id,) if in_answer else (self.think_end_id, self.eos_id)
-    drafted = self._draft(params, st, x1, keys[1:k + 1], active & ~force, stop_ids,
+    drafted = self._draft(params, st, x1, keys[1:k + 1], active & ~force, not in_answer,
                           with_dists=not self.sample.greedy)
     drafts, q_logp = drafted[0], (drafted[2] if len(drafted) == 3 else None)
     block = jnp.concatenate([x1[:, None], drafts], 1)                # (B, k+1)
@@ -192,13 +216,11 @@ class Decoder:
     if in_answer:   # cut after the first stop token kept, and at the length limits
       n_valid, ended, stop_tok = blocks.cut_block(block, keep, room, active, (self.eos_id,),
                                                   room - 1)
+      ends_cot, ends_seq = jnp.zeros_like(ended), ended & (stop_tok == self.eos_id)
     else:
-      n_valid, ended, stop_tok = blocks.cut_block(block, keep, budget, active,
-                                                  (self.think_end_id, self.eos_id), budget)
-    ends_cot = ended & (stop_tok == self.think_end_id) & (not in_answer)
-    ends_seq = ended & (stop_tok == self.eos_id)
+      n_valid, ends_cot, ends_seq = self._cut_cot(st, block, keep, budget, active)
     # The next x1 comes from the residual only where the rejection ended the block.
-    rejected = active & (a < k) & ~ended & (n_valid == keep)
+    rejected = active & ~force & (a < k) & ~ends_cot & ~ends_seq & (n_valid == keep)
     pend = jnp.where(rejected & (not self.sample.greedy), resid, -1)
     terminal_x1 = (x1 == self.eos_id) | (room <= 1 if in_answer else False)
     lps = jnp.concatenate(

@@ -8,6 +8,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from mtcot_jax.decode import markers
 from mtcot_jax.model.transformer import KVCache
 from mtcot_jax.tokens import PAD_ID
 
@@ -16,13 +17,13 @@ class GenerateResult(NamedTuple):
   """Per sequence, the generated tokens after the prompt (padded to L)."""
   tokens: jax.Array          # (B, L) int32, PAD past `lengths`
   source: jax.Array          # (B, L) 0 main model, j head depth j, -1 padding
-  phase: jax.Array           # (B, L) 0 CoT (incl. </think>), 1 answer, -1 padding
+  phase: jax.Array           # (B, L) 0 CoT (incl. its answer marker), 1 answer, -1 padding
   logprobs: jax.Array        # (B, L) log-prob under the distribution sampled from
   #                            (in a verified phase: the main model's, whoever drafted it)
   lengths: jax.Array         # (B,) generated tokens
   forward_passes: jax.Array  # (B,) main-model calls, prefill included
   finished: jax.Array        # (B,) ended with EOS (False: a length limit was hit)
-  cot_forced: jax.Array      # (B,) the CoT hit max_cot_tokens and was closed by force
+  cot_forced: jax.Array      # (B,) the CoT hit its budget and was closed by force
   accepted: jax.Array        # (B,) head drafts kept by verification (0 where verify="none")
 
 
@@ -45,12 +46,14 @@ class State:
   phase: jax.Array
   logprobs: jax.Array
   n_out: jax.Array        # (B,) tokens written
-  n_think: jax.Array      # (B,) CoT tokens before </think>
+  n_think: jax.Array      # (B,) CoT tokens before the one that ends it (a marker's last)
   cot_done: jax.Array     # (B,) bool
   done: jax.Array         # (B,) bool: EOS written
   passes: jax.Array       # (B,) main forward passes
   forced: jax.Array       # (B,) bool: the CoT was closed by budget forcing
   last: jax.Array         # (B,) the last committed token
+  tail: jax.Array         # (B, M-1) the last M-1 committed tokens (prompt's included; -1
+  #                         before its start), M the longest answer marker (`markers.py`)
   key: jax.Array
   pend: jax.Array         # (B,) verified phases: the next x1, drawn from the residual
   #                         after a rejected draft; -1: draw it from `logits`
@@ -76,7 +79,7 @@ def commit(st: State, *, active_B, block_BxT, source_BxT, phase: int, logprobs_B
            ends_seq_B, passes_B, key, out: PassOutput | None = None) -> State:
   """The step shared by every loop: write an active row's block at its output
   offset (its first n_B tokens count; the rest are overwritten later), advance
-  its counters and, given the pass that read the block, `advance` to it."""
+  its counters and tail and, given the pass that read the block, `advance` to it."""
   L = st.tokens.shape[1]
   T = block_BxT.shape[1]
   idx = jnp.where(active_B[:, None], st.n_out[:, None] + jnp.arange(T)[None, :], L)
@@ -86,7 +89,8 @@ def commit(st: State, *, active_B, block_BxT, source_BxT, phase: int, logprobs_B
       phase=_write(st.phase, idx, jnp.full_like(block_BxT, phase)),
       logprobs=_write(st.logprobs, idx, logprobs_BxT),
       n_out=st.n_out + n_B, done=st.done | ends_seq_B, passes=st.passes + passes_B,
-      last=jnp.where(active_B, last, st.last), key=key)
+      last=jnp.where(active_B, last, st.last),
+      tail=markers.roll_tail(st.tail, block_BxT, jnp.where(active_B, n_B, 0)), key=key)
   return st if out is None else advance(st, active_B, n_B, out)
 
 
