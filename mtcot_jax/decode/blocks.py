@@ -38,6 +38,7 @@ def sample_head_chain(head: Projection, params, head_state, sources, x1_B, keys,
   stops = lambda tok: functools.reduce(  # noqa: E731
       jnp.logical_or, [tok == i for i in stop_ids], jnp.zeros(tok.shape, bool))
 
+  draft = params.get("draft")   # api.with_draft_vocab
   # The row's last M committed-or-drafted tokens, to see a marker end (M = 0: none).
   window = (jnp.concatenate([tail_BxM, x1_B[:, None]], 1) if markers
             else jnp.zeros((B, 0), jnp.int32))
@@ -48,10 +49,15 @@ def sample_head_chain(head: Projection, params, head_state, sources, x1_B, keys,
   def body(c):
     j, tok, go, window, chain, toks, lps, dists = c
     feats_BxD, chain = head.chain_step(params, head_state, chain, tok, j)
-    logits_BxV = api.head_logits(head.cfg, params, feats_BxD)
+    logits_BxV = api.head_logits(head.cfg, params, feats_BxD)   # (B, N): a draft vocabulary
     tok, lp = sampling.sample(keys[j], logits_BxV, s)
     if with_dists:
-      dists = dists.at[:, j].set(sampling.process_logits(logits_BxV, s))
+      q = sampling.process_logits(logits_BxV, s)
+      if draft is not None:   # q over the whole vocabulary: 0 outside the draft's
+        q = jnp.full((B, V), -jnp.inf, q.dtype).at[:, draft["ids"]].set(q)
+      dists = dists.at[:, j].set(q)
+    if draft is not None:
+      tok = draft["ids"][tok]
     window = jnp.concatenate([window[:, 1:], tok[:, None]], 1) if markers else window
     go = go & ~ends(tok, window) & ((lp >= np.log(tau)) if tau > 0 else True)
     return j + 1, tok, go, window, chain, toks.at[:, j].set(tok), lps.at[:, j].set(lp), dists
