@@ -159,6 +159,8 @@ class TrainConfig:
   # SFT from a Hugging Face Llama/Qwen2 directory (mtcot_jax.hf): the model section,
   # the main model's weights and the tokenizer come from it; the head starts fresh.
   init_from_hf: str = ""
+  # The same from a llama.cpp GGUF file (mtcot_jax.load_gguf; e.g. `make smollm2`'s).
+  init_from_gguf: str = ""
   steps: int = 1000
   batch_size: int = 32         # global, in sequences
   grad_accum: int = 1

@@ -122,6 +122,9 @@ def _check_train(t) -> None:
   _check(not (t.init_from_hf and (t.init_from or t.stage == "rl")), "train.init_from_hf",
          t.init_from_hf, "a Hugging Face directory for SFT (train.stage=sft) without "
          "train.init_from; RL starts from the SFT run that imported it (train.init_from)")
+  _check(not (t.init_from_gguf and (t.init_from or t.init_from_hf or t.stage == "rl")),
+         "train.init_from_gguf", t.init_from_gguf, "a GGUF file for SFT (train.stage=sft) "
+         "without train.init_from or train.init_from_hf")
   _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "an int >= 1")
   _check(t.grad_accum >= 1 and t.batch_size % t.grad_accum == 0, "train.grad_accum",
          t.grad_accum, f"an int >= 1 dividing train.batch_size={t.batch_size}")

@@ -232,3 +232,31 @@ def test_smollm2_matches_transformers():
     got = np.asarray(res.tokens[0, :len(want)]).tolist()
     assert got == want, (run.tokenizer.decode(got), run.tokenizer.decode(want))
     assert want[-1] != run.tokenizer.eos_id or int(res.lengths[0]) == len(want)
+
+
+def test_sft_from_gguf_with_frozen_main(files, tmp_path):
+  """train.init_from_gguf with train.freeze_main: the model section, weights and
+  tokenizer come from the file, the head trains, the main model stays the file's
+  bit for bit (its updates are zero), and the run loads back."""
+  from mtcot_jax.train import loop
+  model, paths = files
+  work = str(tmp_path / "run")
+  cfg = mt.load_config(None, [
+      "data.task=wordprob", "data.task_args={ops: 1}", "data.train_size=32",
+      "data.eval_size=4", "data.seq_len=128", f"data.data_dir={tmp_path}/data",
+      "head.k=2", "head.num_heads=2", "head.width=32", "head.mlp_dim=64",
+      f"train.init_from_gguf={paths['F32']}", "train.freeze_main=true",
+      f"train.workdir={work}", "train.steps=2", "train.batch_size=4",
+      "train.eval_examples=2", "train.learning_rate=1e-2"])
+  loop.train(cfg, progress=False)
+  run, src = mt.load_run(work), mt.load_gguf(paths["F32"])
+  assert run.cfg.model.num_layers == 2 and run.cfg.model.tie_embeddings
+  assert (run.tokenizer.eos_id, run.tokenizer.vocab_size) == (2, src.tokenizer.vocab_size)
+  for a, b in zip(jax.tree.leaves(run.params["main"]), jax.tree.leaves(src.params["main"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  fresh = mt.load_gguf(paths["F32"], ["head.k=2", "head.num_heads=2", "head.width=32",
+                                      "head.mlp_dim=64"], key=jax.random.split(
+                                          jax.random.key(0))[0])
+  moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(
+      jax.tree.leaves(run.params["head"]), jax.tree.leaves(fresh.params["head"]))]
+  assert max(moved) > 1e-4

@@ -80,10 +80,10 @@ def prompt_batches(run, task, seeds, batch: int):
 
 def respond(run, task, seeds, temperature: float, max_new: int, batch: int, key) -> list[dict]:
   """The model's own k = 0 responses (through its end-of-turn token or max_new)."""
-  import mtcot_jax as mt
+  from mtcot_jax.decode import generate
   out = []
   for n, (chunk, prompt, lens) in enumerate(prompt_batches(run, task, seeds, batch)):
-    res = jax.tree.map(np.asarray, mt.generate(
+    res = jax.tree.map(np.asarray, generate(
         run.cfg, run.params, prompt, lens, jax.random.fold_in(key, n), k=0,
         temperature=temperature, max_cot_tokens=max_new, max_answer_tokens=1))
     for r, seed in enumerate(chunk):

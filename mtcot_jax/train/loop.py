@@ -288,10 +288,12 @@ def _init_params(cfg: Config, mesh, mngr):
   if mngr.latest_step() is not None:
     return None
   from mtcot_jax.model import api
-  if cfg.train.init_from_hf:
+  if cfg.train.init_from_hf or cfg.train.init_from_gguf:
     from mtcot_jax import hf
-    params = hf.load_hf(cfg.train.init_from_hf, base=cfg,
-                        key=jax.random.split(jax.random.key(cfg.train.seed))[0]).params
+    key = jax.random.split(jax.random.key(cfg.train.seed))[0]
+    if cfg.train.init_from_gguf:   # each weight put on its sharding as it is read
+      return hf.load_gguf(cfg.train.init_from_gguf, base=cfg, key=key, mesh=mesh).params
+    params = hf.load_hf(cfg.train.init_from_hf, base=cfg, key=key).params
     return params if mesh is None else jax.device_put(params, api.param_shardings(cfg, mesh))
   if not src:
     return None
@@ -320,11 +322,16 @@ def _train(cfg: Config, stop_after: int | None, progress: bool) -> dict:
   if t.init_from_hf:   # the model section is the checkpoint's
     from mtcot_jax import hf
     cfg = hf.config_for(t.init_from_hf, base=cfg)
+  elif t.init_from_gguf:
+    from mtcot_jax import hf
+    cfg, gguf_tok = hf.gguf_config(t.init_from_gguf, base=cfg)[:2]
   mesh = shd.make_mesh(cfg)
   if t.init_from and not cfg.data.tokenizer:   # the ids the parameters were trained on
     tok = mdata.load_tokenizer(ckpt.tokenizer_file(t.init_from))
   elif t.init_from_hf:
     tok = _hf_tokenizer(t.init_from_hf)
+  elif t.init_from_gguf:
+    tok = gguf_tok
   else:
     tok = mdata.tokenizer_for(cfg)
   _check_vocab(cfg, tok)
