@@ -124,3 +124,37 @@ def test_distill_end_to_end(tiny_gguf, tmp_path):
     n = int(k0.lengths[0])
     assert int(ver.lengths[0]) == n
     np.testing.assert_array_equal(np.asarray(ver.tokens)[0, :n], np.asarray(k0.tokens)[0, :n])
+
+
+def test_head_loss_equals_the_sft_loss_head_terms(tiny_cfg, tiny_params):
+  """With the whole vocabulary as the draft vocabulary and every position a source,
+  the distillation loss's per-depth sums (CE, accuracy, agreement with the main
+  model's greedy token) are the SFT loss's head terms (losses.loss_and_metrics)
+  on the same tokens with the response as the CoT."""
+  from mtcot_jax.train import losses
+  cfg = tiny_cfg.replace(head={"train_positions": 0})
+  k, V = cfg.head.k, cfg.model.vocab_size
+  rng = np.random.default_rng(5)
+  T = 16
+  tokens = rng.integers(3, V, (2, T)).astype(np.int32)
+  target = np.zeros((2, T), np.int8)
+  target[0, 3:14], target[1, 5:15] = 1, 1            # x[t+1] is a response token
+  out = mt.forward(cfg, tiny_params, tokens, with_head=False)
+  batch = {"tokens": tokens, "target": target, "sources": out.sources,
+           "main_next": np.argmax(np.asarray(out.logits), -1)}
+  ids = np.arange(V, dtype=np.int32)
+  draft = {"ids": jnp.asarray(ids), "index": jnp.asarray(ids),
+           "unembed": api.unembed_matrix(cfg, tiny_params)}
+  pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (2, T))
+  _, got = distill.head_loss(cfg, tiny_params["head"], tiny_params["main"], draft, batch, pos)
+  sft = {"inputs": tokens, "targets": np.pad(tokens[:, 1:], ((0, 0), (0, 1))),
+         "cot_mask": target.astype(np.float32), "answer_mask": np.zeros((2, T), np.float32),
+         "segment_ids": np.ones((2, T), np.int32),
+         "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (2, T))}
+  sft = jax.tree.map(jnp.asarray, sft)
+  _, want = losses.loss_and_metrics(cfg, tiny_params, sft, losses.counts(cfg, sft))
+  # sums of <= 32 float32 CEs of O(5): rounding ~1e-5 relative
+  np.testing.assert_allclose(np.asarray(got["loss"]), np.asarray(want["head_loss"]), rtol=1e-4)
+  np.testing.assert_array_equal(np.asarray(got["acc"]), np.asarray(want["head_acc"]))
+  np.testing.assert_array_equal(np.asarray(got["accept"]), np.asarray(want["head_accept"]))
+  assert k == 5 and float(np.asarray(got["n"])[0]) == target.sum()   # depth 1: each target once

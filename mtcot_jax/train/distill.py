@@ -166,30 +166,32 @@ def _index_of(ids: np.ndarray, vocab: int) -> np.ndarray:
 def head_loss(cfg: Config, head, main, draft, batch, positions_BxP):
   """Mean over depths of the head's cross-entropy over the draft vocabulary at the
   chains run from `positions` (targets outside the draft vocabulary, or not
-  response tokens, excluded), and per-depth sums for the metrics."""
+  response tokens, excluded), and per-depth sums for the metrics. The chain at
+  source t reads x[t+1..t+k] and its depth j (1-based) predicts x[t+1+j], as in
+  `losses.loss_and_metrics`."""
   k = cfg.head.k
   tokens = batch["tokens"]
   B, T = tokens.shape
   params = {"main": main, "head": head}
   sources = tuple(jnp.asarray(s, jnp.dtype(cfg.model.dtype)) for s in batch["sources"])
-  chain = api.chain_tokens(tokens, positions_BxP, k)                       # (B, P, k)
+  full = api.chain_tokens(tokens, positions_BxP, k + 1)                    # x[t+1..t+k+1]
   pos_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-  feats = head_for(cfg).features(params, sources, chain, pos_BxT, positions_BxP)
+  feats = head_for(cfg).features(params, sources, full[..., :k], pos_BxT, positions_BxP)
   take = lambda x: jnp.take_along_axis(x, positions_BxP, axis=1)  # noqa: E731
+  shift = lambda x, j: take(jnp.pad(x[:, j:], ((0, 0), (0, j))))  # noqa: E731  x[t+j]
   index = draft["index"]
   total, sums = 0.0, {"loss": [], "acc": [], "accept": [], "n": []}
-  for j in range(k):
-    tgt_ids = chain[:, :, j]                                                # x[t+1+j]
-    ok = take(jnp.pad(batch["target"][:, j:], ((0, 0), (0, j)))) > 0
+  for j in range(1, k + 1):
+    tgt_ids = full[:, :, j]                                                # x[t+1+j]
+    ok = shift(batch["target"], j) > 0          # target[u] = 1: x[u+1] is a response token
     tgt = index[tgt_ids]
     mask = (ok & (tgt >= 0)).astype(jnp.float32)
-    logits = (feats[:, :, j].astype(jnp.float32) @ draft["unembed"].astype(jnp.float32))
+    logits = (feats[:, :, j - 1].astype(jnp.float32) @ draft["unembed"].astype(jnp.float32))
     ce = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(
         logits, jnp.maximum(tgt, 0)[..., None], -1)[..., 0]
     pred = draft["ids"][jnp.argmax(logits, -1)]
-    main_j = take(jnp.pad(batch["main_next"][:, j:], ((0, 0), (0, j))))   # main's greedy x[t+1+j]
-    n = jnp.maximum(jnp.sum(mask), 1.0)
-    total = total + jnp.sum(ce * mask) / n
+    main_j = shift(batch["main_next"], j)        # the main model's greedy x[t+1+j]
+    total = total + jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
     okf = ok.astype(jnp.float32)
     sums["loss"].append(jnp.sum(ce * mask))
     sums["acc"].append(jnp.sum((pred == tgt_ids) * okf))
