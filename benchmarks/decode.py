@@ -218,7 +218,7 @@ def row_decoder(cfg: mt.Config, k: int, max_cot: int, max_answer: int, eos_id: i
   dec = decode.decoder(decode.decode_config(
       cfg, k=k, max_cot_tokens=max_cot, max_answer_tokens=max_answer, temperature=0.0,
       top_k=0, top_p=1.0, head_threshold=0.0, verify="none"))
-  return dataclasses.replace(dec, eos_id=eos_id, think_end_id=think_end_id)
+  return dataclasses.replace(dec, eos_id=eos_id, markers=((think_end_id,),))
 
 
 @functools.lru_cache(maxsize=None)
