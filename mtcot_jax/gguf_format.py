@@ -181,7 +181,7 @@ def tokenizer(meta: dict):
     raise ValueError(f"tokenizer.ggml.model={model!r} is not supported; accepted: 'gpt2' "
                      "(byte-level BPE: SmolLM2, Llama 3, Qwen2)")
   tokens = list(_need(meta, "tokenizer.ggml.tokens"))
-  merges = [tuple(m.split(" ", 1)) for m in _need(meta, "tokenizer.ggml.merges")]
+  merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or ()]
   types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
   tk = tokenizers.Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)},
                                        merges=merges, fuse_unk=False))

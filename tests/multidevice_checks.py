@@ -246,6 +246,58 @@ def check_memory_planner_matches_shards():
     assert got == max(held.values()), (extra, got, held)
 
 
+def check_gguf_lands_on_its_shardings():
+  """mt.load_gguf with a mesh: every main weight on the sharding the rules give it,
+  its values the file's (a tiny Llama written here with the gguf package)."""
+  import tempfile
+  import gguf
+  from mtcot_jax import hf_format
+  from mtcot_jax.gguf_format import _NAMES, _TOP
+  model = [o for o in TINY if o.startswith("model.") and "vocab_size" not in o]
+  src_cfg = mt.load_config(None, model + ["model.vocab_size=62", "model.tie_embeddings=true"])
+  main = jax.device_get(mt.init_params(src_cfg, jax.random.key(3))["main"])
+  m = src_cfg.model
+  to_gguf = {**{v: k for k, v in _TOP.items()}, **{v: k for k, v in _NAMES.items()}}
+  path = os.path.join(tempfile.mkdtemp(), "tiny.gguf")
+  w = gguf.GGUFWriter(path, "llama")
+  for add, value in ((w.add_block_count, m.num_layers), (w.add_embedding_length, m.d_model),
+                     (w.add_feed_forward_length, m.mlp_dim), (w.add_head_count, m.num_heads),
+                     (w.add_head_count_kv, m.num_kv_heads), (w.add_layer_norm_rms_eps, m.norm_eps),
+                     (w.add_rope_freq_base, m.rope_theta), (w.add_context_length, 64)):
+    add(value)
+  w.add_tokenizer_model("gpt2")
+  w.add_token_list(["<s>", "</s>"] + [chr(ord("a") + i % 26) * (1 + i // 26) for i in range(60)])
+  w.add_token_merges([])
+  w.add_eos_token_id(1)
+  for name, x in hf_format.main_params_to_hf(src_cfg, main).items():
+    parts = name.split(".")
+    if parts[0] == "lm_head":
+      continue
+    if parts[1] == "layers":   # model.layers.{i}.{part}.weight
+      out = f"blk.{parts[2]}.{to_gguf['.'.join(parts[3:-1])]}.weight"
+    else:
+      out = f"{to_gguf['.'.join(parts[:-1])]}.weight"
+    if "q_proj" in name or "k_proj" in name:   # llama.cpp's row permutation
+      heads = m.num_heads if "q_proj" in name else m.num_kv_heads
+      x = x.reshape(heads, 2, x.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(x.shape)
+    w.add_tensor(out, np.ascontiguousarray(x))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  mesh_cfg = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
+  run = mt.load_gguf(path, [o for o in TINY if o.startswith("head.")] + mesh_cfg,
+                     mesh=mt.make_mesh(_cfg()))
+  assert run.cfg.model.vocab_size == 64, run.cfg.model.vocab_size   # + <think>, </think>
+  want = mt.param_shardings(run.cfg, mt.make_mesh(run.cfg))
+  for (path_, got), spec in zip(jax.tree_util.tree_leaves_with_path(run.params),
+                                jax.tree.leaves(want)):
+    assert got.sharding == spec, (jax.tree_util.keystr(path_), got.sharding, spec)
+  np.testing.assert_array_equal(np.asarray(run.params["main"]["embed"])[:62], main["embed"])
+  np.testing.assert_array_equal(np.asarray(run.params["main"]["layer_1"]["attn"]["q"]),
+                                main["layer_1"]["attn"]["q"])
+
+
 def main(names):
   assert jax.device_count() == 8, jax.devices()
   names = names or [n[len("check_"):] for n in globals() if n.startswith("check_")]
