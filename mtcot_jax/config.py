@@ -322,9 +322,15 @@ def config_from_dict(sections: dict[str, dict[str, Any]]) -> Config:
   return cfg
 
 
-def save_config(cfg: Config, path: str) -> None:
-  """Writes the full config (every field) as YAML; `load_config` reads it back."""
+def config_yaml(cfg: Config) -> str:
+  """The full config (every field) as YAML text; `config_from_dict(yaml.safe_load(text))`
+  or `load_config` (from a file) reads it back."""
   plain = {name: {k: config_io.yaml_plain(v) for k, v in values.items()}
            for name, values in cfg.to_dict().items()}
+  return yaml.safe_dump(plain, sort_keys=False)
+
+
+def save_config(cfg: Config, path: str) -> None:
+  """Writes the full config (every field) as YAML; `load_config` reads it back."""
   with open(path, "w") as f:
-    yaml.safe_dump(plain, f, sort_keys=False)
+    f.write(config_yaml(cfg))

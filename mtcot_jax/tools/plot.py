@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import os
 
 import matplotlib
@@ -25,6 +26,7 @@ from matplotlib.ticker import MaxNLocator
 
 from mtcot_jax.errors import user_errors
 from mtcot_jax.train.metrics import METRICS_FILE, read_metrics
+from mtcot_jax.train.paths import is_local, run_path
 
 PANEL_IN = (4.6, 3.2)   # inches per subplot
 DPI = 120
@@ -51,7 +53,7 @@ class Panel:
 def read_run(workdir: str, name: str | None = None) -> Run:
   """The records of workdir/metrics.jsonl (a line cut short by a kill is skipped)."""
   path = os.path.join(workdir, METRICS_FILE)
-  if not os.path.isfile(path):
+  if not run_path(path).is_file():
     raise FileNotFoundError(f"no metrics.jsonl in {workdir!r} ({path} does not exist); "
                             "accepted: a run's train.workdir, which holds metrics.jsonl")
   train, evals = {}, {}
@@ -255,15 +257,21 @@ def run_names(workdirs: list[str]) -> list[str]:
 
 
 def plot_runs(workdirs: list[str], out: str) -> list[str]:
-  """Writes the figures of these runs as out/<name>.png; returns their paths."""
+  """Writes the figures of these runs as out/<name>.png (a local directory or a
+  URL, gs://...; so may the workdirs be); returns their paths."""
   runs = [read_run(w, n) for w, n in zip(workdirs, run_names(workdirs))]
   for i, run in enumerate(runs):
     run.color, run.style = f"C{i % 10}", ("-", "--", "-.", ":")[i % 4]
-  os.makedirs(out, exist_ok=True)
+  run_path(out).mkdir(parents=True, exist_ok=True)
   paths = []
   for name, fig in figures(runs).items():
     path = os.path.join(out, f"{name}.png")
-    fig.savefig(path, dpi=DPI)
+    if is_local(path):
+      fig.savefig(path, dpi=DPI)
+    else:
+      png = io.BytesIO()
+      fig.savefig(png, format="png", dpi=DPI)
+      run_path(path).write_bytes(png.getvalue())
     paths.append(path)
   return paths
 

@@ -4,6 +4,8 @@ final save), and SFT on it (`train`); RL supplies its own step (rl_loop.py)."""
 
 from __future__ import annotations
 
+import atexit
+import io
 import json
 import os
 import time
@@ -20,6 +22,7 @@ from mtcot_jax.train import checkpoint as ckpt
 from mtcot_jax.train import losses, optim
 from mtcot_jax.train.evaluate import evaluate, render
 from mtcot_jax.train.metrics import METRICS_FILE, read_metrics
+from mtcot_jax.train.paths import is_local, run_path, write_atomic
 from mtcot_jax.train.step import create_state, global_batch
 
 
@@ -70,6 +73,55 @@ def _flat(prefix: str, value) -> dict[str, float]:
   return {}                                      # text: not a curve
 
 
+class _EpathEventFile:
+  """One TensorBoard event file at a URL (gs://...), written through etils.epath:
+  object stores cannot append, so its bytes are kept in memory and the object is
+  rewritten whole at each flush (tensorboardX's own gs:// writer does the same)."""
+
+  def __init__(self, path: str):
+    self.path = run_path(path)
+    self.buffer = io.BytesIO()
+    self.dirty = False
+
+  def write(self, data: bytes) -> None:
+    self.buffer.write(data)
+    self.dirty = True
+
+  def flush(self) -> None:
+    if self.dirty:
+      self.path.write_bytes(self.buffer.getvalue())
+      self.dirty = False
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _EpathEventFiles:
+  """tensorboardX's writer factory for a URL scheme (`record_writer.REGISTERED_FACTORIES`)."""
+
+  def open(self, path: str) -> _EpathEventFile:
+    return _EpathEventFile(path)
+
+  def directory_check(self, path: str) -> None:
+    run_path(path).mkdir(parents=True, exist_ok=True)
+
+
+def summary_writer(logdir: str, **kwargs):
+  """A tensorboardX SummaryWriter for `logdir`, a local directory or a URL.
+
+  tensorboardX writes gs:// with google-cloud-storage and s3:// with boto3 (when
+  installed), and takes any other `scheme://` for a local directory name. A URL
+  here is written through etils.epath for every scheme (`_EpathEventFile`; it is
+  registered for that scheme in tensorboardX, for this process): it works wherever
+  orbax's own file operations do, with no further client library."""
+  from tensorboardX import SummaryWriter, record_writer
+  if not is_local(logdir):
+    scheme = logdir.split("://", 1)[0]
+    if not isinstance(record_writer.REGISTERED_FACTORIES.get(scheme), _EpathEventFiles):
+      record_writer.register_writer_factory(scheme, _EpathEventFiles())
+  return SummaryWriter(logdir, **kwargs)
+
+
 class MetricsLog:
   """Appends one JSON object per line to workdir/metrics.jsonl and writes the same
   numbers as TensorBoard scalars (`tb_scalars`) under workdir/tensorboard, on
@@ -83,31 +135,48 @@ class MetricsLog:
   earlier files from that step on; tensorboardX's `purge_step`), then repeats the
   kept records of `resume_step` itself, so that TensorBoard shows what
   metrics.jsonl holds. Call close() at the end (it flushes the event file).
+
+  A URL workdir (gs://...; object stores cannot append): the file's lines are kept
+  in memory and the whole object rewritten by `sync()`, at most every `sync_secs`
+  as records come, after each checkpoint is started (run_steps; so the records up
+  to a checkpoint are stored before it can be restored) and at close, or at exit
+  when the run raises (a non-finite loss). A kill loses the records since the
+  last sync, all of them after the last checkpoint: the resumed run logs those
+  steps again. The event file is rewritten whole too (`summary_writer`), at most
+  every `sync_secs`. (MaxText uploads each log period's records as a new object,
+  metrics_step_A_to_step_B.txt; one rewritten object keeps one file to read.)
   """
 
-  def __init__(self, workdir: str, resume_step: int | None = None):
+  def __init__(self, workdir: str, resume_step: int | None = None, sync_secs: float = 30.0):
     self.path = os.path.join(workdir, METRICS_FILE)
+    self.local = is_local(workdir)
     self.enabled = jax.process_index() == 0
     self.eval_steps: set[int] = set()    # steps whose evaluation is logged
     self.last_record: dict = {}          # the last training step's record kept
     self.writer = None
+    self.sync_secs = sync_secs
+    self._lines: list[str] = []          # a URL workdir: the file's lines, as sync() writes them
+    self._dirty = False
+    self._last_sync = float("-inf")
     if not self.enabled:
       return
     at_resume = []
-    if resume_step is not None and os.path.exists(self.path):
+    if resume_step is not None and run_path(self.path).exists():
       at_resume = self._truncate(resume_step)
-    from tensorboardX import SummaryWriter
     tb_dir = os.path.join(workdir, TENSORBOARD_DIR)
-    os.makedirs(tb_dir, exist_ok=True)
+    run_path(tb_dir).mkdir(parents=True, exist_ok=True)
     # Event files are read in name order: time (whole seconds), host, then this
     # session's number, which orders two sessions started within one second.
     # The writer's thread writes the events and flushes them within flush_secs
     # (its flush() does not wait for the thread): a kill loses about a second.
-    session = sum(1 for f in os.listdir(tb_dir) if ".tfevents." in f)
-    self.writer = SummaryWriter(tb_dir, purge_step=resume_step, flush_secs=1,
-                                filename_suffix=f".{session:04d}")
+    session = sum(1 for p in run_path(tb_dir).iterdir() if ".tfevents." in p.name)
+    self.writer = summary_writer(tb_dir, purge_step=resume_step,
+                                 flush_secs=1 if self.local else sync_secs,
+                                 filename_suffix=f".{session:04d}")
     for record in at_resume:
       self._add_scalars(record)
+    if not self.local:
+      atexit.register(self.close)
 
   def _truncate(self, resume_step: int) -> list[dict]:
     """Rewrites metrics.jsonl without the records after `resume_step`; returns the
@@ -120,6 +189,10 @@ class MetricsLog:
       elif "loss" in record:
         self.last_record = record
     text = "".join(json.dumps(r) + "\n" for r in kept)   # each line as write() wrote it
+    if not self.local:
+      self._lines = [json.dumps(r) + "\n" for r in kept]
+      self._dirty = run_path(self.path).read_text() != text
+      return [r for r in kept if r.get("step") == resume_step]
     with open(self.path) as f:
       changed = f.read() != text
     if changed:
@@ -137,16 +210,39 @@ class MetricsLog:
 
   def write(self, record: dict) -> None:
     if self.enabled:
-      with open(self.path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+      line = json.dumps(record) + "\n"
+      if self.local:
+        with open(self.path, "a") as f:
+          f.write(line)
+      else:
+        self._lines.append(line)
+        self._dirty = True
       if self.writer is not None:
         self._add_scalars(record)
-        self.writer.flush()
+        if self.local:
+          self.writer.flush()
+      if not self.local and time.monotonic() - self._last_sync >= self.sync_secs:
+        self.sync()
+
+  def sync(self) -> None:
+    """A URL workdir: writes metrics.jsonl whole with every record so far, and the
+    event file. Locally a no-op: each record is appended as it is written."""
+    if not self.enabled or self.local:
+      return
+    if self._dirty:
+      write_atomic(run_path(self.path), "".join(self._lines).encode())
+      self._dirty = False
+    if self.writer is not None:
+      self.writer.flush()
+    self._last_sync = time.monotonic()
 
   def close(self) -> None:
+    self.sync()
     if self.writer is not None:
       self.writer.close()
       self.writer = None
+    if self.enabled and not self.local:
+      atexit.unregister(self.close)
 
 
 def check_finite(metrics: dict, step: int, mngr, workdir: str) -> None:
@@ -205,6 +301,7 @@ def run_steps(cfg: Config, state, mngr, step_fn, *, desc: str, t_start: float,
       bar.set_postfix(postfix(record))
     if due(t.checkpoint_every, done):
       ckpt.save(mngr, state, data_state(done))
+      log.sync()     # a URL workdir: the records up to the checkpoint stored with it
     if evaluate_fn is not None and due(t.eval_every, done):
       run_eval(done)
     if stop_after is not None and done - start >= stop_after:
@@ -327,7 +424,7 @@ def _train(cfg: Config, stop_after: int | None, progress: bool) -> dict:
     cfg, gguf_tok = hf.gguf_config(t.init_from_gguf, base=cfg)[:2]
   mesh = shd.make_mesh(cfg)
   if t.init_from and not cfg.data.tokenizer:   # the ids the parameters were trained on
-    tok = mdata.load_tokenizer(ckpt.tokenizer_file(t.init_from))
+    tok = ckpt.read_tokenizer(t.init_from)
   elif t.init_from_hf:
     tok = _hf_tokenizer(t.init_from_hf)
   elif t.init_from_gguf:

@@ -1,11 +1,14 @@
 """A run's metrics.jsonl: one JSON object a line, appended by `train.loop.MetricsLog`
 (training steps, evaluations, the final summary). One reader for everything that
-reads it back (the plots, the experiment report, a resumed run's log)."""
+reads it back (the plots, the experiment report, a resumed run's log). The
+workdir may be a URL (gs://...; read through etils.epath, see paths.py)."""
 
 from __future__ import annotations
 
 import json
 import os
+
+from mtcot_jax.train.paths import run_path
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -15,7 +18,7 @@ def read_metrics(workdir: str) -> list[dict]:
   object (empty, or cut short by a kill) is skipped. Raises FileNotFoundError when
   the file does not exist."""
   records = []
-  with open(os.path.join(workdir, METRICS_FILE)) as f:
+  with run_path(os.path.join(workdir, METRICS_FILE)).open() as f:
     for line in f:
       try:
         record = json.loads(line)
