@@ -241,7 +241,9 @@ class DecodeConfig:
   temperature: float = 0.0     # 0: greedy
   # The ids that end the sequence and the CoT when `generate` is not given them; -1:
   # mtcot_jax's tokenizers' (2, 5). train.init_from_hf records its tokenizer's here.
-  eos_id: int = -1
+  # eos_id may also be a list of stop ids (e.g. an instruct model's <|im_end|> and
+  # <|endoftext|>): any of them ends the sequence, in the CoT or the answer.
+  eos_id: Any = -1             # an int or a tuple of ints (config_checks)
   think_end_id: int = -1
   # Answer markers: token-id sequences (variants, e.g. the ids of "Answer:" and of
   # " Answer:"), each 1-8 ids; the CoT ends where one is completed (its tokens are the

@@ -170,18 +170,26 @@ def _check_decode(dec, h, m) -> None:
          "one of none, answer, all (answer: the answer phase verified; all: the CoT too)")
   _check(dec.temperature >= 0, "decode.temperature", dec.temperature, "a number >= 0 (0: greedy)")
   _check(dec.top_k >= 0, "decode.top_k", dec.top_k, "an int >= 0 (0: off)")
-  for key in ("eos_id", "think_end_id"):
-    v = getattr(dec, key)
-    _check(-1 <= v < m.vocab_size, f"decode.{key}", v,
-           f"-1 (mtcot_jax's tokenizers' id) or an id in [0, model.vocab_size={m.vocab_size})")
+  def is_id(i) -> bool:
+    return isinstance(i, int) and not isinstance(i, bool) and 0 <= i < m.vocab_size
+  _check((type(dec.eos_id) is int and dec.eos_id == -1) or is_id(dec.eos_id)
+         or (isinstance(dec.eos_id, tuple) and len(dec.eos_id) >= 1
+             and all(is_id(i) for i in dec.eos_id)), "decode.eos_id", dec.eos_id,
+         f"-1 (mtcot_jax's tokenizers' id), an id in [0, model.vocab_size={m.vocab_size}) "
+         "or a non-empty list of such ids (any of them ends the sequence)")
+  _check(-1 <= dec.think_end_id < m.vocab_size,
+         "decode.think_end_id", dec.think_end_id,
+         f"-1 (mtcot_jax's tokenizers' id) or an id in [0, model.vocab_size={m.vocab_size})")
   _check(0 < dec.top_p <= 1, "decode.top_p", dec.top_p, "a number in (0, 1]")
-  eos = dec.eos_id if dec.eos_id >= 0 else tokens.EOS_ID
+  eos = (dec.eos_id if isinstance(dec.eos_id, tuple)
+         else (dec.eos_id if dec.eos_id >= 0 else tokens.EOS_ID,))
+  eos_text = f"the EOS id {eos[0]}" if len(eos) == 1 else f"an EOS id {list(eos)}"
   for marker in dec.answer_markers:
     _check(1 <= len(marker) <= MAX_MARKER_TOKENS
-           and all(0 <= i < m.vocab_size and i != eos for i in marker),
+           and all(0 <= i < m.vocab_size and i not in eos for i in marker),
            "decode.answer_markers", dec.answer_markers,
            f"lists of 1 to {MAX_MARKER_TOKENS} token ids, each in [0, model.vocab_size="
-           f"{m.vocab_size}) and not the EOS id {eos} (e.g. [[12, 34], [56, 34]])")
+           f"{m.vocab_size}) and not {eos_text} (e.g. [[12, 34], [56, 34]])")
 
 
 def validate(cfg) -> None:

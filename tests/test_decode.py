@@ -198,16 +198,19 @@ def test_loops_compile_once(tiny_cfg, dparams, prompt):
   # The loops are jitted methods of the Decoder class (static self): their cache
   # holds every settings x shape compiled in this process. The first call adds
   # at most one program each (none if an earlier test compiled these settings),
-  # the later ones none.
+  # the later ones none: new temperatures, top_k and top_p included (arguments
+  # of the loops, not part of the program).
   run_cot, run_answer = decode.Decoder.run_cot, decode.Decoder.run_answer
   before = (run_cot._cache_size(), run_answer._cache_size())
   decode.generate(tiny_cfg, dparams, prompt, LENS, jax.random.key(0), **kw)
   sizes = (run_cot._cache_size(), run_answer._cache_size())
   assert all(0 <= s - b <= 1 for s, b in zip(sizes, before))
   iters = set()
-  for seed in range(3):   # different prompts and keys: different iteration counts
+  values = (dict(temperature=0.7), dict(temperature=1.3, top_k=5),
+            dict(temperature=0.9, top_k=20, top_p=0.8))
+  for seed, s in enumerate(values):   # different prompts and keys: different iteration counts
     p2 = np.random.default_rng(seed + 10).integers(6, 64, (B, P))
-    res = decode.generate(tiny_cfg, dparams, p2, LENS, jax.random.key(seed), **kw)
+    res = decode.generate(tiny_cfg, dparams, p2, LENS, jax.random.key(seed), **{**kw, **s})
     iters.add(tuple(np.asarray(res.forward_passes)))
   assert (run_cot._cache_size(), run_answer._cache_size()) == sizes
   assert len(iters) > 1
@@ -246,6 +249,31 @@ def test_sampling_filters():
   np.testing.assert_allclose(np.exp(lp)[0], want / want.sum(), atol=1e-6)
   with pytest.raises(ValueError, match="top_p=1.5"):
     sampling.Sampling(top_p=1.5)
+
+
+def test_traced_sampling_settings_equal_numbers():
+  """The settings as traced arrays (one compiled program for every value) give the
+  distribution the same numbers give, filters on or off; top-k by the sorted
+  logits' k-th value keeps what lax.top_k's k-th value keeps; a traced temperature
+  0 is greedy: the argmax, at the model's own log-prob."""
+  logits = 3.0 * jax.random.normal(jax.random.key(0), (3, 64))
+  fn = jax.jit(lambda x, t, k, p: sampling.process_logits(
+      x, sampling.Sampling(temperature=t, top_k=k, top_p=p)))
+  for t, k, p in ((1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.6), (0.9, 20, 0.9), (0.5, 64, 1.0),
+                  (0.0, 0, 1.0), (0.0, 5, 0.5)):
+    want = sampling.process_logits(logits, sampling.Sampling(temperature=t, top_k=k, top_p=p))
+    np.testing.assert_allclose(fn(logits, t, k, p), want, rtol=1e-6, err_msg=(t, k, p))
+  assert fn._cache_size() == 1
+  kth = jax.lax.top_k(logits / 0.7, 5)[0][:, -1:]
+  kept = np.asarray(fn(logits, 0.7, 5, 1.0)) > sampling.NEG_INF / 2
+  np.testing.assert_array_equal(kept, np.asarray(logits / 0.7 >= kth))
+  draw = jax.jit(lambda key, x, t: sampling.sample(key, x, sampling.Sampling(temperature=t)))
+  tok, lp = draw(jax.random.key(1), logits, 0.0)
+  np.testing.assert_array_equal(tok, jnp.argmax(logits, -1))
+  np.testing.assert_allclose(lp, jnp.max(jax.nn.log_softmax(logits), -1), rtol=1e-6)
+  tok, _ = draw(jax.random.key(1), logits, 1.0)
+  tok2, _ = sampling.sample(jax.random.key(1), logits, sampling.Sampling(temperature=1.0))
+  np.testing.assert_array_equal(tok, tok2)
 
 
 @pytest.fixture(scope="module", params=[-1, 3], ids=["context-all", "context-window3"])
@@ -428,3 +456,90 @@ def test_make_generate_inside_jit_equals_generate(tiny_cfg, dparams, prompt):
     np.testing.assert_array_equal(g, w, err_msg=name)
   with pytest.raises(ValueError, match="max_cot"):
     mt.make_generate(tiny_cfg, max_cot=4)
+  # The sampling settings as traced arguments of the caller's jit: one compile for
+  # every value, generate's output at each (the same key: the same tokens).
+  greedy = want
+  jfn = jax.jit(lambda p, x, n, key, t, tk, tp: fn(p, x, n, key, temperature=t, top_k=tk,
+                                                   top_p=tp))
+  for t, tk, tp in ((0.8, 20, 0.9), (1.3, 0, 1.0)):
+    want = _gen(tiny_cfg, dparams, prompt, key=7, temperature=t, top_k=tk, top_p=tp, **kw)
+    got = jax.tree.map(np.asarray, jfn(dparams, prompt, LENS, jax.random.key(7), t, tk, tp))
+    for name, w, g in zip(want._fields, want, got):
+      np.testing.assert_allclose(g, w, rtol=0, atol=1e-6 if name == "logprobs" else 0,
+                                 err_msg=(name, t))
+  # A traced temperature 0 runs the sampling program greedily: greedy's tokens.
+  got = jax.tree.map(np.asarray, jfn(dparams, prompt, LENS, jax.random.key(1), 0.0, 0, 1.0))
+  np.testing.assert_array_equal(got.tokens, greedy.tokens)
+  np.testing.assert_allclose(got.logprobs, greedy.logprobs, rtol=0, atol=1e-6)
+  assert jfn._cache_size() == 1
+
+
+def test_traced_greedy_verified_equals_greedy(tiny_cfg, dparams, prompt):
+  """Verified decoding (the acceptance rule and the token after a rejection) with a
+  traced temperature of 0 writes greedy verified decoding's tokens; a greedy
+  Decoder refuses a temperature it cannot honour."""
+  kw = dict(k=3, verify="all", max_cot_tokens=MAX_COT, max_answer_tokens=MAX_ANS)
+  want = _gen(tiny_cfg, dparams, prompt, **kw)
+  fn = mt.make_generate(tiny_cfg, **kw)
+  got = jax.jit(lambda key, t: fn(dparams, prompt, LENS, key, temperature=t))(
+      jax.random.key(1), 0.0)
+  got = jax.tree.map(np.asarray, got)
+  for name in ("tokens", "source", "phase", "lengths", "forward_passes", "accepted"):
+    np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+  with pytest.raises(ValueError, match="this Decoder is greedy"):
+    decode.decoder(tiny_cfg)(dparams, prompt, LENS, jax.random.key(0),
+                             sampling.Sampling(temperature=0.5))
+
+
+def test_any_stop_id_ends_the_sequence(tiny_cfg, dparams, prompt):
+  """eos_id as a list of ids: a sequence ends at the first of them it writes (in
+  the CoT or the answer), with what each id alone writes up to there."""
+  kw = dict(k=3, verify="answer")
+  base = _gen(tiny_cfg, dparams, prompt, eos_id=63, **kw)
+  seen = [t for t in np.unique(base.tokens[base.phase >= 0]) if t not in (5, 63)]
+  a, b = int(seen[0]), int(seen[-1])
+  one = {e: _gen(tiny_cfg, dparams, prompt, eos_id=e, **kw) for e in (a, b)}
+  both = _gen(tiny_cfg, dparams, prompt, eos_id=[a, b], **kw)
+  ends = set()
+  for r in range(B):
+    n = int(both.lengths[r])
+    e = min(one.values(), key=lambda res: res.lengths[r])   # the id written first
+    assert n == e.lengths[r] and both.finished[r] == e.finished[r], r
+    np.testing.assert_array_equal(both.tokens[r, :n], e.tokens[r, :n])
+    np.testing.assert_array_equal(both.phase[r, :n], e.phase[r, :n])
+    if both.finished[r]:
+      assert both.tokens[r, n - 1] in (a, b)
+      assert not np.isin(both.tokens[r, :n - 1], (a, b)).any()
+      ends.add((int(both.tokens[r, n - 1]), int(both.phase[r, n - 1])))
+  assert len(ends) >= 2, ends
+
+
+@pytest.mark.parametrize("eos,needle", [
+    ([], "decode.eos_id=()"),
+    ([2, 64], r"decode.eos_id=\(2, 64\)"),
+    ([2.0], "decode.eos_id"),
+    ("2", "decode.eos_id"),
+    (True, "decode.eos_id"),
+])
+def test_bad_stop_ids_raise_before_compiling(tiny_cfg, dparams, prompt, eos, needle):
+  before = decode.Decoder.run_cot._cache_size()
+  with pytest.raises(ValueError, match=needle):
+    decode.generate(tiny_cfg, dparams, prompt, LENS, jax.random.key(0), k=3, eos_id=eos)
+  with pytest.raises(ValueError, match=needle):
+    mt.make_generate(tiny_cfg, eos_id=eos)
+  assert decode.Decoder.run_cot._cache_size() == before
+
+
+def test_stop_ids_in_the_config(tiny_cfg):
+  cfg = mt.load_config(None, ["decode.eos_id=[2, 7]"])
+  assert cfg.decode.eos_id == (2, 7) and decode.decoder(cfg).eos_id == (2, 7)
+  assert decode.decoder(tiny_cfg).eos_id == (decode.EOS_ID,)
+  assert decode.decoder(decode.decode_config(tiny_cfg, eos_id=np.array([9, 4]))).eos_id == (9, 4)
+  with pytest.raises(ValueError, match=r"not an EOS id \[2, 7\]"):
+    cfg.replace(decode={"answer_markers": [[7]]})
+  with pytest.raises(ValueError, match="traced"):
+    jax.jit(lambda e: decode.decode_config(tiny_cfg, eos_id=e))(jnp.int32(3))
+  # Decoders that differ only in sampling values are one Decoder (one compiled loop).
+  d = [decode.decoder(decode.decode_config(tiny_cfg, temperature=t, top_p=p))
+       for t, p in ((0.5, 0.9), (1.5, 1.0))]
+  assert d[0] == d[1] and hash(d[0]) == hash(d[1])

@@ -1,6 +1,7 @@
 """Two-phase decoding: the k-token CoT loop, then the filtered one-token answer loop.
 
-    generate.py  generate / make_generate: settings from cfg.decode (or overrides)
+    generate.py  generate / make_generate: settings from cfg.decode (or overrides);
+                 temperature/top_k/top_p are arguments of the compiled loops
     loop.py      Decoder: the frozen loop object (prefill, main_pass, cot_step,
                  verified_step, answer_step; run_cot / run_answer jitted)
     state.py     the loop state, `commit` (the update every step shares), the result

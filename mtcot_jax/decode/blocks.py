@@ -103,7 +103,7 @@ def cut_block(block_BxT, keep_B, limit_B, active_B, stop_ids: tuple[int, ...],
   return n_valid, active_B & has_stop, stop_tok
 
 
-def speculative_accept(key, p_logp_BxKxV, q_logp_BxKxV, drafts_BxK, greedy: bool):
+def speculative_accept(key, p_logp_BxKxV, q_logp_BxKxV, drafts_BxK, greedy):
   """Verification of k drafts d_1..d_k against the main model.
 
   p_logp[:, j-1] is the main model's (sampling) log-distribution at draft d_j's
@@ -111,28 +111,35 @@ def speculative_accept(key, p_logp_BxKxV, q_logp_BxKxV, drafts_BxK, greedy: bool
   kept while it is argmax p. Sampling: kept with probability min(1, p(d_j)/q(d_j)),
   and after the first rejection (at draft a+1) the replacement is drawn from
   normalise(max(0, p - q)) there, which makes the kept-then-replaced sequence
-  p-distributed (Leviathan et al. 2023; Chen et al. 2023).
+  p-distributed (Leviathan et al. 2023; Chen et al. 2023). `greedy` is a Python
+  bool (one rule compiled) or a traced bool (`sampling.greedy_now` of traced
+  settings: both rules computed, the one it names taken).
   Returns (kept drafts a (B,) int32, replacement token (B,) int32: meaningful
   only where a < k, and for greedy the argmax of p at draft a+1).
   """
   B, k, _ = p_logp_BxKxV.shape
   k_accept, k_resid = jax.random.split(key)
   d = drafts_BxK[..., None]
-  if greedy:                                   # q_logp is not read (may be None)
-    ok = drafts_BxK == jnp.argmax(p_logp_BxKxV, axis=-1)
+  fixed = not isinstance(greedy, jax.Array)
+  ok_greedy = drafts_BxK == jnp.argmax(p_logp_BxKxV, axis=-1)
+  if fixed and greedy:                         # q_logp is not read (may be None)
+    ok = ok_greedy
   else:
     p_d = jnp.take_along_axis(p_logp_BxKxV, d, axis=-1)[..., 0]
     q_d = jnp.take_along_axis(q_logp_BxKxV, d, axis=-1)[..., 0]
     u = jax.random.uniform(k_accept, (B, k), minval=jnp.finfo(jnp.float32).tiny)
     ok = jnp.log(u) < p_d - q_d
+    ok = ok if fixed else jnp.where(greedy, ok_greedy, ok)
   a = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1).astype(jnp.int32)
   at = jnp.minimum(a, k - 1)[:, None, None]
   p_a = jnp.take_along_axis(p_logp_BxKxV, at, axis=1)[:, 0]          # (B, V)
-  if greedy:
-    return a, jnp.argmax(p_a, axis=-1).astype(jnp.int32)
+  argmax_a = jnp.argmax(p_a, axis=-1).astype(jnp.int32)
+  if fixed and greedy:
+    return a, argmax_a
   q_a = jnp.take_along_axis(q_logp_BxKxV, at, axis=1)[:, 0]
   resid = jnp.maximum(jnp.exp(p_a) - jnp.exp(q_a), 0.0)
   # p == q leaves no residual mass; a rejection is then impossible, but guard it.
   resid = jnp.where(jnp.sum(resid, -1, keepdims=True) > 0, resid, jnp.exp(p_a))
   logr = jnp.where(resid > 0, jnp.log(jnp.maximum(resid, 1e-38)), sampling.NEG_INF)
-  return a, jax.random.categorical(k_resid, logr, axis=-1).astype(jnp.int32)
+  tok = jax.random.categorical(k_resid, logr, axis=-1).astype(jnp.int32)
+  return a, (tok if fixed else jnp.where(greedy, argmax_a, tok))

@@ -1,5 +1,12 @@
 """The public entry points: `generate` (validated, from host arrays) and
-`make_generate` (a pure function for the caller's own jit)."""
+`make_generate` (a pure function for the caller's own jit).
+
+What is compiled and what is an argument: the decode loops compile once per
+shape and static settings (k, limits, verify, markers, stop ids, mesh, and
+greedy or not); temperature, top_k and top_p are arguments of the loops (scalar
+arrays), so new values reuse the compiled loops, in `generate` and in
+`make_generate`'s function alike (there they may be traced values of the
+caller's jit)."""
 
 from __future__ import annotations
 
@@ -25,22 +32,56 @@ def decode_config(cfg: Config, **overrides) -> Config:
   changes = {name: value for name, value in overrides.items() if value is not None}
   if "answer_markers" in changes:     # numpy arrays or lists of them, as plain lists
     changes["answer_markers"] = [np.asarray(m).tolist() for m in changes["answer_markers"]]
+  if "eos_id" in changes:             # an int or a sequence of ids (numpy's included)
+    changes["eos_id"] = _stop_ids_value(changes["eos_id"])
   return cfg.replace(decode=changes) if changes else cfg
 
 
-def decoder(cfg: Config, mesh: Mesh | None = None) -> Decoder:
-  """The loop object for `cfg.decode`'s settings."""
+def _stop_ids_value(value):
+  """eos_id as the config takes it: an int, or a list of ints (validated there)."""
+  if isinstance(value, jax.core.Tracer):
+    raise ValueError("eos_id is a traced value; accepted: Python or numpy ints (an id "
+                     "or a list of them): the stop ids are part of the compiled loops")
+  if isinstance(value, (list, tuple)):
+    return [_stop_ids_value(v) for v in value]
+  arr = np.asarray(value)
+  if arr.dtype.kind in "iu":
+    return int(arr) if arr.ndim == 0 else arr.reshape(-1).tolist()
+  return value                        # anything else: the config check names it
+
+
+def stop_ids(cfg: Config) -> tuple[int, ...]:
+  """decode.eos_id as a tuple of ids (-1: mtcot_jax's tokenizers' EOS)."""
+  e = cfg.decode.eos_id
+  return tuple(e) if isinstance(e, tuple) else (e if e >= 0 else tokens.EOS_ID,)
+
+
+def sampling_of(cfg: Config) -> sampling.Sampling:
+  """cfg.decode's sampling settings (numbers)."""
+  d = cfg.decode
+  return sampling.Sampling(temperature=d.temperature, top_k=d.top_k, top_p=d.top_p)
+
+
+def decoder(cfg: Config, mesh: Mesh | None = None, *, greedy: bool | None = None) -> Decoder:
+  """The loop object for `cfg.decode`'s static settings; greedy or sampling as
+  `greedy` says (None: decode.temperature == 0). Its sampling values are not
+  part of it: every sampling Decoder holds temperature 1 and no filter (the
+  default of a call given no values) and the same config, so that Decoders that
+  differ only in temperature/top_k/top_p are equal and share the compiled loops;
+  pass the values to the call (`Decoder.__call__(..., sample)`)."""
   d = cfg.decode
   if mesh is not None and d.cpu_kernel == "native":
     raise ValueError("decode.cpu_kernel=native runs on one CPU device and was given a mesh; "
                      "accepted: mesh=None, or decode.cpu_kernel=xla")
+  greedy = d.temperature == 0 if greedy is None else bool(greedy)
+  mode = sampling.Sampling(temperature=0.0 if greedy else 1.0)
+  if (d.temperature, d.top_k, d.top_p) != (mode.temperature, 0, 1.0):
+    cfg = cfg.replace(decode={"temperature": mode.temperature, "top_k": 0, "top_p": 1.0})
   k = d.k if d.k >= 0 else cfg.head.k
   think_end = d.think_end_id if d.think_end_id >= 0 else tokens.THINK_END_ID
   return Decoder(
-      cfg=cfg, k=k, sample=sampling.Sampling(temperature=d.temperature, top_k=d.top_k,
-                                             top_p=d.top_p),
-      max_cot=d.max_cot_tokens, max_answer=d.max_answer_tokens,
-      eos_id=d.eos_id if d.eos_id >= 0 else tokens.EOS_ID,
+      cfg=cfg, k=k, sample=mode, max_cot=d.max_cot_tokens, max_answer=d.max_answer_tokens,
+      eos_id=stop_ids(cfg),
       markers=tuple(tuple(m) for m in d.answer_markers) or ((think_end,),),
       tau=d.head_threshold, verify=d.verify if k > 0 else "none", mesh=mesh)
 
@@ -78,19 +119,39 @@ def _check_values(cfg: Config, prompt, lens) -> None:
 
 
 def make_generate(cfg: Config, *, mesh: Mesh | None = None, **overrides):
-  """A pure function (params, prompt_tokens, prompt_lengths, key) -> GenerateResult
-  with the settings of `cfg.decode` changed by `overrides` (see `decode_config`).
-  Call it inside your own jit: it checks shapes, not values (see `generate`);
-  params may be the parameters or `prepare_params(cfg, params)`."""
-  cfg = decode_config(cfg, **overrides)
-  dec = decoder(cfg, mesh)
+  """A pure function
+  `fn(params, prompt_tokens, prompt_lengths, key, *, temperature=None, top_p=None,
+  top_k=None) -> GenerateResult` with the settings of `cfg.decode` changed by
+  `overrides` (see `decode_config`; validated here, before anything compiles).
 
-  def generate_fn(params, prompt_tokens, prompt_lengths, key) -> GenerateResult:
+  Call it inside your own jit: it checks shapes, not values (see `generate`);
+  params may be the parameters or `prepare_params(cfg, params)`. The sampling
+  settings (None: the config's) may be numbers or scalar JAX arrays, traced
+  ones included (`jax.jit(fn)(..., temperature=t)`): they are arguments of the
+  compiled loops, so new values do not recompile. The program is chosen when
+  `fn` is traced: greedy where the temperature is the number 0, else sampling,
+  which also serves an array temperature and is greedy (argmax, the same
+  tokens) where that is <= 0 at run time. Numbers are validated; arrays cannot
+  be (top_k <= 0 or >= vocab: off; top_p >= 1: off). With the same settings
+  and key, `fn` writes what `generate` writes, token for token."""
+  cfg = decode_config(cfg, **overrides)
+  default = sampling_of(cfg)
+  decoders = {default.greedy: decoder(cfg, mesh)}   # the other mode built if asked for
+
+  def generate_fn(params, prompt_tokens, prompt_lengths, key, *, temperature=None,
+                  top_p=None, top_k=None) -> GenerateResult:
+    s = sampling.Sampling(
+        temperature=default.temperature if temperature is None else temperature,
+        top_k=default.top_k if top_k is None else top_k,
+        top_p=default.top_p if top_p is None else top_p)
+    if s.greedy not in decoders:
+      decoders[s.greedy] = decoder(cfg, mesh, greedy=s.greedy)
+    dec = decoders[s.greedy]
     _check_shapes(dec, jnp.shape(prompt_tokens), jnp.shape(prompt_lengths))
     prompt = jnp.asarray(prompt_tokens, jnp.int32)
     lens = jnp.asarray(prompt_lengths, jnp.int32)
     prompt = jnp.where(jnp.arange(prompt.shape[1])[None] < lens[:, None], prompt, 0)
-    return dec(prepare_params(cfg, params).params, prompt, lens, key)
+    return dec(prepare_params(cfg, params).params, prompt, lens, key, s)
   return generate_fn
 
 
@@ -112,11 +173,16 @@ def generate(cfg: Config, params, prompt_tokens, prompt_lengths, key: jax.Array,
       head_threshold (adaptive blocks: a block is cut before the first head token
       whose probability is below it; unverified CoT blocks only), verify ("none",
       "answer": the answer phase verified, "all": the CoT too, lossless),
-      eos_id/think_end_id, answer_markers (token-id lists, e.g. [[12, 34], [56, 34]]:
+      eos_id (an id or a list of ids: any of them ends the sequence, in the CoT
+      or the answer), think_end_id, answer_markers (token-id lists, e.g. [[12, 34], [56, 34]]:
       the CoT ends where one of them is completed, in place of the token
       think_end_id; budget forcing writes the first; see decode/markers.py).
   Returns:
     GenerateResult (see its fields).
+
+  The loops compile once per shape and static settings; temperature, top_k and
+  top_p are their arguments (a new value reuses them; temperature 0 is the greedy
+  program, compiled apart). Inside your own jit use `make_generate`.
   """
   cfg = decode_config(cfg, **overrides)
   dec = decoder(cfg, mesh)
@@ -131,4 +197,4 @@ def generate(cfg: Config, params, prompt_tokens, prompt_lengths, key: jax.Array,
     batch = shd.sharder(cfg, mesh)
     prompt = jax.device_put(prompt, batch.sharding(("batch", None)))
     lens = jax.device_put(lens, batch.sharding(("batch",)))
-  return dec(prepared.params, prompt, lens, key)
+  return dec(prepared.params, prompt, lens, key, sampling_of(cfg))

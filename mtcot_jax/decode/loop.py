@@ -20,7 +20,13 @@ CoT loop (one `lax.while_loop` iteration = one main forward pass, `cot_step`):
   main model's (source 0, its log-prob the main model's), until a marker
   completes (at most the variant's m tokens: m passes, as k = 0 would spend).
 Answer loop (`answer_step`: one main pass per token, the head not run) until EOS
-or `max_answer`.
+or `max_answer`. EOS is any id of `eos_id` (a tuple of stop ids).
+
+Sampling: the Decoder's `sample` says only whether the loops are greedy (the
+argmax program) or sample; the values (temperature, top_k, top_p) are an
+argument of the loops (`State.sample`, scalar arrays), so a new value reuses the
+compiled loops. A sampling Decoder given temperature 0 decodes greedily, token
+for token as the greedy Decoder does (`sampling.py`), at the sampling program's cost.
 
 Verified phases (`verified_step`; verify "answer": the answer phase, "all": the
 CoT too): an iteration samples the main model's token x1 from h, lets the head
@@ -45,6 +51,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
 from mtcot_jax import sampling
@@ -67,18 +74,42 @@ class Decoder:
   `verify` is "none", "answer" or "all" ("none" where k = 0); `tau` the adaptive
   blocks' threshold (unverified CoT blocks only); `markers` the answer markers
   (token-id tuples; the CoT ends at the first one completed; budget forcing
-  writes markers[0]). Parameters come from `backend.prepare_params(cfg, ...).params`.
+  writes markers[0]); `eos_id` the stop ids (an int is taken as a tuple of one);
+  `sample` the sampling settings whose `greedy` picks the program and whose values
+  are the default of a call given none (`decoder` gives every Decoder the same
+  values per mode, so that they share the compiled loops). Parameters come from
+  `backend.prepare_params(cfg, ...).params`.
   """
   cfg: Config
   k: int
   sample: sampling.Sampling
   max_cot: int
   max_answer: int
-  eos_id: int
+  eos_id: tuple[int, ...]
   markers: markers_.Markers
   tau: float = 0.0
   verify: str = "none"
   mesh: Mesh | None = None
+
+  def __post_init__(self):
+    ids = (self.eos_id,) if isinstance(self.eos_id, (int, np.integer)) else self.eos_id
+    object.__setattr__(self, "eos_id", tuple(int(i) for i in ids))
+    if not self.eos_id:
+      raise ValueError("eos_id=() is not accepted: one stop id or more")
+
+  def _is_eos(self, tok):
+    """tok is one of the stop ids (elementwise)."""
+    return functools.reduce(jnp.logical_or, [tok == i for i in self.eos_id])
+
+  def _s(self, st: State) -> sampling.Sampling:
+    """The settings the steps read: the Decoder's own (numbers) where greedy, so
+    that greedy compiles the argmax program; else the loop's arrays."""
+    return self.sample if self.sample.greedy else st.sample
+
+  def sample_values(self, sample: sampling.Sampling | None = None) -> sampling.Sampling:
+    """The loops' sampling argument: `sample` (None: the Decoder's) as scalar arrays,
+    float32/int32/float32 always (one compiled program for numbers and arrays alike)."""
+    return (self.sample if sample is None else sample).traced()
 
   @property
   def out_len(self) -> int:
@@ -107,8 +138,9 @@ class Decoder:
       head_state = self.head.remember(params, head_state, out.sources, slots_BxT)
     return PassOutput(out.cache, out.logits, out.sources, head_state)
 
-  def prefill(self, params, prompt_BxP, lens_B, key) -> State:
-    """The prompt's main pass: the first state, h at each prompt's last token."""
+  def prefill(self, params, prompt_BxP, lens_B, key, sample=None) -> State:
+    """The prompt's main pass: the first state, h at each prompt's last token;
+    `sample` the sampling values (see `sample_values`)."""
     B, P = prompt_BxP.shape
     capacity = self.capacity(P)
     shard = shd.sharder(self.cfg, self.mesh)
@@ -128,14 +160,15 @@ class Decoder:
         logprobs=jnp.zeros((B, self.out_len), jnp.float32), n_out=zeros_B, n_think=zeros_B,
         cot_done=markers_.ends_with_marker(window, self.markers), done=zeros_B.astype(bool),
         passes=zeros_B + 1, forced=zeros_B.astype(bool), last=window[:, -1],
-        tail=window[:, 1:], key=key, pend=zeros_B - 1, accepted=zeros_B)
+        tail=window[:, 1:], key=key, pend=zeros_B - 1, accepted=zeros_B,
+        sample=self.sample_values(sample))
 
   def _draft(self, params, st: State, x1_B, keys, go_B, cot: bool, tau=0.0, with_dists=False):
     """The head's drafts after x1 where `go_B` (rows whose drafts can be kept); the
     chain stops at EOS and, in the CoT, where a marker completes."""
     return blocks.sample_head_chain(self.head, params, st.head_state, st.sources, x1_B, keys,
-                                    self.sample, st.cache.lengths, with_dists, go_B=go_B,
-                                    stop_ids=(self.eos_id,), tau=tau,
+                                    self._s(st), st.cache.lengths, with_dists, go_B=go_B,
+                                    stop_ids=self.eos_id, tau=tau,
                                     markers=self.markers if cot else (), tail_BxM=st.tail)
 
   def _force(self, st: State, x1_B, force_B):
@@ -149,9 +182,9 @@ class Decoder:
     marker end or EOS, the budget allowing a marker's last token just after it; a
     forced row's one token). Returns (n_valid, ends_cot, ends_seq)."""
     n_valid, ended, stop_tok = blocks.cut_block(
-        block_BxT, keep_B, jnp.maximum(budget_B, 1), active_B, (self.eos_id,),
+        block_BxT, keep_B, jnp.maximum(budget_B, 1), active_B, self.eos_id,
         jnp.maximum(budget_B, 0), markers_.marker_hits(st.tail, block_BxT, self.markers))
-    ends_seq = ended & (stop_tok == self.eos_id)
+    ends_seq = ended & self._is_eos(stop_tok)
     return n_valid, ended & ~ends_seq, ends_seq
 
   def _cot_counters(self, st: State, active_B, force_B, n_valid_B, ends_cot_B, ends_seq_B):
@@ -165,12 +198,13 @@ class Decoder:
     key, step_key = jax.random.split(st.key)
     keys = jax.random.split(step_key, k + 1)
     active = ~st.cot_done & ~st.done
-    x1, lp1 = sampling.sample(keys[0], st.logits, self.sample)
+    s = self._s(st)
+    x1, lp1 = sampling.sample(keys[0], st.logits, s)
     # Budget forcing: a sequence with no thinking budget left gets a marker's token.
     budget = self.max_cot - st.n_think                               # (B,) <= 0: forced
     force = budget <= 0
     x1 = self._force(st, x1, force)
-    lp1 = jnp.where(force, sampling.logprobs_of(st.logits, x1, self.sample), lp1)
+    lp1 = jnp.where(force, sampling.logprobs_of(st.logits, x1, s), lp1)
     block, lps = x1[:, None], lp1[:, None]
     if k > 0:
       head_toks, head_lps = self._draft(params, st, x1, keys[1:], active & ~force, True,
@@ -193,7 +227,9 @@ class Decoder:
     k, in_answer = self.k, answer_start is not None
     key, step_key = jax.random.split(st.key)
     keys = jax.random.split(step_key, k + 2)
-    x1, _ = sampling.sample(keys[0], st.logits, self.sample)
+    s = self._s(st)
+    greedy = sampling.greedy_now(s)     # a bool, or traced where the values are
+    x1, _ = sampling.sample(keys[0], st.logits, s)
     x1 = jnp.where(st.pend >= 0, st.pend, x1)
     if in_answer:
       room = self.max_answer - (st.n_out - answer_start)            # (B,) tokens left
@@ -202,27 +238,28 @@ class Decoder:
       budget = self.max_cot - st.n_think
       active, force = ~st.cot_done & ~st.done, budget <= 0          # budget forcing
       x1 = self._force(st, x1, force)
-    lp1 = sampling.logprobs_of(st.logits, x1, self.sample)          # the main model's
+    lp1 = sampling.logprobs_of(st.logits, x1, s)                    # the main model's
     # Greedy acceptance compares with the main model's argmax: no q needed.
     drafted = self._draft(params, st, x1, keys[1:k + 1], active & ~force, not in_answer,
                           with_dists=not self.sample.greedy)
     drafts, q_logp = drafted[0], (drafted[2] if len(drafted) == 3 else None)
     block = jnp.concatenate([x1[:, None], drafts], 1)                # (B, k+1)
     out = self.main_pass(params, st.cache, block, None, st.head_state)
-    p_logp = sampling.process_logits(out.logits[:, :k], self.sample)  # (B, k, V) at d_1..d_k
-    a, resid = blocks.speculative_accept(keys[k + 1], p_logp, q_logp, drafts, self.sample.greedy)
+    p_logp = sampling.process_logits(out.logits[:, :k], s)          # (B, k, V) at d_1..d_k
+    a, resid = blocks.speculative_accept(keys[k + 1], p_logp, q_logp, drafts, greedy)
     a = jnp.where(force, 0, a)
     keep = 1 + a
     if in_answer:   # cut after the first stop token kept, and at the length limits
-      n_valid, ended, stop_tok = blocks.cut_block(block, keep, room, active, (self.eos_id,),
+      n_valid, ended, stop_tok = blocks.cut_block(block, keep, room, active, self.eos_id,
                                                   room - 1)
-      ends_cot, ends_seq = jnp.zeros_like(ended), ended & (stop_tok == self.eos_id)
+      ends_cot, ends_seq = jnp.zeros_like(ended), ended & self._is_eos(stop_tok)
     else:
       n_valid, ends_cot, ends_seq = self._cut_cot(st, block, keep, budget, active)
-    # The next x1 comes from the residual only where the rejection ended the block.
+    # The next x1 comes from the residual only where the rejection ended the block
+    # (greedy: the argmax at h, which is the residual's token, drawn again).
     rejected = active & ~force & (a < k) & ~ends_cot & ~ends_seq & (n_valid == keep)
-    pend = jnp.where(rejected & (not self.sample.greedy), resid, -1)
-    terminal_x1 = (x1 == self.eos_id) | (room <= 1 if in_answer else False)
+    pend = jnp.where(rejected & jnp.logical_not(greedy), resid, -1)
+    terminal_x1 = self._is_eos(x1) | (room <= 1 if in_answer else False)
     lps = jnp.concatenate(
         [lp1[:, None], jnp.take_along_axis(p_logp, drafts[..., None], -1)[..., 0]], 1)
     st = commit(st, active_B=active, block_BxT=block, phase=int(in_answer), logprobs_BxT=lps,
@@ -244,22 +281,23 @@ class Decoder:
       out = self.main_pass(params, st.cache, st.last[:, None], n, st.head_state)
       st = advance(st, active, n, out).replace(passes=st.passes + n)
     key, step_key = jax.random.split(st.key)
-    tok, lp = sampling.sample(step_key, st.logits, self.sample)
+    tok, lp = sampling.sample(step_key, st.logits, self._s(st))
     return commit(st, active_B=active, block_BxT=tok[:, None], phase=1,
                   source_BxT=jnp.zeros_like(tok)[:, None], logprobs_BxT=lp[:, None],
-                  n_B=active.astype(jnp.int32), ends_seq_B=active & (tok == self.eos_id),
+                  n_B=active.astype(jnp.int32), ends_seq_B=active & self._is_eos(tok),
                   passes_B=0, key=key)
 
   def _verified(self, phase: int) -> bool:
     return self.k > 0 and phase in {"none": (), "answer": (1,), "all": (0, 1)}[self.verify]
 
   @_jit
-  def run_cot(self, params, prompt_BxP, lens_B, key) -> State:
-    """Prefill, then the CoT loop until every row has ended its CoT."""
+  def run_cot(self, params, prompt_BxP, lens_B, key, sample=None) -> State:
+    """Prefill, then the CoT loop until every row has ended its CoT. `sample`:
+    the sampling values (`sample_values`; None: the Decoder's), an argument."""
     step = self.verified_step if self._verified(0) else self.cot_step
     return jax.lax.while_loop(lambda s: jnp.any(~s.cot_done & ~s.done),
                               functools.partial(step, params),
-                              self.prefill(params, prompt_BxP, lens_B, key))
+                              self.prefill(params, prompt_BxP, lens_B, key, sample))
 
   @_jit
   def run_answer(self, params, st: State) -> GenerateResult:
@@ -273,5 +311,14 @@ class Decoder:
     st = self.answer_step(params, st, start, first=True)
     return result(jax.lax.while_loop(cond, lambda s: self.answer_step(params, s, start), st))
 
-  def __call__(self, params, prompt_BxP, lens_B, key) -> GenerateResult:
-    return self.run_answer(params, self.run_cot(params, prompt_BxP, lens_B, key))
+  def __call__(self, params, prompt_BxP, lens_B, key, sample=None) -> GenerateResult:
+    """Both loops; `sample`: a `sampling.Sampling` of numbers or scalar (traced) arrays,
+    None: the Decoder's own. Checked here, outside the compiled loops."""
+    if self.sample.greedy and sample is not None and not sample.greedy:
+      raise ValueError(
+          f"this Decoder is greedy (its loops compute the argmax) and was given "
+          f"temperature={sample.temperature!r}; accepted: the number 0, or a sampling "
+          "Decoder (decode.decoder(cfg, greedy=False)), which also decodes greedily where "
+          "an array temperature is 0")
+    sample = self.sample_values(sample)
+    return self.run_answer(params, self.run_cot(params, prompt_BxP, lens_B, key, sample))

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from mtcot_jax.decode import markers
+from mtcot_jax.sampling import Sampling
 from mtcot_jax.model.transformer import KVCache
 from mtcot_jax.tokens import PAD_ID
 
@@ -58,6 +59,8 @@ class State:
   pend: jax.Array         # (B,) verified phases: the next x1, drawn from the residual
   #                         after a rejected draft; -1: draw it from `logits`
   accepted: jax.Array     # (B,) drafts kept by verification
+  sample: Sampling        # the sampling settings as scalar arrays (`Sampling.traced`):
+  #                         loop arguments, so a new value is not a new program
 
 
 def where_rows(rows_B, new, old):
