@@ -3,6 +3,7 @@ that it ends exactly where an uninterrupted run of the same command ends.
 
     .venv/bin/python benchmarks/soak.py                      # 6 kills of SFT, 6 of RL (~6 min)
     .venv/bin/python benchmarks/soak.py --kills 2 --stages sft   # tests/test_soak.py's version
+    .venv/bin/python benchmarks/soak.py --signal both        # SIGTERM and SIGKILL in turn
 
 For each stage (SFT, then RL from the reference SFT run) it runs the command once
 uninterrupted (the reference, timed), then in a fresh workdir starts it, sends
@@ -16,6 +17,13 @@ restarts it, `--kills` times in a row, and lets the last start finish. Then:
 * metrics.jsonl holds every training step once, in order, with the reference's
   logged values (timings aside), the same evaluations at the same steps, and one
   summary.
+
+With `--signal term` (or `both`: SIGTERM, SIGKILL, SIGTERM, ...) the kills are
+SIGTERM, a preemption's notice: a run that has started training saves the step
+it has reached and exits with status 75 (`mtcot_jax.train.preemption`); that is
+checked too (the latest checkpoint is the last training step logged). A SIGTERM
+that lands before the training loop (start-up) or after its final save (the
+final evaluation) finds the default handler and ends the process like a kill.
 
 Prints one line per kill (when it landed, the latest checkpoint it left) and
 PASS/FAIL per stage; exits 1 on a failure.
@@ -47,6 +55,9 @@ RL = ["train.stage=rl", "train.steps=12", "train.warmup_steps=2", "train.checkpo
       "train.eval_every=6", "train.learning_rate=1e-4", "rl.group_size=4",
       "rl.prompts_per_step=2"]
 TIMING = ("tokens_per_s", "wall_seconds", "train_seconds")
+PREEMPTED_EXIT = 75      # mtcot_jax.train.preemption.EXIT_CODE (not imported: no JAX here)
+SIGNALS = {"kill": (signal.SIGKILL,), "term": (signal.SIGTERM,),
+           "both": (signal.SIGTERM, signal.SIGKILL)}
 
 
 def _command(workdir: str, overrides: list[str]) -> list[str]:
@@ -90,8 +101,9 @@ def _latest_step(workdir: str):
   return max(steps) if steps else None
 
 
-def _logged_step(workdir: str) -> int:
-  """The last training step metrics.jsonl holds (0 if none)."""
+def _logged_step(workdir: str, training: bool = False) -> int:
+  """The last step metrics.jsonl holds (0 if none); with `training`, the last
+  training step's (not an evaluation's or a summary's)."""
   try:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
       lines = f.read().splitlines()
@@ -99,7 +111,10 @@ def _logged_step(workdir: str) -> int:
     return 0
   for line in reversed(lines):
     try:
-      return int(json.loads(line).get("step", 0))
+      record = json.loads(line)
+      if training and "loss" not in record:
+        continue
+      return int(record.get("step", 0))
     except (json.JSONDecodeError, AttributeError):
       continue
   return 0
@@ -107,32 +122,71 @@ def _logged_step(workdir: str) -> int:
 
 def run_with_kills(workdir: str, overrides: list[str], kills: int, steps: int, first: float,
                    train_seconds: float, rng: random.Random, base: str, say=print,
-                   kill_after_step: int | None = None) -> None:
+                   kill_after_step=None, signals=(signal.SIGKILL,)) -> list[str]:
   """Kill i lands at a time drawn from [0.8 f, f + 1.5 R / (kills - i)]: f is the
   reference's time to its first step, R its training time left from the latest
   checkpoint, so kills land late in start-up, in steps, in asynchronous checkpoint
   writes, in evaluations and in the final save, and most leave work for the next.
-  With `kill_after_step` a kill lands instead as soon as metrics.jsonl logs that
-  step (whatever the machine's speed: always in training)."""
+  With `kill_after_step` (one step, or one per kill) a kill lands instead as soon
+  as metrics.jsonl logs that step (whatever the machine's speed: always in
+  training). Kill i sends signals[i % len(signals)]; after a SIGTERM the process
+  is given 120 s to save and exit. Returns what went wrong with the SIGTERMs: a
+  run stopped in training that did not exit with status 75, or whose latest
+  checkpoint is not the last training step it logged."""
+  problems = []
   for i in range(kills):
+    sig = signals[i % len(signals)]
+    after = kill_after_step
+    if isinstance(after, (list, tuple)):
+      after = after[i]
     left = (steps - (_latest_step(workdir) or 0)) / steps * train_seconds
     delay = rng.uniform(0.8 * first, first + 1.5 * left / (kills - i))
-    p = subprocess.Popen(_command(workdir, overrides), env=_env(base), stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
-    t0 = time.perf_counter()
-    if kill_after_step is not None:
-      while p.poll() is None and _logged_step(workdir) < kill_after_step:
-        time.sleep(0.02)
-      delay = time.perf_counter() - t0
-    try:
-      p.wait(timeout=0 if kill_after_step is not None else delay)
-      say(f"  kill {i + 1}: the run ended before {delay:.1f}s (exit {p.returncode})")
-    except subprocess.TimeoutExpired:
-      p.send_signal(signal.SIGKILL)
-      p.wait()
-      say(f"  kill {i + 1}: SIGKILL at {delay:.1f}s (step {_logged_step(workdir)} logged); "
-          f"latest checkpoint {_latest_step(workdir)}")
+    with tempfile.TemporaryFile("w+") as out:
+      p = subprocess.Popen(_command(workdir, overrides), env=_env(base), stdout=out,
+                           stderr=subprocess.STDOUT, text=True)
+      t0 = time.perf_counter()
+      if after is not None:
+        while p.poll() is None and _logged_step(workdir) < after:
+          time.sleep(0.02)
+        delay = time.perf_counter() - t0
+      try:
+        p.wait(timeout=0 if after is not None else delay)
+        say(f"  kill {i + 1}: the run ended before {delay:.1f}s (exit {p.returncode})")
+        continue
+      except subprocess.TimeoutExpired:
+        pass
+      logged = _logged_step(workdir)
+      p.send_signal(sig)
+      if sig != signal.SIGTERM:
+        p.wait()
+        say(f"  kill {i + 1}: SIGKILL at {delay:.1f}s (step {logged} logged); "
+            f"latest checkpoint {_latest_step(workdir)}")
+        continue
+      t1 = time.perf_counter()
+      try:
+        p.wait(timeout=120)
+      except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+      saved, reached = _latest_step(workdir), _logged_step(workdir, training=True)
+      say(f"  kill {i + 1}: SIGTERM at {delay:.1f}s (step {logged} logged): exit "
+          f"{p.returncode} after {time.perf_counter() - t1:.1f}s; latest checkpoint {saved}")
+      out.seek(0)
+      text = out.read()
+      if p.returncode == PREEMPTED_EXIT:
+        if saved != reached:
+          problems.append(f"kill {i + 1} (SIGTERM): latest checkpoint {saved}, but training "
+                          f"reached step {reached}")
+        if f"preempted: saved the checkpoint of step {saved} " not in text:
+          problems.append(f"kill {i + 1} (SIGTERM): no 'preempted: saved the checkpoint of "
+                          f"step {saved}' line in its output:\n{text[-3000:]}")
+      elif after is not None or p.returncode not in (-signal.SIGTERM, 0):
+        # In training (a kill at a logged step) it must save; elsewhere (start-up, the
+        # final evaluation) SIGTERM ends the process as the default handler does.
+        problems.append(f"kill {i + 1} (SIGTERM): exit {p.returncode}, expected "
+                        f"{PREEMPTED_EXIT}:\n{text[-3000:]}")
   run_to_end(workdir, overrides, base)
+  return problems
 
 
 def _restore_all(workdir: str) -> tuple[int | None, dict]:
@@ -199,7 +253,7 @@ def compare(ref: str, killed: str, steps: int) -> list[str]:
 
 
 def soak(stages: tuple[str, ...], kills: int, seed: int, base: str, say=print,
-         kill_after_step: int | None = None) -> bool:
+         kill_after_step=None, signals=(signal.SIGKILL,)) -> bool:
   rng = random.Random(seed)
   ok = True
   sft_ref = os.path.join(base, "sft-ref")
@@ -220,8 +274,8 @@ def soak(stages: tuple[str, ...], kills: int, seed: int, base: str, say=print,
       problems += compare(ref, warm, steps)
     say(f"{stage}: reference {steps} steps in {seconds:.1f}s (first step logged at "
         f"{first:.1f}s); {kills} kills")
-    run_with_kills(killed, overrides, kills, steps, first, seconds - first, rng, base, say,
-                   kill_after_step)
+    problems += run_with_kills(killed, overrides, kills, steps, first, seconds - first, rng,
+                               base, say, kill_after_step, signals)
     problems += compare(ref, killed, steps)
     for p in problems:
       say(f"  FAIL {p}")
@@ -236,11 +290,13 @@ def main(argv=None) -> None:
   p.add_argument("--kills", type=int, default=6)
   p.add_argument("--stages", nargs="+", default=["sft", "rl"], choices=["sft", "rl"])
   p.add_argument("--seed", type=int, default=0, help="seeds the kill times")
+  p.add_argument("--signal", default="kill", choices=sorted(SIGNALS),
+                 help="SIGKILL, SIGTERM (a preemption: save and exit 75) or both in turn")
   p.add_argument("--workdir", default="", help="default: a temporary directory, removed after")
   a = p.parse_args(argv)
   base = a.workdir or tempfile.mkdtemp(prefix="mtcot_soak_")
   try:
-    ok = soak(tuple(a.stages), a.kills, a.seed, base)
+    ok = soak(tuple(a.stages), a.kills, a.seed, base, signals=SIGNALS[a.signal])
   finally:
     if not a.workdir:
       shutil.rmtree(base, ignore_errors=True)

@@ -1,26 +1,32 @@
-"""kill -9 of a real train.py process, then a restart: the short version of
-benchmarks/soak.py (which runs 6 kills of SFT and 6 of RL)."""
+"""SIGTERM (a preemption), then kill -9, of a real train.py process, a restart
+after each: the short version of benchmarks/soak.py (which runs 6 kills of SFT
+and 6 of RL)."""
 
 import importlib.util
 import json
 import os
+import re
 import shutil
+import signal
 
 from conftest import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The benchmark's SFT run (100 steps over 240 examples, checkpoints every 8, an
-# evaluation every 20) cut to what one kill needs: 24 steps over 96 examples (two
-# epochs), checkpoints at 8 and 16, evaluations at 6, 12 and 18. The kill lands as
-# soon as step 18 is logged: between checkpoints 16 and 24, at or just before the
-# evaluation of step 18, often while checkpoint 16 is still being written. The
-# restart resumes mid-epoch from the latest complete checkpoint (8 or 16), redoes
-# and re-logs the steps after it and the evaluations among them, and crosses into
-# the second epoch (from 8) or starts in it (from 16).
+# evaluation every 20) cut to what two interruptions need: 24 steps over 96
+# examples (two epochs), checkpoints at 8 and 16, evaluations at 6, 12 and 18.
+# First a SIGTERM as soon as step 10 is logged: the run saves the step it has
+# reached (10 or a step or two later, between the periodic checkpoints 8 and 16)
+# and exits with status 75; its restart resumes there, mid-epoch. Then a SIGKILL
+# as soon as step 18 is logged: between checkpoints 16 and 24, at or just before
+# the evaluation of step 18, often while checkpoint 16 is still being written. The
+# last restart resumes from the latest complete checkpoint (16, or the SIGTERM's),
+# redoes and re-logs the steps after it and the evaluations among them, and
+# crosses into the second epoch or starts in it.
 SFT = ["train.steps=24", "train.warmup_steps=5", "train.checkpoint_every=8",
        "train.eval_every=6", "data.train_size=96"]
-KILL_AFTER_STEP = 18
+TERM_AFTER_STEP, KILL_AFTER_STEP = 10, 18
 
 
 def _soak_module():
@@ -32,11 +38,14 @@ def _soak_module():
 
 
 def test_killed_sft_run_resumes_bit_identical(tmp_path, monkeypatch):
-  """A train.py killed with SIGKILL, then restarted, ends with the parameters,
-  optimizer state and metrics.jsonl of an uninterrupted run. (The kill lands as
-  soon as step 18 of 24 is logged, so it falls in training however busy the
-  machine is; the benchmark's kills land at random times.) Then the check is
-  shown to fail on a log that repeats a step or a changed loss."""
+  """A train.py stopped with SIGTERM, restarted, killed with SIGKILL, restarted,
+  ends with the parameters, optimizer state and metrics.jsonl of an uninterrupted
+  run. The SIGTERM made it save the step it had reached (the last training step
+  it logged, not only the periodic checkpoint before it) and exit with status 75,
+  saying so. (The signals land as soon as steps 10 and 18 of 24 are logged, so
+  they fall in training however busy the machine is; the benchmark's land at
+  random times.) Then the check is shown to fail on a log that repeats a step or
+  a changed loss."""
   soak = _soak_module()
   monkeypatch.setattr(soak, "SFT", SFT)
   # The train.py processes compile through the tests' persistent cache (soak's
@@ -45,9 +54,15 @@ def test_killed_sft_run_resumes_bit_identical(tmp_path, monkeypatch):
     monkeypatch.setenv(name, subprocess_env()[name])
   lines = []
   base = str(tmp_path)
-  assert soak.soak(("sft",), kills=1, seed=9, base=base, say=lines.append,
-                   kill_after_step=KILL_AFTER_STEP), "\n".join(lines)
+  assert soak.soak(("sft",), kills=2, seed=9, base=base, say=lines.append,
+                   kill_after_step=(TERM_AFTER_STEP, KILL_AFTER_STEP),
+                   signals=(signal.SIGTERM, signal.SIGKILL)), "\n".join(lines)
   assert any("SIGKILL" in line for line in lines), lines
+  # The SIGTERM: exit 75 (soak.run_with_kills checked that the latest checkpoint is
+  # the last training step logged, and that the run said so).
+  term = next(line for line in lines if "SIGTERM" in line)
+  saved = int(re.search(r"exit 75 after [0-9.]+s; latest checkpoint (\d+)", term).group(1))
+  assert TERM_AFTER_STEP <= saved < 24, term
   ref, killed = os.path.join(base, "sft-ref"), os.path.join(base, "sft-killed")
   for change, needle in ((lambda r: r[:5] + r[4:], "duplicated training steps"),
                          (lambda r: r[:3] + [_bump_loss(r[3])] + r[4:], "training records differ")):

@@ -6,12 +6,17 @@ evaluation accuracies, writes the run's plots to WORKDIR/plots and prints a
 sample chain of thought with the head's tokens marked. On a TPU pod slice or a
 GPU cluster run the same command on every host (see docs/scaling.md and
 `mtcot_jax.distributed`).
+
+Exit status: 0 when the run finished, 2 for input the user can fix, 75 when
+SIGTERM (a preemption) stopped it after saving the step it had reached: run the
+same command again to resume (`mtcot_jax.train.preemption`).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from absl import logging as absl_logging
 import jax
@@ -44,6 +49,14 @@ def write_plots(cfg) -> None:
         f"tensorboard --logdir {os.path.join(cfg.train.workdir, TENSORBOARD_DIR)}")
 
 
+def _exit_if_preempted(summary) -> None:
+  """SIGTERM saved the step reached (the loop printed where): exit with
+  preemption.EXIT_CODE (75), not 0, so that a supervisor restarts the command."""
+  if summary.get("preempted"):
+    from mtcot_jax.train import preemption
+    sys.exit(preemption.EXIT_CODE)
+
+
 @user_errors
 def main(argv=None):
   args = parse_args(argv)
@@ -57,11 +70,13 @@ def main(argv=None):
   if cfg.train.stage == "rl":
     from mtcot_jax.train import rl_loop
     summary = rl_loop.train_rl(cfg)
+    _exit_if_preempted(summary)
     print(rl_loop.summary_table(cfg, summary))
     write_plots(cfg)
     return
   from mtcot_jax.train import loop
   summary = loop.train(cfg)
+  _exit_if_preempted(summary)
   cfg = summary.get("cfg", cfg)   # train.init_from_hf: the checkpoint's model section
   print(loop.summary_table(cfg, summary))
   write_plots(cfg)

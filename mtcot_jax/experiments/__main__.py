@@ -49,10 +49,14 @@ def main(argv=None):
   from mtcot_jax.experiments import runner
   if args.seeds is not None and args.seeds < 1:
     sys.exit(f"error: --seeds={args.seeds}; accepted: an int >= 1")
+  from mtcot_jax.train import preemption
   try:
     stats = runner.run(args.spec, args.out, seeds=args.seeds, only=args.only)
   except ConfigError as e:
     sys.exit(f"error: {e}")
+  except preemption.Preempted as e:   # SIGTERM: running the same command resumes
+    print(f"preempted: {e}; run the same command to resume", file=sys.stderr)
+    sys.exit(preemption.EXIT_CODE)
   out = args.out or os.path.join("runs", "experiments",
                                  os.path.splitext(os.path.basename(args.spec))[0])
   print(f"{stats['cells']} cells: {stats['skipped']} already done, {stats['evaluated']} "

@@ -86,6 +86,9 @@ def train_stage(spec: Spec, cell: Cell, stage: mm.Stage, out: str) -> dict:
   else:
     from mtcot_jax.train import loop
     summary = loop.train(cfg, progress=False)
+  if summary.get("preempted"):   # SIGTERM: the step reached is saved, nothing is done yet
+    from mtcot_jax.train.preemption import Preempted
+    raise Preempted(f"{workdir} saved at step {summary['step']} of {cfg.train.steps}")
   record = {"stage": stage.name, "steps": summary["step"],
             "train_seconds": summary["train_seconds"], "resumed": resumed,
             "final": summary.get("final", {}), "commit": commit()}
@@ -291,6 +294,8 @@ def run(spec_path: str, out: str | None = None, *, seeds: int | None = None,
   stats = {"cells": len(selected), "skipped": len(selected) - len([c for c in todo
                                                                     if c.id in ids]),
            "evaluated": 0, "trained": 0}
+  import jax
+  progress = progress and jax.process_index() == 0   # one bar, not one per host
   bar = tqdm(total=work, disable=not progress, unit="step", dynamic_ncols=True,
              desc=f"{len(todo)} cells", bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} "
              "[{elapsed}<{remaining}]")

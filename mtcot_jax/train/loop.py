@@ -8,6 +8,7 @@ import atexit
 import io
 import json
 import os
+import sys
 import time
 
 import jax
@@ -19,7 +20,7 @@ from mtcot_jax import sharding as shd
 from mtcot_jax.config import Config, ConfigError
 from mtcot_jax.data import builders
 from mtcot_jax.train import checkpoint as ckpt
-from mtcot_jax.train import losses, optim
+from mtcot_jax.train import losses, optim, preemption
 from mtcot_jax.train.evaluate import evaluate, render
 from mtcot_jax.train.metrics import METRICS_FILE, read_metrics
 from mtcot_jax.train.paths import is_local, run_path, write_atomic
@@ -272,7 +273,12 @@ def run_steps(cfg: Config, state, mngr, step_fn, *, desc: str, t_start: float,
   and the summary logged. Returns the summary (with "params"), or
   {"stopped_at": step} when stop_after steps of this session ended it early
   (tests simulate interruptions with it; nothing is saved then beyond what was
-  already started). t_start: when the stage started (for its timings).
+  already started), or {"preempted": True, "step": step, ...} when SIGTERM (or, on
+  several processes, JAX's preemption sync point) ended it: the step reached is
+  saved first, with its data_state, and the evaluation due there is left to the
+  restart; a SIGTERM during the final save lets it finish, and the restart runs
+  the final evaluation (see preemption.py). t_start: when the stage started (for
+  its timings). The progress bar and its lines are process 0's.
   """
   t = cfg.train
   start = int(state.step)
@@ -284,35 +290,49 @@ def run_steps(cfg: Config, state, mngr, step_fn, *, desc: str, t_start: float,
   def run_eval(done):
     ev = evaluate_fn(state.params)
     log.write({"step": done, "eval": ev})
-    bar.write(f"step {done}: " + ", ".join(f"{n} acc {r['accuracy']:.3f}" for n, r in ev.items()))
+    if main_process:
+      bar.write(f"step {done}: " + ", ".join(f"{n} acc {r['accuracy']:.3f}"
+                                             for n, r in ev.items()))
 
-  bar = tqdm(range(start, t.steps), initial=start, total=t.steps, disable=not progress,
-             desc=desc, dynamic_ncols=True)
+  main_process = jax.process_index() == 0     # one progress bar, not one per host
+  bar = tqdm(range(start, t.steps), initial=start, total=t.steps,
+             disable=not progress or not main_process, desc=desc, dynamic_ncols=True)
   if evaluate_fn is not None and start and due(t.eval_every, start) \
       and start not in log.eval_steps:
     run_eval(start)
   record = log.last_record       # what a finished run resumed at its end reports
-  for step in bar:
-    state, make_record = step_fn(state, step)
-    done = step + 1
-    if done % t.log_every == 0 or done == t.steps:
-      record = make_record()
-      log.write(record)
-      bar.set_postfix(postfix(record))
-    if due(t.checkpoint_every, done):
-      ckpt.save(mngr, state, data_state(done))
-      log.sync()     # a URL workdir: the records up to the checkpoint stored with it
-    if evaluate_fn is not None and due(t.eval_every, done):
-      run_eval(done)
-    if stop_after is not None and done - start >= stop_after:
-      mngr.wait_until_finished()
+  with preemption.Watcher(mngr) as preempt:   # restores the SIGTERM handler on the way out
+    for step in bar:
+      state, make_record = step_fn(state, step)
+      done = step + 1
+      if done % t.log_every == 0 or done == t.steps:
+        record = make_record()
+        log.write(record)
+        bar.set_postfix(postfix(record))
+      if due(t.checkpoint_every, done):
+        ckpt.save(mngr, state, data_state(done))
+        log.sync()     # a URL workdir: the records up to the checkpoint stored with it
+      if preempt.reached(done):   # every step, on every process (the sync point's protocol)
+        break
+      if evaluate_fn is not None and due(t.eval_every, done):
+        run_eval(done)
+      if stop_after is not None and done - start >= stop_after:
+        mngr.wait_until_finished()
+        mngr.close()
+        log.close()
+        return {"stopped_at": done}
+    bar.close()
+    # The last step's state (the final one, or the one a preemption stopped at).
+    if int(state.step) > 0 and mngr.latest_step() != int(state.step):
+      ckpt.save(mngr, state, data_state(int(state.step)))
+    mngr.wait_until_finished()
+    if preempt.received:   # SIGTERM in training or in the final save (one process)
       mngr.close()
       log.close()
-      return {"stopped_at": done}
-  bar.close()
-  if int(state.step) > 0 and mngr.latest_step() != int(state.step):
-    ckpt.save(mngr, state, data_state(int(state.step)))
-  mngr.wait_until_finished()
+      print(preemption.message(int(state.step), t.steps, mngr.directory), file=sys.stderr,
+            flush=True)
+      return {"preempted": True, "step": int(state.step),
+              "train_seconds": round(time.perf_counter() - t_start, 1), "final": record}
   mngr.close()
   t_train = time.perf_counter() - t_start
   evals = evaluate_fn(state.params) if evaluate_fn is not None and t.eval_examples else {}
