@@ -1,4 +1,4 @@
-"""A run's metrics.jsonl: one JSON object a line, appended by `train.loop.MetricsLog`
+"""A run's metrics.jsonl: one JSON object a line, appended by `train.run_log.MetricsLog`
 (training steps, evaluations, the final summary). One reader for everything that
 reads it back (the plots, the experiment report, a resumed run's log). The
 workdir may be a URL (gs://...; read through etils.epath, see paths.py)."""

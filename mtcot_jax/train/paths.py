@@ -7,8 +7,8 @@ local directory `<cwd>/gs:/b/x`), and on it:
 - a file is written whole (`write_atomic`): an object store replaces an object
   in one step, so a reader sees the old contents or the new, never half;
 - nothing is appended in place (object stores cannot append): metrics.jsonl is
-  kept in memory and the object rewritten (`train.loop.MetricsLog`), TensorBoard's
-  event files likewise (`train.loop.summary_writer`);
+  kept in memory and the object rewritten (`train.run_log.MetricsLog`), TensorBoard's
+  event files likewise (`train.run_log.summary_writer`);
 - there is no lock (`checkpoint.workdir_lock`): one run per workdir is the user's
   rule to keep.
 Orbax writes checkpoints to a local path (a shared file system or GCSFuse too)
