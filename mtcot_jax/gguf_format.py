@@ -25,7 +25,6 @@ serves both:
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -201,12 +200,3 @@ def tokenizer(meta: dict):
 
 def chat_template(meta: dict) -> str | None:
   return meta.get("tokenizer.chat_template")
-
-
-def describe(path: str) -> str:
-  """A one-line summary (architecture, size, quantisation types) for messages."""
-  reader = read(path)
-  meta = fields(reader)
-  kinds = sorted({t.tensor_type.name for t in reader.tensors})
-  return json.dumps({"name": meta.get("general.name"), "arch": meta.get("general.architecture"),
-                     "tensors": len(reader.tensors), "types": kinds})
