@@ -208,6 +208,11 @@ class DecodeConfig:
   k: int = -1                  # -1: head.k
   max_cot_tokens: int = 256
   max_answer_tokens: int = 32
+  # A pass budget: the CoT may spend at most this many main passes after the
+  # prefill; a sequence that has spent them has its CoT closed where it stands
+  # (budget forcing, as at max_cot_tokens: the answer marker written by force,
+  # one token a pass) and answers. 0: none. The regime of a fixed serial budget.
+  pass_budget: int = 0
   max_len: int = 0             # cache capacity limit; 0: sized to fit every request
   # Adaptive blocks: cut a CoT block before the first head token whose probability
   # under the head's distribution (its sampling distribution; softmax when greedy)

@@ -151,6 +151,8 @@ def _check_decode(dec, h, m) -> None:
   """`decode.*`, against `head.k` and the model (vocabulary, dtype for the native kernel)."""
   _check(-1 <= dec.k <= h.k, "decode.k", dec.k, f"-1 (head.k) or an int in [0, head.k={h.k}]")
   _check(dec.max_cot_tokens >= 1, "decode.max_cot_tokens", dec.max_cot_tokens, "an int >= 1")
+  _check(dec.pass_budget >= 0, "decode.pass_budget", dec.pass_budget,
+         "an int >= 0 (0: no pass budget)")
   _check(dec.max_answer_tokens >= 1, "decode.max_answer_tokens", dec.max_answer_tokens,
          "an int >= 1")
   _check(0.0 <= dec.head_threshold < 1.0, "decode.head_threshold", dec.head_threshold,

@@ -83,7 +83,8 @@ def decoder(cfg: Config, mesh: Mesh | None = None, *, greedy: bool | None = None
       cfg=cfg, k=k, sample=mode, max_cot=d.max_cot_tokens, max_answer=d.max_answer_tokens,
       eos_id=stop_ids(cfg),
       markers=tuple(tuple(m) for m in d.answer_markers) or ((think_end,),),
-      tau=d.head_threshold, verify=d.verify if k > 0 else "none", mesh=mesh)
+      tau=d.head_threshold, verify=d.verify if k > 0 else "none", pass_budget=d.pass_budget,
+      mesh=mesh)
 
 
 def _check_shapes(dec: Decoder, prompt_shape, lens_shape) -> None:
@@ -176,7 +177,9 @@ def generate(cfg: Config, params, prompt_tokens, prompt_lengths, key: jax.Array,
       eos_id (an id or a list of ids: any of them ends the sequence, in the CoT
       or the answer), think_end_id, answer_markers (token-id lists, e.g. [[12, 34], [56, 34]]:
       the CoT ends where one of them is completed, in place of the token
-      think_end_id; budget forcing writes the first; see decode/markers.py).
+      think_end_id; budget forcing writes the first; see decode/markers.py),
+      pass_budget (the CoT's main passes after the prefill, 0 none: past it the
+      CoT is closed by force where it stands).
   Returns:
     GenerateResult (see its fields).
 

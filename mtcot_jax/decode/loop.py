@@ -19,6 +19,9 @@ CoT loop (one `lax.while_loop` iteration = one main forward pass, `cot_step`):
   for it (budget forcing): one token a pass, each a one-token block of the
   main model's (source 0, its log-prob the main model's), until a marker
   completes (at most the variant's m tokens: m passes, as k = 0 would spend).
+  A pass budget B (decode.pass_budget) forces the marker the same way once a
+  row has spent B CoT passes (its budget of thinking tokens lowered to what it
+  has written), so that the CoT costs at most B passes plus the marker's m.
 Answer loop (`answer_step`: one main pass per token, the head not run) until EOS
 or `max_answer`. EOS is any id of `eos_id` (a tuple of stop ids).
 
@@ -89,6 +92,7 @@ class Decoder:
   markers: markers_.Markers
   tau: float = 0.0
   verify: str = "none"
+  pass_budget: int = 0
   mesh: Mesh | None = None
 
   def __post_init__(self):
@@ -158,6 +162,7 @@ class Decoder:
         sources=tuple(take_at(s, lens_B) for s in out.sources),
         head_state=out.head_state, tokens=zeros_BxL, source=zeros_BxL - 1, phase=zeros_BxL - 1,
         logprobs=jnp.zeros((B, self.out_len), jnp.float32), n_out=zeros_B, n_think=zeros_B,
+        cap=zeros_B + self.max_cot,
         cot_done=markers_.ends_with_marker(window, self.markers), done=zeros_B.astype(bool),
         passes=zeros_B + 1, forced=zeros_B.astype(bool), last=window[:, -1],
         tail=window[:, 1:], key=key, pend=zeros_B - 1, accepted=zeros_B,
@@ -171,11 +176,19 @@ class Decoder:
                                     stop_ids=self.eos_id, tau=tau,
                                     markers=self.markers if cot else (), tail_BxM=st.tail)
 
+  def _think_budget(self, st: State):
+    """The CoT tokens each row may still write (<= 0: forced), its cap lowered to
+    what it has written once it has spent the pass budget. Returns (state, budget)."""
+    cap = st.cap
+    if self.pass_budget:
+      spent = st.passes - 1 >= self.pass_budget          # CoT passes (the prefill is 1)
+      cap = jnp.where(spent, jnp.minimum(cap, st.n_think), cap)
+    return st.replace(cap=cap), cap - st.n_think
+
   def _force(self, st: State, x1_B, force_B):
     """Budget forcing: a row with no thinking budget left writes the first marker's
-    next token (n_think - max_cot of them written) in place of x1."""
-    return jnp.where(force_B, markers_.forced_token(self.markers, st.n_think - self.max_cot),
-                     x1_B)
+    next token (n_think - cap of them written) in place of x1."""
+    return jnp.where(force_B, markers_.forced_token(self.markers, st.n_think - st.cap), x1_B)
 
   def _cut_cot(self, st: State, block_BxT, keep_B, budget_B, active_B):
     """How much of a CoT block is committed (`blocks.cut_block`: through the first
@@ -201,7 +214,7 @@ class Decoder:
     s = self._s(st)
     x1, lp1 = sampling.sample(keys[0], st.logits, s)
     # Budget forcing: a sequence with no thinking budget left gets a marker's token.
-    budget = self.max_cot - st.n_think                               # (B,) <= 0: forced
+    st, budget = self._think_budget(st)                              # (B,) <= 0: forced
     force = budget <= 0
     x1 = self._force(st, x1, force)
     lp1 = jnp.where(force, sampling.logprobs_of(st.logits, x1, s), lp1)
@@ -235,7 +248,7 @@ class Decoder:
       room = self.max_answer - (st.n_out - answer_start)            # (B,) tokens left
       active, force = ~st.done & (room > 0), jnp.zeros_like(st.done)
     else:
-      budget = self.max_cot - st.n_think
+      st, budget = self._think_budget(st)
       active, force = ~st.cot_done & ~st.done, budget <= 0          # budget forcing
       x1 = self._force(st, x1, force)
     lp1 = sampling.logprobs_of(st.logits, x1, s)                    # the main model's

@@ -48,6 +48,8 @@ class State:
   logprobs: jax.Array
   n_out: jax.Array        # (B,) tokens written
   n_think: jax.Array      # (B,) CoT tokens before the one that ends it (a marker's last)
+  cap: jax.Array          # (B,) the CoT tokens allowed: max_cot, lowered to n_think once
+  #                         the row has spent its pass budget (decode.pass_budget)
   cot_done: jax.Array     # (B,) bool
   done: jax.Array         # (B,) bool: EOS written
   passes: jax.Array       # (B,) main forward passes
