@@ -194,8 +194,9 @@ class RLConfig:
   reward: str = "exact"        # exact: the task's grade | partial: task.partial_credit
   train_main: bool = True
   train_head: bool = True
-  # Bandwidth: the reward loses pass_cost x passes / (the passes k=0 would need for
-  # the same tokens, L_cot + L_answer), so fewer serial passes pay.
+  # Bandwidth: the reward loses pass_cost x passes / (the passes the frozen reference
+  # (the SFT model) needs for the same prompt at k=0, greedy), so fewer serial passes
+  # than k=0's pay and a longer CoT costs (a per-token normaliser would pay it).
   pass_cost: float = 0.0
   updates_per_batch: int = 1   # optimizer steps on each rollout batch (PPO epochs)
   # A k curriculum: (from_step, k) pairs, e.g. [[0, 1], [50, 3], [100, 5]]; () : decode.k.

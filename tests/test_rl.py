@@ -194,30 +194,36 @@ def test_recomputed_logprobs_adaptive_blocks(tiny_cfg, context):
 
 
 def test_pass_cost_and_k_schedule(tiny_cfg, rparams):
-  """pass_fraction is exactly 1 at k=0 (ragged rows, budget-forced ones included)
-  and passes / tokens otherwise; the reward pays it; k_schedule picks k by step."""
+  """The pass cost's normaliser is each prompt's k=0 greedy passes under the
+  reference (one decode per group, repeated over its rows); pass_fraction is
+  exactly 1 for those k=0 rollouts and passes / that for others, budget-forced
+  rows included; the reward pays it; k_schedule picks k by step."""
   rng = np.random.default_rng(2)
-  prompt = rng.integers(6, tiny_cfg.model.vocab_size, (B, P)).astype(np.int32)
-  lengths = np.array([5, 3, 4, 2])
-  for k in (0, 3):
-    res = jax.tree.map(np.asarray, decode.generate(   # _sample_rollouts' settings (k=3)
-        tiny_cfg, rparams, prompt, lengths, jax.random.key(9), k=k, temperature=S.temperature,
-        max_cot_tokens=8, max_answer_tokens=3))
-    frac = rl_loop.pass_fraction(res)
-    if k == 0:
-      np.testing.assert_array_equal(frac, np.ones(B, np.float32))
-    else:
-      assert np.all(frac < 1) and np.all(frac >= 1 / (k + 1) - 1e-6)
-  cfg = tiny_cfg.replace(rl={"pass_cost": 0.5, "k_schedule": [[0, 1], [10, 3]]})
-  task = mt.get_task("mult", digits=1)
-  examples = [task.example(i) for i in range(B)]
+  prompt = np.repeat(rng.integers(6, tiny_cfg.model.vocab_size, (B // G, P)).astype(np.int32),
+                     G, axis=0)
+  lengths = np.repeat(np.array([5, 3]), G)
+  cfg = tiny_cfg.replace(rl={"pass_cost": 0.5, "k_schedule": [[0, 1], [10, 3]]},
+                         decode={"max_cot_tokens": 8, "max_answer_tokens": 3})
 
   class Tok:   # answer_text needs decode(); every answer is wrong here
-    eos_id = EOS_ID
+    eos_id, think_end_id = EOS_ID, decode.THINK_END_ID
     def decode(self, ids):
       return "x"
-  reward, correct = rl_loop.rewards(cfg, Tok(), task, res, examples)
+  k0 = rl_loop.reference_passes(cfg, rparams, Tok(), prompt, lengths, G)
+  greedy = jax.tree.map(np.asarray, decode.generate(cfg, rparams, prompt, lengths,
+                                                    jax.random.key(0), k=0, temperature=0.0))
+  np.testing.assert_array_equal(k0, greedy.forward_passes)
+  np.testing.assert_array_equal(rl_loop.pass_fraction(greedy, k0), np.ones(B, np.float32))
+  res = jax.tree.map(np.asarray, decode.generate(   # _sample_rollouts' settings (k=3)
+      cfg, rparams, prompt, lengths, jax.random.key(9), k=3, temperature=S.temperature))
+  frac = rl_loop.pass_fraction(res, k0)
+  np.testing.assert_allclose(frac, res.forward_passes / greedy.forward_passes, rtol=1e-6)
+  task = mt.get_task("mult", digits=1)
+  examples = [task.example(i) for i in range(B)]
+  reward, correct = rl_loop.rewards(cfg, Tok(), task, res, examples, k0)
   np.testing.assert_allclose(reward, -0.5 * frac, rtol=1e-6)
+  with pytest.raises(ValueError, match="k0_passes"):
+    rl_loop.rewards(cfg, Tok(), task, res, examples)
   assert [rl_loop.k_at(cfg, s) for s in (0, 9, 10, 50)] == [1, 1, 3, 3]
   with pytest.raises(mt.ConfigError, match="rl.k_schedule"):
     tiny_cfg.replace(rl={"k_schedule": [[5, 1]]})
@@ -229,9 +235,11 @@ def test_updates_per_batch(sft_run, tmp_path):
   base, sft = sft_run
   cfg = mt.load_config(None, base + RL_ROLLOUTS + [
       "train.stage=rl", f"train.init_from={sft}", f"train.workdir={tmp_path}/rl",
-      "train.steps=2", "train.learning_rate=1e-2", "rl.updates_per_batch=2"])
+      "train.steps=2", "train.learning_rate=1e-2", "rl.updates_per_batch=2",
+      "rl.pass_cost=0.5"])
   summary = rl_loop.train_rl(cfg, progress=False)
   assert summary["step"] == 2
   rows = _rl_rows(cfg)
   assert [r["step"] for r in rows] == [1, 2]
+  assert all(r["pass_fraction"] > 0 for r in rows)   # the loop's reference passes
   assert any(abs(r["ratio"] - 1.0) > 1e-4 for r in rows), rows   # the 2nd update's ratio

@@ -39,10 +39,11 @@ def _prompts(cfg: Config, tok, source, step: int):
   return prompt, lengths, [ex for ex in examples for _ in range(G)]
 
 
-def rewards(cfg: Config, tok, task, res, examples) -> tuple[np.ndarray, np.ndarray]:
+def rewards(cfg: Config, tok, task, res, examples, k0_passes=None) -> tuple[np.ndarray, np.ndarray]:
   """Task reward (the grade, or with rl.reward=partial the task's partial credit)
-  + rl.format_reward for a CoT closed by the model and an answer ended by EOS.
-  Returns (rewards, correctness)."""
+  + rl.format_reward for a CoT closed by the model and an answer ended by EOS
+  - rl.pass_cost x passes / k0_passes (each rollout's prompt's k=0 passes,
+  `reference_passes`; needed when rl.pass_cost > 0). Returns (rewards, correctness)."""
   res = jax.tree.map(host_array, res)
   texts = [answer_text(tok, res.tokens[b], res.phase[b], res.lengths[b])
            for b in range(len(examples))]
@@ -52,16 +53,35 @@ def rewards(cfg: Config, tok, task, res, examples) -> tuple[np.ndarray, np.ndarr
   well_formed = res.finished & ~res.cot_forced & np.any(res.phase == 1, axis=1)
   reward = task_reward + cfg.rl.format_reward * well_formed.astype(np.float32)
   if cfg.rl.pass_cost:
-    reward = reward - cfg.rl.pass_cost * pass_fraction(res)
+    if k0_passes is None:
+      raise ValueError("rl.pass_cost > 0 needs k0_passes (reference_passes)")
+    reward = reward - cfg.rl.pass_cost * pass_fraction(res, k0_passes)
   return reward, correct
 
 
-def pass_fraction(res) -> np.ndarray:
-  """Forward passes ÷ the passes k=0 decoding needs for the same tokens: one per
-  generated token (the prefill gives the first; an EOS that ends a sequence is
-  never fed back), so 1 at k=0 and down to 1/(k+1) with every head token kept."""
-  k0 = np.maximum(np.asarray(res.lengths), 1)
+def pass_fraction(res, k0_passes) -> np.ndarray:
+  """Forward passes ÷ k0_passes: the passes k=0 decoding of the same prompt takes
+  (`reference_passes`), a fixed normaliser per prompt, so that writing a longer CoT
+  costs passes where a per-token normaliser (passes ÷ generated tokens) would pay
+  for it."""
+  k0 = np.maximum(np.asarray(k0_passes, np.float32), 1)
   return (np.asarray(res.forward_passes) / k0).astype(np.float32)
+
+
+def reference_passes(cfg: Config, params, tok, prompt, lengths, group_size: int,
+                     mesh=None) -> np.ndarray:
+  """Per rollout row, the passes the reference `params` take to answer its prompt
+  at k=0, greedy (the rollouts' limits): the pass cost's normaliser. The rows of
+  a group share a prompt, so one row in `group_size` is decoded where the mesh's
+  batch shards divide that many."""
+  rows = np.arange(0, len(prompt), group_size)
+  if mesh is not None and len(rows) % shd.batch_shards(cfg, tuple(mesh.devices.shape)):
+    rows = np.arange(len(prompt))
+  res = decode.generate(cfg, params, prompt[rows], lengths[rows], jax.random.key(0), k=0,
+                        temperature=0.0, eos_id=tok.eos_id, think_end_id=tok.think_end_id,
+                        mesh=mesh, verify="none")
+  passes = np.asarray(host_array(res.forward_passes))
+  return passes if len(rows) == len(prompt) else np.repeat(passes, group_size)
 
 
 def k_at(cfg: Config, step: int) -> int:
@@ -126,7 +146,9 @@ def _train_rl(cfg: Config, stop_after: int | None, progress: bool) -> dict:
                           eos_id=tok.eos_id, think_end_id=tok.think_end_id, mesh=mesh,
                           verify="none")
     res = jax.tree.map(host_array, res)
-    rew, correct = rewards(cfg, tok, task, res, examples)
+    k0 = (reference_passes(cfg, ref_params, tok, prompt, lengths, r.group_size, mesh)
+          if r.pass_cost else None)
+    rew, correct = rewards(cfg, tok, task, res, examples, k0)
     roll = rl.build_rollouts(prompt, lengths, res)
     ref_lp = np.asarray(ref_fn(ref_params, roll.tokens, roll.source))
     batch = {"tokens": roll.tokens, "source": roll.source, "old_logprobs": roll.old_logprobs,
@@ -144,11 +166,12 @@ def _train_rl(cfg: Config, stop_after: int | None, progress: bool) -> dict:
       out = _jsonable(jax.device_get(metrics))
       out.update(step=step + 1, reward_mean=float(rew.mean()), reward_std=float(rew.std()),
                  accuracy=float(correct.mean()), k=k,
-                 pass_fraction=float(pass_fraction(res).mean()),
                  cot_tokens=float(np.mean(np.sum(res.phase == 0, 1))),
                  forward_passes=float(res.forward_passes.mean()),
                  # the optimizer counts updates, rl.updates_per_batch per step
                  lr=float(optim.schedule(cfg)(step * r.updates_per_batch)))
+      if k0 is not None:   # passes / the reference's k=0 passes, what the reward pays
+        out["pass_fraction"] = float(pass_fraction(res, k0).mean())
       return out
     return state, record
 
