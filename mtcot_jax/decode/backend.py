@@ -78,8 +78,10 @@ def uses_native(cfg: Config, mesh: Mesh | None) -> bool:
 
 
 def extend_fn(cfg: Config, mesh: Mesh | None):
-  """extend(params, cache, block_BxT, n_B) -> MainOutput: the cached main pass as
-  the decode loops run it, on parameters from `prepare_params(cfg, ...)`."""
+  """extend(params, cache, block_BxT, n_B, logits_at_B=None) -> MainOutput: the
+  cached main pass as the decode loops run it, on parameters from
+  `prepare_params(cfg, ...)`; with logits_at_B (B,), the logits (B, 1, V) at that
+  position of each row only (the native kernel computes all and takes that one)."""
   shard = shd.sharder(cfg, mesh)
   if cfg.decode.cpu_kernel == "native":   # prepare_params made the layout plain
     cfg = cfg.replace(model={"scan_layers": False})
@@ -90,9 +92,16 @@ def extend_fn(cfg: Config, mesh: Mesh | None):
   from mtcot_jax import native   # built on first use; registered before the loops are traced
   native.load()
 
-  def extend(params, cache, block_BxT, n_B):
+  def extend(params, cache, block_BxT, n_B, logits_at_B=None):
     if block_BxT.shape[0] * block_BxT.shape[1] > native.MAX_ROWS:
-      return xla(params, cache, block_BxT, n_B)
-    fast = functools.partial(native.extend, cfg, source_layers=cfg.head.source_layers)
-    return jax.lax.platform_dependent(params, cache, block_BxT, n_B, cpu=fast, default=xla)
+      return xla(params, cache, block_BxT, n_B, logits_at_B=logits_at_B)
+
+    def fast(params, cache, block_BxT, n_B):
+      out = native.extend(cfg, params, cache, block_BxT, n_B, cfg.head.source_layers)
+      if logits_at_B is None:
+        return out
+      return out._replace(logits=jnp.take_along_axis(out.logits, logits_at_B[:, None, None], 1))
+    return jax.lax.platform_dependent(
+        params, cache, block_BxT, n_B, cpu=fast,
+        default=functools.partial(xla, logits_at_B=logits_at_B))
   return extend

@@ -133,10 +133,15 @@ class Decoder:
   def head(self):
     return head_for(self.cfg, shd.sharder(self.cfg, self.mesh))
 
-  def main_pass(self, params, cache: KVCache, block_BxT, n_B, head_state) -> PassOutput:
+  def main_pass(self, params, cache: KVCache, block_BxT, n_B, head_state,
+                last_only: bool = False) -> PassOutput:
     """One main pass over a (B, T) block (its first n_B tokens real; n_B None: all),
-    the head's memory of every new position written at the same slots."""
-    out = self._extend(params, cache, block_BxT, n_B)
+    the head's memory of every new position written at the same slots.
+    `last_only`: the logits at each row's last real token only, (B, 1, V) (what
+    `advance` reads: an unverified block needs no others)."""
+    at = None if not last_only or block_BxT.shape[1] == 1 else (
+        jnp.maximum(n_B, 1) - 1).astype(jnp.int32)
+    out = self._extend(params, cache, block_BxT, n_B, logits_at_B=at)
     if head_state:
       slots_BxT = cache.lengths[:, None] + jnp.arange(block_BxT.shape[1], dtype=jnp.int32)
       head_state = self.head.remember(params, head_state, out.sources, slots_BxT)
@@ -226,7 +231,8 @@ class Decoder:
       lps = jnp.concatenate([lps, head_lps], 1)
     keep = jnp.where(force, 1, blocks.adaptive_keep(lps, force, self.tau))
     n_valid, ends_cot, ends_seq = self._cut_cot(st, block, keep, budget, active)
-    out = self.main_pass(params, st.cache, block, jnp.maximum(n_valid, 1), st.head_state)
+    out = self.main_pass(params, st.cache, block, jnp.maximum(n_valid, 1), st.head_state,
+                         last_only=True)
     st = commit(st, active_B=active, block_BxT=block, phase=0, logprobs_BxT=lps, n_B=n_valid,
                 source_BxT=jnp.broadcast_to(jnp.arange(k + 1, dtype=jnp.int32), block.shape),
                 ends_seq_B=ends_seq, key=key, out=out,

@@ -101,11 +101,13 @@ def commit(st: State, *, active_B, block_BxT, source_BxT, phase: int, logprobs_B
 
 def advance(st: State, active_B, n_B, out: PassOutput) -> State:
   """After a main pass that read n_B new tokens of each active row: its cache
-  (lengths moved by n_B), h at the row's last new token, the head's state."""
+  (lengths moved by n_B), h at the row's last new token, the head's state. The
+  pass's logits are (B, T, V), or (B, 1, V) already at that token (`last_only`)."""
   n_last = jnp.maximum(n_B, 1)
+  logits = out.logits[:, 0] if out.logits.shape[1] == 1 else take_at(out.logits, n_last)
   return st.replace(
       cache=out.cache.replace(lengths=st.cache.lengths + n_B),
-      logits=where_rows(active_B, take_at(out.logits, n_last), st.logits),
+      logits=where_rows(active_B, logits, st.logits),
       sources=tuple(where_rows(active_B, take_at(s, n_last), old)
                     for s, old in zip(out.sources, st.sources)),
       head_state=out.head_state)

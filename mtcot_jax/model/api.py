@@ -243,10 +243,12 @@ def forward(cfg: Config, params, tokens_BxT, *, positions=None, segment_ids=None
 
 
 def extend(cfg: Config, params, cache: KVCache, tokens_BxT, num_new_B=None,
-           shard: shd.Sharder = shd.Sharder(), out_in: bool = False) -> MainOutput:
+           shard: shd.Sharder = shd.Sharder(), out_in: bool = False,
+           logits_at_B=None) -> MainOutput:
   """Cached main pass: append T tokens per sequence (the first num_new_B[b] real).
 
-  Returns logits/residual/sources of the T new positions and the new cache.
+  Returns logits/residual/sources of the T new positions and the new cache;
+  with `logits_at_B` (B,) the logits (B, 1, V) at that new position of each row only.
   `out_in`: the main blocks' matrices are in `to_out_in`'s layout.
   Raises if a concrete cache would overflow (inside jit the caller sizes it).
   """
@@ -258,4 +260,5 @@ def extend(cfg: Config, params, cache: KVCache, tokens_BxT, num_new_B=None,
                        f"{int(jnp.max(cache.lengths))} needs {need} slots; capacity is "
                        f"{cache.capacity}. Accepted: lengths + new tokens <= capacity")
   return main_module(cfg, shard, out_in, decode=True).apply({"params": params["main"]}, tokens_BxT,
-                                               cache=cache, num_new_B=num_new_B)
+                                               cache=cache, num_new_B=num_new_B,
+                                               logits_at_B=logits_at_B)

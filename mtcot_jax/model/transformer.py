@@ -86,7 +86,10 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None,
-               cache: KVCache | None = None, num_new_B=None) -> MainOutput:
+               cache: KVCache | None = None, num_new_B=None, logits_at_B=None) -> MainOutput:
+    """logits_at_B (B,) int: the logits (B, 1, V) at that one position of each
+    row only (a decode pass that reads one; the unembedding is then done once a
+    row, not T times); the residual and sources stay (B, T, D)."""
     c = self.cfg
     B, T = tokens_BxT.shape
     dt = jnp.dtype(c.dtype)
@@ -119,7 +122,10 @@ class Transformer(nn.Module):
     layers = self._scanned if c.scan_layers else self._unrolled
     x_BxTxD, new_kv, layer_out = layers(x_BxTxD, positions_BxT, mask_BxTxS, kv, write, want)
 
-    h_BxTxD = RMSNorm(c.norm_eps, c.dtype, c.param_dtype, name="final_norm")(x_BxTxD)
+    h_BxTxD = x_BxTxD
+    if logits_at_B is not None:
+      h_BxTxD = jnp.take_along_axis(x_BxTxD, logits_at_B[:, None, None], axis=1)   # (B, 1, D)
+    h_BxTxD = RMSNorm(c.norm_eps, c.dtype, c.param_dtype, name="final_norm")(h_BxTxD)
     if c.tie_embeddings:
       unembed_DxV = embed_VxD.T
     else:
