@@ -157,7 +157,7 @@ def head_logits(cfg: Config, params, features: jax.Array) -> jax.Array:
     unembed = params["draft"]["unembed"]
   else:
     unembed = shared(cfg, unembed_matrix(cfg, params))
-  return (features.astype(dt) @ unembed.astype(dt)).astype(jnp.float32)
+  return jnp.matmul(features.astype(dt), unembed.astype(dt), preferred_element_type=jnp.float32)
 
 
 def with_draft_vocab(cfg: Config, params, ids) -> dict:

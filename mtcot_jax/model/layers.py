@@ -93,6 +93,18 @@ def attention_probs(logits_f32, mask, dtype):
   return jax.nn.softmax(jnp.where(mask, logits_f32, -1e30), axis=-1).astype(dtype)
 
 
+def attention_einsum(q_BxTxKxGxDh, keys, values, mask_BxTxS, kspec: str, vspec: str):
+  """Softmax attention of queries (already scaled by Dh^-1/2) over keys/values in the
+  layouts kspec/vspec name (e.g. "bskd"), where `mask_BxTxS` holds: the
+  (B, K, G, T, S) scores accumulate in float32 (never rounded to a bf16 dot's
+  output) and are materialised. Returns (B, T, K, G, Dh) in q's dtype."""
+  dt = q_BxTxKxGxDh.dtype
+  logits_BxKxGxTxS = jnp.einsum(f"btkgd,{kspec}->bkgts", q_BxTxKxGxDh, keys.astype(dt),
+                                preferred_element_type=jnp.float32)
+  probs = attention_probs(logits_BxKxGxTxS, mask_BxTxS[:, None, None], dt)
+  return jnp.einsum(f"bkgts,{vspec}->btkgd", probs, values.astype(dt))
+
+
 class Attention(nn.Module):
   """Grouped-query attention of T new tokens over themselves and, optionally, a cache.
 
@@ -125,11 +137,7 @@ class Attention(nn.Module):
 
   def attend(self, q_BxTxKxGxDh, keys, values, mask_BxTxS, kspec: str, vspec: str):
     """Softmax attention over the keys/values (layouts named by kspec/vspec)."""
-    dt = q_BxTxKxGxDh.dtype
-    logits_BxKxGxTxS = jnp.einsum(f"btkgd,{kspec}->bkgts", q_BxTxKxGxDh,
-                                  keys.astype(dt)).astype(jnp.float32)
-    probs = attention_probs(logits_BxKxGxTxS, mask_BxTxS[:, None, None], dt)
-    return jnp.einsum(f"bkgts,{vspec}->btkgd", probs, values.astype(dt))
+    return attention_einsum(q_BxTxKxGxDh, keys, values, mask_BxTxS, kspec, vspec)
 
   @nn.compact
   def __call__(self, x_BxTxD, pos_BxT, mask_BxTxS, cache_kv=None, write=None):

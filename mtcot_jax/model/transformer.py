@@ -125,7 +125,7 @@ class Transformer(nn.Module):
     else:
       unembed_DxV = _param(self, "unembed", (c.d_model, c.vocab_size), ("embed", "vocab"),
                            c.init_std, c.param_dtype)
-    logits_BxTxV = (h_BxTxD @ unembed_DxV.astype(dt)).astype(jnp.float32)
+    logits_BxTxV = jnp.matmul(h_BxTxD, unembed_DxV.astype(dt), preferred_element_type=jnp.float32)
     logits_BxTxV = self.shard(logits_BxTxV, ("batch", "length", "act_vocab"))
 
     new_cache = None
