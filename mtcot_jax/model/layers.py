@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mtcot_jax.model.attention import fused_attention
 from mtcot_jax.sharding import Sharder
 
 
@@ -32,6 +33,9 @@ class BlockDims:
   embed_axis: str = "embed"   # the logical name of this block's width dimension
   rope_scaling: tuple = ()    # ModelConfig.rope_scaling
   qkv_bias: bool = False
+  # The resolved model.attention of a teacher-forced pass (`attention.resolve_attention`):
+  # xla, or a fused kernel (cudnn, splash, splash_interpret) given a `CausalSegments`.
+  attention: str = "xla"
 
 
 def _param(module: nn.Module, name: str, shape, names, std: float, dtype):
@@ -108,7 +112,8 @@ def attention_einsum(q_BxTxKxGxDh, keys, values, mask_BxTxS, kspec: str, vspec: 
 class Attention(nn.Module):
   """Grouped-query attention of T new tokens over themselves and, optionally, a cache.
 
-  Without a cache `mask_BxTxS` is (B, T, T). With `cache_kv = (k_BxKxSxDh,
+  Without a cache `mask_BxTxS` is (B, T, T), or with a fused `dims.attention` the
+  `attention.CausalSegments` it stands for. With `cache_kv = (k_BxKxSxDh,
   v_BxKxDhxS)` (kv-head-major, the layouts attention reads without a transpose)
   and `write = (b, k, s)` (index arrays broadcasting to (B, K, T): the slots the
   new tokens take), the new keys and values are written into the cache first and
@@ -160,6 +165,10 @@ class Attention(nn.Module):
 
     G = H // K
     q_BxTxKxGxDh = q_BxTxHxDh.reshape(B, T, K, G, Dh) * jnp.asarray(Dh ** -0.5, dt)
+    if cache_kv is None and d.attention != "xla":
+      out_BxTxHxDh = fused_attention(d.attention, q_BxTxKxGxDh.reshape(B, T, H, Dh), k_BxTxKxDh,
+                                     v_BxTxKxDh, mask_BxTxS, self.shard)
+      return out_proj(out_BxTxHxDh), None
     new_cache = None
     if cache_kv is None:
       keys, values, kspec, vspec = k_BxTxKxDh, v_BxTxKxDh, "bskd", "bskd"
