@@ -52,6 +52,9 @@ class ModelConfig:
   param_dtype: str = "float32"
   scan_layers: bool = False    # nn.scan over layers (stacked parameters)
   remat: str = "none"          # none | full | dots
+  # The teacher-forced pass's attention (`model/attention.py`): auto (cudnn on a
+  # GPU, splash on a TPU, xla elsewhere) | xla (einsums) | cudnn | splash.
+  attention: str = "auto"
 
   @property
   def dh(self) -> int:

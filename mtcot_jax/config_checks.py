@@ -12,6 +12,7 @@ from mtcot_jax.errors import ConfigError  # noqa: F401  (re-exported)
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _REMAT = ("none", "full", "dots")
+_ATTENTION = ("auto", "xla", "cudnn", "splash")
 _DISTRIBUTED = ("auto", "on", "off")
 MAX_MARKER_TOKENS = 8          # decode.answer_markers: tokens per marker
 
@@ -58,8 +59,22 @@ def _check_model(m) -> None:
   _check(m.dtype in _DTYPES, "model.dtype", m.dtype, f"one of {_DTYPES}")
   _check(m.param_dtype in _DTYPES, "model.param_dtype", m.param_dtype, f"one of {_DTYPES}")
   _check(m.remat in _REMAT, "model.remat", m.remat, f"one of {_REMAT}")
+  _check_attention(m)
   _check(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "a number > 0")
   _check_rope_scaling(m.rope_scaling)
+
+
+def _check_attention(m) -> None:
+  """`model.attention`; cuDNN's flash attention takes bfloat16/float16 and a head
+  dim that is a multiple of 8, at most 256 (128 before Hopper: cuDNN says so)."""
+  _check(m.attention in _ATTENTION, "model.attention", m.attention, f"one of {_ATTENTION}")
+  if m.attention == "cudnn":
+    _check(m.dtype in ("bfloat16", "float16"), "model.attention", m.attention,
+           f"auto or xla with model.dtype={m.dtype!r} (cuDNN's flash attention takes "
+           "bfloat16 or float16)")
+    _check(m.dh % 8 == 0 and m.dh <= 256, "model.attention", m.attention,
+           f"auto or xla with head dim {m.dh} (cuDNN's flash attention takes a multiple "
+           "of 8 up to 256)")
 
 
 def _check_head(h, m) -> None:

@@ -109,7 +109,7 @@ def model_fields(hf: dict) -> dict[str, Any]:
 
 def config_for(path: str, base: Config | None = None, overrides: Sequence[str] = ()) -> Config:
   """`base` (or the defaults) with the model section of the checkpoint at `path`
-  (compute/param dtypes, scan_layers and remat kept from `base`) and `overrides`
+  (compute/param dtypes, scan_layers, remat and attention kept from `base`) and `overrides`
   applied after. The vocabulary grows by the thinking tokens the tokenizer lacks,
   and decode.eos_id / decode.think_end_id are the tokenizer's."""
   hf = read_config(path)
@@ -135,7 +135,7 @@ def config_with(fields: dict, tok, base: Config | None = None,
     if section == "model" and key in fields:
       raise ConfigError(f"override {text!r}: model.{key} comes from the checkpoint "
                         f"({fields[key]!r}); accepted: overrides of dtype, param_dtype, "
-                        "scan_layers, remat and the other sections")
+                        "scan_layers, remat, attention and the other sections")
     sections[section][key] = value
   sections["model"].update(fields)
   return config_from_dict(sections)

@@ -64,7 +64,10 @@ def head_module(cfg: Config, shard: shd.Sharder = shd.Sharder()):
 def _init_boxed(cfg: Config, key: jax.Array):
   k_main, k_head = jax.random.split(key)
   tokens = jnp.zeros((1, 2), jnp.int32)
-  main = main_module(cfg).init(k_main, tokens)["params"]
+  # Parameters do not depend on the attention kernel, and no fused kernel needs to
+  # see this 2-token trace (nor the device a cudnn or splash config was written for).
+  xla = cfg.replace(model={"attention": "xla"})
+  main = main_module(xla).init(k_main, tokens)["params"]
   return {"main": main, "head": head_for(cfg).init(k_head)}
 
 
@@ -157,7 +160,7 @@ def head_logits(cfg: Config, params, features: jax.Array) -> jax.Array:
     unembed = params["draft"]["unembed"]
   else:
     unembed = shared(cfg, unembed_matrix(cfg, params))
-  return (features.astype(dt) @ unembed.astype(dt)).astype(jnp.float32)
+  return jnp.matmul(features.astype(dt), unembed.astype(dt), preferred_element_type=jnp.float32)
 
 
 def with_draft_vocab(cfg: Config, params, ids) -> dict:

@@ -32,8 +32,8 @@ def one_token_attention(q_BxKxGxDh, k_BxKxSxDh, v_BxKxDhxS, mask_Bx1xS):
   """
   G = q_BxKxGxDh.shape[2]
   logits_BxKxGxS = jnp.stack(
-      [jnp.einsum("bkd,bksd->bks", q_BxKxGxDh[:, :, g], k_BxKxSxDh) for g in range(G)],
-      axis=2).astype(jnp.float32)
+      [jnp.einsum("bkd,bksd->bks", q_BxKxGxDh[:, :, g], k_BxKxSxDh,
+                  preferred_element_type=jnp.float32) for g in range(G)], axis=2)
   probs = attention_probs(logits_BxKxGxS, mask_Bx1xS[:, None], v_BxKxDhxS.dtype)
   return jnp.stack(
       [jnp.einsum("bks,bkds->bkd", probs[:, :, g], v_BxKxDhxS) for g in range(G)], axis=2)

@@ -151,8 +151,10 @@ class _ContextLayer(nn.Module):
           c, new.astype(c.dtype), start, axis=2)
       k, v = chain_kv = put(chain_kv[0], k).astype(dt), put(chain_kv[1], v).astype(dt)
     mem_k, mem_v = mem_kv
-    s_mem = jnp.einsum(f"bpchd,{mem_spec[0]}->bhpcs", q, mem_k.astype(dt)).astype(jnp.float32)
-    s_chain = jnp.einsum("bpchd,bpehd->bhpce", q, k).astype(jnp.float32)
+    f32 = jnp.float32
+    s_mem = jnp.einsum(f"bpchd,{mem_spec[0]}->bhpcs", q, mem_k.astype(dt),
+                       preferred_element_type=f32)
+    s_chain = jnp.einsum("bpchd,bpehd->bhpce", q, k, preferred_element_type=f32)
     s_mem = jnp.where(mem_mask_BxPxS[:, None, :, None, :], s_mem, -1e30)
     row, col = start + jnp.arange(C), jnp.arange(k.shape[2])
     s_chain = jnp.where(row[:, None] >= col[None, :], s_chain, -1e30)

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mtcot_jax.model.attention import fused_attention
 from mtcot_jax.sharding import Sharder
 
 
@@ -32,6 +33,9 @@ class BlockDims:
   embed_axis: str = "embed"   # the logical name of this block's width dimension
   rope_scaling: tuple = ()    # ModelConfig.rope_scaling
   qkv_bias: bool = False
+  # The resolved model.attention of a teacher-forced pass (`attention.resolve_attention`):
+  # xla, or a fused kernel (cudnn, splash, splash_interpret) given a `CausalSegments`.
+  attention: str = "xla"
 
 
 def _param(module: nn.Module, name: str, shape, names, std: float, dtype):
@@ -93,10 +97,23 @@ def attention_probs(logits_f32, mask, dtype):
   return jax.nn.softmax(jnp.where(mask, logits_f32, -1e30), axis=-1).astype(dtype)
 
 
+def attention_einsum(q_BxTxKxGxDh, keys, values, mask_BxTxS, kspec: str, vspec: str):
+  """Softmax attention of queries (already scaled by Dh^-1/2) over keys/values in the
+  layouts kspec/vspec name (e.g. "bskd"), where `mask_BxTxS` holds: the
+  (B, K, G, T, S) scores accumulate in float32 (never rounded to a bf16 dot's
+  output) and are materialised. Returns (B, T, K, G, Dh) in q's dtype."""
+  dt = q_BxTxKxGxDh.dtype
+  logits_BxKxGxTxS = jnp.einsum(f"btkgd,{kspec}->bkgts", q_BxTxKxGxDh, keys.astype(dt),
+                                preferred_element_type=jnp.float32)
+  probs = attention_probs(logits_BxKxGxTxS, mask_BxTxS[:, None, None], dt)
+  return jnp.einsum(f"bkgts,{vspec}->btkgd", probs, values.astype(dt))
+
+
 class Attention(nn.Module):
   """Grouped-query attention of T new tokens over themselves and, optionally, a cache.
 
-  Without a cache `mask_BxTxS` is (B, T, T). With `cache_kv = (k_BxKxSxDh,
+  Without a cache `mask_BxTxS` is (B, T, T), or with a fused `dims.attention` the
+  `attention.CausalSegments` it stands for. With `cache_kv = (k_BxKxSxDh,
   v_BxKxDhxS)` (kv-head-major, the layouts attention reads without a transpose)
   and `write = (b, k, s)` (index arrays broadcasting to (B, K, T): the slots the
   new tokens take), the new keys and values are written into the cache first and
@@ -125,11 +142,7 @@ class Attention(nn.Module):
 
   def attend(self, q_BxTxKxGxDh, keys, values, mask_BxTxS, kspec: str, vspec: str):
     """Softmax attention over the keys/values (layouts named by kspec/vspec)."""
-    dt = q_BxTxKxGxDh.dtype
-    logits_BxKxGxTxS = jnp.einsum(f"btkgd,{kspec}->bkgts", q_BxTxKxGxDh,
-                                  keys.astype(dt)).astype(jnp.float32)
-    probs = attention_probs(logits_BxKxGxTxS, mask_BxTxS[:, None, None], dt)
-    return jnp.einsum(f"bkgts,{vspec}->btkgd", probs, values.astype(dt))
+    return attention_einsum(q_BxTxKxGxDh, keys, values, mask_BxTxS, kspec, vspec)
 
   @nn.compact
   def __call__(self, x_BxTxD, pos_BxT, mask_BxTxS, cache_kv=None, write=None):
@@ -152,6 +165,10 @@ class Attention(nn.Module):
 
     G = H // K
     q_BxTxKxGxDh = q_BxTxHxDh.reshape(B, T, K, G, Dh) * jnp.asarray(Dh ** -0.5, dt)
+    if cache_kv is None and d.attention != "xla":
+      out_BxTxHxDh = fused_attention(d.attention, q_BxTxKxGxDh.reshape(B, T, H, Dh), k_BxTxKxDh,
+                                     v_BxTxKxDh, mask_BxTxS, self.shard)
+      return out_proj(out_BxTxHxDh), None
     new_cache = None
     if cache_kv is None:
       keys, values, kspec, vspec = k_BxTxKxDh, v_BxTxKxDh, "bskd", "bskd"

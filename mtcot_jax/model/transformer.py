@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from mtcot_jax.config import ModelConfig
+from mtcot_jax.model.attention import CausalSegments, resolve_attention
 from mtcot_jax.model.layers import Attention, Block, BlockDims, RMSNorm, SwiGLU, _param
 from mtcot_jax.sharding import Sharder
 
@@ -68,12 +69,13 @@ class MainOutput(NamedTuple):
   cache: KVCache | None
 
 
-def block_dims(cfg: ModelConfig) -> BlockDims:
+def block_dims(cfg: ModelConfig, attention: str = "xla") -> BlockDims:
+  """The main blocks' dims; `attention` the resolved model.attention (teacher-forced)."""
   return BlockDims(d_model=cfg.d_model, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
                    head_dim=cfg.dh, mlp_dim=cfg.mlp_dim, rope_theta=cfg.rope_theta,
                    norm_eps=cfg.norm_eps, init_std=cfg.init_std, dtype=cfg.dtype,
                    param_dtype=cfg.param_dtype, rope_scaling=cfg.rope_scaling,
-                   qkv_bias=cfg.qkv_bias)
+                   qkv_bias=cfg.qkv_bias, attention=attention)
 
 
 class Transformer(nn.Module):
@@ -99,13 +101,15 @@ class Transformer(nn.Module):
     x_BxTxD = self.perturb("embeddings", x_BxTxD)  # a no-op unless tests pass perturbations
     x_BxTxD = self.shard(x_BxTxD, ("batch", "length", "act_embed"))
 
+    attention = "xla"
     if cache is None:
       if positions_BxT is None:
         positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-      idx = jnp.arange(T)
-      mask_BxTxS = jnp.broadcast_to(idx[:, None] >= idx[None, :], (B, T, T))
-      if segment_ids_BxT is not None:
-        mask_BxTxS = mask_BxTxS & (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])
+      attention = resolve_attention(c, self._platform(), T)
+      # The fused kernels build their own mask from the segment ids.
+      mask_BxTxS = CausalSegments(segment_ids_BxT)
+      if attention == "xla":
+        mask_BxTxS = jnp.broadcast_to(mask_BxTxS.dense(T), (B, T, T))
       write = None
     else:
       # New token t of sequence b goes to slot lengths[b] + t (its position) and
@@ -120,7 +124,8 @@ class Transformer(nn.Module):
     kv = None if cache is None else (cache.k, cache.v)
     want = {(l % c.num_layers) for l in self.source_layers}
     layers = self._scanned if c.scan_layers else self._unrolled
-    x_BxTxD, new_kv, layer_out = layers(x_BxTxD, positions_BxT, mask_BxTxS, kv, write, want)
+    x_BxTxD, new_kv, layer_out = layers(block_dims(c, attention), x_BxTxD, positions_BxT,
+                                        mask_BxTxS, kv, write, want)
 
     h_BxTxD = x_BxTxD
     if logits_at_B is not None:
@@ -131,7 +136,7 @@ class Transformer(nn.Module):
     else:
       unembed_DxV = _param(self, "unembed", (c.d_model, c.vocab_size), ("embed", "vocab"),
                            c.init_std, c.param_dtype)
-    logits_BxTxV = (h_BxTxD @ unembed_DxV.astype(dt)).astype(jnp.float32)
+    logits_BxTxV = jnp.matmul(h_BxTxD, unembed_DxV.astype(dt), preferred_element_type=jnp.float32)
     logits_BxTxV = self.shard(logits_BxTxV, ("batch", "length", "act_vocab"))
 
     new_cache = None
@@ -142,6 +147,13 @@ class Transformer(nn.Module):
     sources = tuple(layer_out[l % c.num_layers] for l in self.source_layers)
     return MainOutput(logits_BxTxV, x_BxTxD, sources, new_cache)
 
+  def _platform(self) -> str:
+    """The platform the blocks run on: the mesh's devices', else the default backend's."""
+    mesh = self.shard.mesh
+    if isinstance(mesh, jax.sharding.Mesh):
+      return mesh.devices.flat[0].platform
+    return jax.default_backend()
+
   def _block(self, scanned: bool):
     if self.cfg.remat == "none":
       return Block
@@ -149,7 +161,7 @@ class Transformer(nn.Module):
     # recomputation into the forward pass, so CSE prevention is not needed there.
     return nn.remat(Block, policy=_REMAT_POLICIES[self.cfg.remat], prevent_cse=not scanned)
 
-  def _unrolled(self, x_BxTxD, positions_BxT, mask_BxTxS, kv, write, want):
+  def _unrolled(self, dims, x_BxTxD, positions_BxT, mask_BxTxS, kv, write, want):
     """One `layer_{i}` per layer. Returns x, the layers' updated caches (tuples of
     keys and values; None without a cache) and {i: layer i's output} for `want`."""
     c = self.cfg
@@ -157,7 +169,7 @@ class Transformer(nn.Module):
     layer_out, new_k, new_v = {}, [], []
     for i in range(c.num_layers):
       layer_kv = None if kv is None else (kv[0][i], kv[1][i])
-      x_BxTxD, layer_kv = block_cls(block_dims(c), self.shard, self.parts, name=f"layer_{i}")(
+      x_BxTxD, layer_kv = block_cls(dims, self.shard, self.parts, name=f"layer_{i}")(
           x_BxTxD, positions_BxT, mask_BxTxS, layer_kv, write)
       if kv is not None:
         new_k.append(layer_kv[0])
@@ -167,7 +179,7 @@ class Transformer(nn.Module):
     new_kv = None if kv is None else (tuple(new_k), tuple(new_v))
     return x_BxTxD, new_kv, layer_out
 
-  def _scanned(self, x_BxTxD, positions_BxT, mask_BxTxS, kv, write, want):
+  def _scanned(self, dims, x_BxTxD, positions_BxT, mask_BxTxS, kv, write, want):
     """`nn.scan` over one block whose parameters are stacked under `layers` with a
     leading (L,) axis, logical name "layers"; same returns as `_unrolled`.
 
@@ -187,7 +199,7 @@ class Transformer(nn.Module):
     scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
                    in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers,
                    metadata_params={nn.PARTITION_NAME: "layers"})
-    block = self._block(scanned=True)(block_dims(c), self.shard, self.parts, name="layers")
+    block = self._block(scanned=True)(dims, self.shard, self.parts, name="layers")
     stacked = None if kv is None else (jnp.stack(kv[0]), jnp.stack(kv[1]))
     x_BxTxD, (new_kv, outs_LxBxTxD) = scan(block, x_BxTxD, stacked, positions_BxT, mask_BxTxS,
                                            write)
