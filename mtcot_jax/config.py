@@ -183,6 +183,10 @@ class TrainConfig:
   eval_examples: int = 200
   checkpoint_every: int = 200
   keep_checkpoints: int = 3
+  # The SFT loss's cross-entropy over this many vocabulary chunks (a scan, each
+  # chunk's logits recomputed in the backward pass): live logits (B, T, V/n)
+  # float32 instead of (B, T, V). Need not divide model.vocab_size. 1: whole.
+  vocab_chunks: int = 1
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -131,8 +131,8 @@ def _check_data(d) -> None:
   _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "an int >= 0 (0: no worker processes)")
 
 
-def _check_train(t) -> None:
-  """`train.*`."""
+def _check_train(t, m) -> None:
+  """`train.*`, vocab_chunks against the model `m`."""
   _check(t.stage in ("sft", "rl"), "train.stage", t.stage, "sft or rl")
   _check(not (t.init_from_hf and (t.init_from or t.stage == "rl")), "train.init_from_hf",
          t.init_from_hf, "a Hugging Face directory for SFT (train.stage=sft) without "
@@ -146,6 +146,9 @@ def _check_train(t) -> None:
   _check(t.steps >= 0, "train.steps", t.steps, "an int >= 0")
   _check(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "a number > 0")
   _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "in [0, 1]")
+  _check(1 <= t.vocab_chunks <= m.vocab_size,
+         "train.vocab_chunks", t.vocab_chunks,
+         f"an int in [1, model.vocab_size={m.vocab_size}] (it need not divide the vocabulary)")
 
 
 def _check_rl(r, h) -> None:
@@ -216,6 +219,6 @@ def validate(cfg) -> None:
   _check_head(cfg.head, cfg.model)
   _check_mesh(cfg.mesh)
   _check_data(cfg.data)
-  _check_train(cfg.train)
+  _check_train(cfg.train, cfg.model)
   _check_rl(cfg.rl, cfg.head)
   _check_decode(cfg.decode, cfg.head, cfg.model)

@@ -171,10 +171,10 @@ def check_context_head_under_mesh():
   np.testing.assert_allclose(sharded.logprobs, single.logprobs, atol=1e-5)
 
 
-def check_train_step_matches_one_device():
+def check_train_step_matches_one_device(*extra):
   from mtcot_jax.train import losses, optim
   from mtcot_jax.train.step import create_state, global_batch
-  cfg = _cfg("train.batch_size=8")
+  cfg = _cfg("train.batch_size=8", *extra)
   rng = np.random.default_rng(0)
   T = 16
   batch = {"inputs": rng.integers(6, 64, (8, T)).astype(np.int32),
@@ -198,6 +198,12 @@ def check_train_step_matches_one_device():
   # parameters within AdamW's bound (conftest.assert_adam_params_close).
   np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-5)
   assert_adam_params_close(results[0][0], results[1][0], cfg, steps=2)
+
+
+def check_vocab_chunks_under_mesh():
+  """The chunked cross-entropy with the vocabulary sharded over `tensor` (64 ids
+  in 3 strided chunks of 22, the last padded by 2): the one-device step's."""
+  check_train_step_matches_one_device("train.vocab_chunks=3")
 
 
 def check_restore_on_other_meshes():

@@ -19,7 +19,7 @@ from mtcot_jax import sharding as shd
 from mtcot_jax.config import Config
 from mtcot_jax.model import cpu
 from mtcot_jax.model.heads import Projection, context_mask, head_for, shared
-from mtcot_jax.model.transformer import KVCache, MainOutput, Transformer
+from mtcot_jax.model.transformer import KVCache, MainOutput, Transformer, final_norm
 from mtcot_jax.tokens import PAD_ID   # chain positions past the end read it (loss masked)
 
 to_out_in = cpu.to_out_in
@@ -29,7 +29,9 @@ __all__ = ["context_mask", "to_out_in"]   # re-exported
 class ForwardOutput(NamedTuple):
   """Teacher-forced outputs.
 
-  logits:        (B, T, V) float32, the main model's next-token logits.
+  logits:        (B, T, V) float32, the main model's next-token logits (None
+                 from `apply(..., logits=False)`: `final_hidden` and
+                 `unembed_matrix` give what they would be computed from).
   residual:      (B, T, D) the last layer's output, before the final norm.
   sources:       tuple of (B, T, D), the layers the head reads (head.source_layers).
   head_features: (B, P, k, D) or None. The head's chain at source position
@@ -49,11 +51,12 @@ class ForwardOutput(NamedTuple):
 
 
 def main_module(cfg: Config, shard: shd.Sharder = shd.Sharder(), out_in: bool = False,
-                decode: bool = False) -> Transformer:
+                decode: bool = False, logits: bool = True) -> Transformer:
   """The main model; `decode` (or `out_in`): with `cpu.decode_parts`, the blocks
-  of cached decode passes (`out_in`: the transposed weight layout)."""
+  of cached decode passes (`out_in`: the transposed weight layout); `logits`
+  False: without the unembedding (MainOutput.logits None)."""
   parts = cpu.decode_parts(out_in) if (decode or out_in) else Transformer.parts
-  return Transformer(cfg.model, cfg.head.source_layers, shard, parts)
+  return Transformer(cfg.model, cfg.head.source_layers, shard, parts, logits)
 
 
 def head_module(cfg: Config, shard: shd.Sharder = shd.Sharder()):
@@ -151,16 +154,28 @@ def unembed_matrix(cfg: Config, params) -> jax.Array:
   return main["embed"].T if cfg.model.tie_embeddings else main["unembed"]
 
 
+def final_hidden(cfg: Config, params, residual_BxTxD: jax.Array) -> jax.Array:
+  """(B, T, D) the final norm of `ForwardOutput.residual`, in the compute dtype:
+  the main model's logits are `final_hidden @ unembed_matrix`."""
+  return final_norm(cfg.model).apply({"params": params["main"]["final_norm"]}, residual_BxTxD)
+
+
+def head_unembed(cfg: Config, params) -> jax.Array:
+  """(D, V): the head's output projection, the main model's as the head sees it
+  (a constant under head.stop_gradient_residual); (D, N) over the draft
+  vocabulary where params has one (`with_draft_vocab`)."""
+  if "draft" in params:
+    return params["draft"]["unembed"]
+  return shared(cfg, unembed_matrix(cfg, params))
+
+
 def head_logits(cfg: Config, params, features: jax.Array) -> jax.Array:
   """(..., D) head features -> (..., V) float32 logits through the shared
   unembedding; (..., N) over the draft vocabulary where params has one
   (`with_draft_vocab`: logit i is token params["draft"]["ids"][i]'s)."""
   dt = jnp.dtype(cfg.model.dtype)
-  if "draft" in params:
-    unembed = params["draft"]["unembed"]
-  else:
-    unembed = shared(cfg, unembed_matrix(cfg, params))
-  return jnp.matmul(features.astype(dt), unembed.astype(dt), preferred_element_type=jnp.float32)
+  return jnp.matmul(features.astype(dt), head_unembed(cfg, params).astype(dt),
+                    preferred_element_type=jnp.float32)
 
 
 def with_draft_vocab(cfg: Config, params, ids) -> dict:
@@ -193,10 +208,11 @@ def run_head(cfg: Config, params, sources, chain_BxPxC, shard: shd.Sharder = shd
 
 
 def apply(cfg: Config, params, tokens_BxT, *, positions=None, segment_ids=None,
-          head_positions=None, with_head: bool = True,
+          head_positions=None, with_head: bool = True, logits: bool = True,
           shard: shd.Sharder = shd.Sharder()) -> ForwardOutput:
-  """The teacher-forced forward (not jitted: call it inside your own jit/grad)."""
-  main: MainOutput = main_module(cfg, shard).apply(
+  """The teacher-forced forward (not jitted: call it inside your own jit/grad);
+  `logits` False: without the main model's (B, T, V) logits (None)."""
+  main: MainOutput = main_module(cfg, shard, logits=logits).apply(
       {"params": params["main"]}, tokens_BxT, positions, segment_ids)
   feats = None
   if with_head and cfg.head.k > 0:

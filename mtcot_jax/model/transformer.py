@@ -63,10 +63,15 @@ class KVCache:
 
 
 class MainOutput(NamedTuple):
-  logits: jax.Array            # (B, T, V) float32
+  logits: jax.Array | None     # (B, T, V) float32; None from Transformer(logits=False)
   residual: jax.Array          # (B, T, D) the last layer's output, before the final norm
   sources: tuple[jax.Array, ...]  # (B, T, D) per head source layer
   cache: KVCache | None
+
+
+def final_norm(cfg: ModelConfig, name: str | None = None) -> RMSNorm:
+  """The norm between the last block and the unembedding (`main/final_norm`)."""
+  return RMSNorm(cfg.norm_eps, cfg.dtype, cfg.param_dtype, name=name)
 
 
 def block_dims(cfg: ModelConfig, attention: str = "xla") -> BlockDims:
@@ -85,6 +90,9 @@ class Transformer(nn.Module):
   # The blocks' (attention, mlp) module classes: cached decode passes use
   # `model/cpu.py`'s variants (`cpu.decode_parts`).
   parts: tuple = (Attention, SwiGLU)
+  # False: no unembedding (MainOutput.logits is None), for a loss that unembeds
+  # the final norm's output itself, in vocabulary chunks (train.vocab_chunks).
+  logits: bool = True
 
   @nn.compact
   def __call__(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None,
@@ -130,14 +138,17 @@ class Transformer(nn.Module):
     h_BxTxD = x_BxTxD
     if logits_at_B is not None:
       h_BxTxD = jnp.take_along_axis(x_BxTxD, logits_at_B[:, None, None], axis=1)   # (B, 1, D)
-    h_BxTxD = RMSNorm(c.norm_eps, c.dtype, c.param_dtype, name="final_norm")(h_BxTxD)
+    h_BxTxD = final_norm(c, name="final_norm")(h_BxTxD)
     if c.tie_embeddings:
       unembed_DxV = embed_VxD.T
     else:
       unembed_DxV = _param(self, "unembed", (c.d_model, c.vocab_size), ("embed", "vocab"),
                            c.init_std, c.param_dtype)
-    logits_BxTxV = jnp.matmul(h_BxTxD, unembed_DxV.astype(dt), preferred_element_type=jnp.float32)
-    logits_BxTxV = self.shard(logits_BxTxV, ("batch", "length", "act_vocab"))
+    logits_BxTxV = None
+    if self.logits:
+      logits_BxTxV = jnp.matmul(h_BxTxD, unembed_DxV.astype(dt),
+                                preferred_element_type=jnp.float32)
+      logits_BxTxV = self.shard(logits_BxTxV, ("batch", "length", "act_vocab"))
 
     new_cache = None
     if cache is not None:

@@ -9,7 +9,8 @@ an `AbstractMesh` of the preset's device count, by the config's rules (what
 what the train step keeps alive for the backward pass (per micro-batch), by
 `model.remat`; XLA's real peak also holds transients (the optimizer update, fusion
 buffers), so plan with headroom and check on the hardware with
-`jax.jit(step).lower(state, batch).compile().memory_analysis()`.
+`jax.jit(step).lower(state, batch).compile().memory_analysis()` (`step_memory`
+does that for one device, from shapes alone).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from mtcot_jax import sharding as shd
 from mtcot_jax.config import Config, ConfigError, load_config
 from mtcot_jax.model import api
 from mtcot_jax.model.head import head_dims
+from mtcot_jax.train import losses, optim
+from mtcot_jax.train.step import create_state
 
 GIB = 1024 ** 3
 
@@ -71,10 +74,12 @@ def activation_bytes_per_device(cfg: Config, mesh: AbstractMesh) -> dict[str, in
            remat none  -> everything, incl. the (B H T T) attention probabilities.
   layer:   one block's full activations and their cotangents while it is
            recomputed and differentiated (x2 of the 'none' amount of one layer).
-  logits:  (B T V) float32 logits, log-softmax and its gradient (x3).
+  logits:  (B T V) float32 logits, log-softmax and its gradient (x3); with
+           train.vocab_chunks = n, one chunk's (B T V/n).
   head:    the head's chains at P source positions (head.train_positions, 0 = T):
            its layers' activations (not rematerialised) and one depth's
-           (B P V) float32 logits, log-softmax and gradient at a time (x3).
+           (B P V) float32 logits, log-softmax and gradient at a time (x3),
+           (B P V/n) with n vocabulary chunks.
   """
   m, h = cfg.model, cfg.head
   shape = dict(zip(mesh.axis_names, mesh.axis_sizes))
@@ -85,7 +90,7 @@ def activation_bytes_per_device(cfg: Config, mesh: AbstractMesh) -> dict[str, in
   Hl = m.num_heads // _split(cfg, shape, "act_heads")
   Kl = max(m.num_kv_heads // _split(cfg, shape, "act_kv_heads"), 1)
   Fl = m.mlp_dim // _split(cfg, shape, "act_mlp")
-  Vl = m.vocab_size // _split(cfg, shape, "act_vocab")
+  Vl = -(-(m.vocab_size // _split(cfg, shape, "act_vocab")) // cfg.train.vocab_chunks)
 
   def full_layer(rows, t, width, heads, kv, mlp, dh):
     # x, 2 norms, residual sum, attention out, o-proj out; q k v; gate up silu h;
@@ -111,6 +116,22 @@ def activation_bytes_per_device(cfg: Config, mesh: AbstractMesh) -> dict[str, in
     inputs = N * h.k * (hd.d_model + 2 * D) * a   # w_p input, token embeddings, features
     out["head"] = head_layers + inputs + 3 * N * Vl * 4
   return out
+
+
+def step_memory(cfg: Config) -> dict[str, int]:
+  """XLA's memory analysis of the compiled SFT step on one device (no mesh), a
+  batch of train.batch_size rows of data.seq_len tokens, from shapes alone
+  (nothing is allocated or run): bytes of temporaries ("temp": activations,
+  logits, gradients' scratch), arguments, outputs and aliased (donated) outputs."""
+  optimizer = optim.make_optimizer(cfg)
+  state = jax.eval_shape(lambda: create_state(cfg, optimizer, None))
+  shape = (cfg.train.batch_size, cfg.data.seq_len)
+  batch = {k: jax.ShapeDtypeStruct(shape, np.float32 if k.endswith("_mask") else np.int32)
+           for k in ("inputs", "targets", "positions", "segment_ids", "cot_mask", "answer_mask")}
+  step = losses.make_sft_step(cfg, None, optimizer)
+  m = step.lower(state, batch).compile().memory_analysis()
+  return {"temp": m.temp_size_in_bytes, "argument": m.argument_size_in_bytes,
+          "output": m.output_size_in_bytes, "alias": m.alias_size_in_bytes}
 
 
 def report(cfg: Config, num_devices: int) -> dict[str, Any]:

@@ -6,7 +6,9 @@ gives exactly the full batch's gradient: each micro-batch's loss is its sums
 divided by the *whole* batch's counts (`Counts`), computed from the masks alone.
 
 The head's (B, T, k, V) logits are never materialised: each depth j is unembedded,
-reduced to its loss and metrics, and rematerialised in the backward pass.
+reduced to its loss and metrics, and rematerialised in the backward pass. With
+train.vocab_chunks = n > 1 neither are the (B, T, V) logits of the main model or
+of one depth: both are reduced over n vocabulary chunks (`chunked_ce`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import jax.numpy as jnp
 from mtcot_jax.config import Config
 from mtcot_jax.model import api
 from mtcot_jax.sharding import Sharder
+from mtcot_jax.train.chunked_ce import VocabStats, chunked_stats, full_stats
 from mtcot_jax.train.step import make_train_step
 
 
@@ -75,11 +78,21 @@ def counts(cfg: Config, batch) -> Counts:
   return Counts(main, jnp.sum(mask, axis=(0, 1)))
 
 
-def _ce(logits_xV, targets_x):
-  """Cross-entropy per position, as logsumexp - picked logit (no one-hot)."""
-  logits_xV = logits_xV.astype(jnp.float32)
-  picked = jnp.take_along_axis(logits_xV, targets_x[..., None], axis=-1)[..., 0]
-  return jax.nn.logsumexp(logits_xV, axis=-1) - picked
+def _main_stats(cfg: Config, params, out: api.ForwardOutput, targets_BxT,
+                shard: Sharder) -> VocabStats:
+  n = cfg.train.vocab_chunks
+  if n == 1:
+    return full_stats(out.logits, targets_BxT)
+  return chunked_stats(api.final_hidden(cfg, params, out.residual), api.unembed_matrix(cfg, params),
+                       targets_BxT, n, jnp.dtype(cfg.model.dtype), shard)
+
+
+def _head_stats(cfg: Config, params, feat_BxPxD, tgt_BxP, shard: Sharder) -> VocabStats:
+  n = cfg.train.vocab_chunks
+  if n == 1:
+    return full_stats(api.head_logits(cfg, params, feat_BxPxD), tgt_BxP)
+  return chunked_stats(feat_BxPxD, api.head_unembed(cfg, params), tgt_BxP, n,
+                       jnp.dtype(cfg.model.dtype), shard)
 
 
 def loss_and_metrics(cfg: Config, params, batch, total: Counts,
@@ -94,11 +107,11 @@ def loss_and_metrics(cfg: Config, params, batch, total: Counts,
   sources = head_sources(cfg, batch) if k else None
   out = api.apply(cfg, params, batch["inputs"], positions=batch["positions"],
                   segment_ids=batch["segment_ids"], head_positions=sources, with_head=k > 0,
-                  shard=shard)
+                  logits=cfg.train.vocab_chunks == 1, shard=shard)
   mask = batch["cot_mask"] + batch["answer_mask"]
-  ce = _ce(out.logits, batch["targets"])
-  main_pred = jnp.argmax(out.logits, axis=-1)
-  sums = {"main_loss": jnp.sum(ce * mask),
+  main = _main_stats(cfg, params, out, batch["targets"], shard)
+  main_pred = main.argmax
+  sums = {"main_loss": jnp.sum(main.ce * mask),
           "main_acc": jnp.sum((main_pred == batch["targets"]) * mask)}
   loss = sums["main_loss"] / jnp.maximum(total.main, 1.0)
   if k == 0:
@@ -109,12 +122,15 @@ def loss_and_metrics(cfg: Config, params, batch, total: Counts,
   # The main model's own greedy token for x[t+1+j] (teacher-forced): acceptance.
   main_next = _gather(shifted_targets(main_pred, k), sources)
 
-  @jax.checkpoint
   def depth_stats(feat_BxPxD, tgt_BxP, mask_BxP, main_BxP):
-    logits = api.head_logits(cfg, params, feat_BxPxD)
-    pred = jnp.argmax(logits, axis=-1)
-    return (jnp.sum(_ce(logits, tgt_BxP) * mask_BxP), jnp.sum((pred == tgt_BxP) * mask_BxP),
-            jnp.sum((pred == main_BxP) * mask_BxP))
+    st = _head_stats(cfg, params, feat_BxPxD, tgt_BxP, shard)
+    return (jnp.sum(st.ce * mask_BxP), jnp.sum((st.argmax == tgt_BxP) * mask_BxP),
+            jnp.sum((st.argmax == main_BxP) * mask_BxP))
+
+  if cfg.train.vocab_chunks == 1:
+    # One depth's (B, P, V) logits, recomputed in the backward pass (the chunks'
+    # scan is rematerialised already).
+    depth_stats = jax.checkpoint(depth_stats)
 
   head_loss, head_acc, head_accept = [], [], []
   for j in range(k):
