@@ -239,11 +239,6 @@ def train_step(cfg: mt.Config, repeats: int, peak: float | None) -> dict:
           "peak_gb_so_far": stats.get("peak_bytes_in_use", 0) / 1e9 or None, "loss": loss}
 
 
-def _out_of_memory(e: Exception) -> bool:
-  text = str(e)
-  return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
-
-
 def train_fitting(mode: Mode, attention: str | None, repeats: int, peak) -> dict:
   """`train_step` at mode.train_batch, halved (twice at most) while it runs out of memory."""
   B, failed = mode.train_batch, []
@@ -252,7 +247,8 @@ def train_fitting(mode: Mode, attention: str | None, repeats: int, peak) -> dict
       return {**train_step(train_config(mode, attention, B), repeats, peak),
               "out_of_memory_at_batch": failed}
     except Exception as e:  # noqa: BLE001 -- only out-of-memory is retried
-      if not _out_of_memory(e) or B == 1 or len(failed) == 2:
+      oom = "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
+      if not oom or B == 1 or len(failed) == 2:
         raise
     failed.append(B)    # out of the except clause: the failed step's arrays are released
     B //= 2
@@ -291,20 +287,25 @@ def pass_bytes(cfg: mt.Config, dp, B: int, context: float, k: int) -> float:
 
 
 def decode_run(cfg: mt.Config, dp, mode: Mode, B: int, k: int, verify: str, bw: float) -> dict:
-  """Decoder.run_cot (prefill + CoT loop) minus the prefill alone, medians of warm
-  calls; counts from the loop's own output."""
+  """Decoder.run_cot (prefill + CoT loop) minus the prefill alone, each the fastest of
+  warm calls; counts from the loop's own output."""
   V = cfg.model.vocab_size
   dec = bench.row_decoder(cfg, k, mode.max_cot, 1, V, verify=verify)
   prompt, lens = bench.prompts(cfg, B, mode.prompt, seed=B, no_cot=False)
   key = jax.random.key(0)
   t0 = time.perf_counter()
-  t_run, st = bench.timed(dec.run_cot, dp.params, prompt, lens, key, repeats=mode.repeats)
-  t_pre, _ = bench.timed(bench._prefill_fn(dec), dp.params, prompt, lens, key,
-                         repeats=mode.repeats + 2)
+  st = jax.block_until_ready(dec.run_cot(dp.params, prompt, lens, key))   # compiles
+  # Fastest of the warm calls, for both: a busy host's noise only adds time.
+  t_run = time_fn(dec.run_cot, dp.params, prompt, lens, key, repeats=mode.repeats)["min"]
+  t_pre = time_fn(bench._prefill_fn(dec), dp.params, prompt, lens, key,
+                  repeats=mode.repeats + 2)["min"]
+  if t_run <= t_pre:
+    raise RuntimeError(f"the loop took no time beyond its prefill (run_cot {t_run:.2e} s, "
+                       f"prefill {t_pre:.2e} s): too noisy to measure; more --repeats")
   written = np.arange(st.phase.shape[1])[None, :] < np.asarray(st.n_out)[:, None]
   cot = int(((np.asarray(st.phase) == 0) & written).sum())
   passes = int(np.asarray(st.passes).max()) - 1
-  t = max(t_run - t_pre, 1e-9)
+  t = t_run - t_pre
   per_pass = t / max(passes, 1)
   context = mode.prompt + cot / B / 2
   bound = pass_bytes(cfg, dp, B, context, k) / bw
