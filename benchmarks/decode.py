@@ -209,15 +209,16 @@ def timed(fn, *args, repeats: int):
 # ----------------------------------------------------------------------------- pieces
 
 def row_decoder(cfg: mt.Config, k: int, max_cot: int, max_answer: int, eos_id: int,
-                think_end_id: int = THINK_END_ID) -> decode.Decoder:
+                think_end_id: int = THINK_END_ID, verify: str = "none") -> decode.Decoder:
   """The real decode loop object for a row's settings: `decode.decoder` of
-  `decode.decode_config(cfg, ...)` (greedy, fixed blocks, unverified; cfg's
-  weights_layout, weights_dtype and cpu_kernel), its stop ids then replaced.
+  `decode.decode_config(cfg, ...)` (greedy, fixed blocks, unverified unless
+  `verify` says otherwise; cfg's weights_layout, weights_dtype and cpu_kernel),
+  its stop ids then replaced.
   The rows pass eos_id = vocab_size, an id never sampled, so that random weights
   cannot end a sequence: decode_config rightly refuses it, the dataclass takes any int."""
   dec = decode.decoder(decode.decode_config(
       cfg, k=k, max_cot_tokens=max_cot, max_answer_tokens=max_answer, temperature=0.0,
-      top_k=0, top_p=1.0, head_threshold=0.0, verify="none"))
+      top_k=0, top_p=1.0, head_threshold=0.0, verify=verify))
   return dataclasses.replace(dec, eos_id=eos_id, markers=((think_end_id,),))
 
 

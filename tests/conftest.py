@@ -100,3 +100,21 @@ def assert_adam_params_close(got, want, cfg, steps: int) -> None:
     name = jax.tree_util.keystr(path)
     assert diff.max() <= bound, (name, float(diff.max()), bound)
     assert np.median(diff) <= 1e-6, (name, float(np.median(diff)))
+
+
+# Python packages the model, decoding and the training step must run without (the
+# GPU machine has none of the data stack): `blocked_imports` makes importing them fail.
+DATA_STACK = ("tensorflow", "tensorflow_datasets", "grain", "sentencepiece", "gguf",
+              "transformers", "tokenizers")
+
+
+def blocked_imports(directory, names=DATA_STACK) -> str:
+  """Writes, in `directory`, a module for each of `names` whose import raises
+  ImportError, and returns the directory: put first on a child's PYTHONPATH, it
+  shadows the installed packages, so that a child that imports one fails as it
+  would where the package is not installed."""
+  os.makedirs(directory, exist_ok=True)
+  for name in names:
+    with open(os.path.join(directory, f"{name}.py"), "w") as f:
+      f.write(f"raise ImportError('{name} is blocked by the test (tests/conftest.py)')\n")
+  return str(directory)
