@@ -5,7 +5,8 @@ deterministic `Example(question, cot, answer)` and `task.grade(text, example)`
 is 1.0 or 0.0. The synthetic tasks (`mult`, `perm`, `reach`) write only digits,
 a few punctuation marks and short words, so that a sentencepiece model with
 `split_digits=True` tokenizes every number digit by digit and the token
-sequence is as regular as the text. Word problems: word_problems.py, gsm8k_jsonl.py.
+sequence is as regular as the text. Word problems: word_problems.py; GSM8K (tfds)
+and GSM8K-format files (`jsonl`): gsm8k_jsonl.py.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import dataclasses
 import random
 import re
 from decimal import Decimal, InvalidOperation
-from typing import Any, Callable
+from typing import Callable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,9 +310,6 @@ class Reach(Task):
     return float(answer_text.strip().lower() == example.answer)
 
 
-_CALCULATOR = re.compile(r"<<[^<>]*>>")
-
-
 def _number(text: str) -> Decimal | None:
   text = _no_space(text).replace(",", "").lstrip("$").rstrip(".")
   try:
@@ -320,58 +318,12 @@ def _number(text: str) -> Decimal | None:
     return None
 
 
-class GSM8K(Task):
-  """Grade-school math (GSM8K) from tensorflow-datasets (`tfds` name `gsm8k`).
-
-  question: the problem; cot: the worked solution with the `<<48/2=24>>`
-  calculator annotations removed; answer: the number after `####`. The grader
-  compares numbers (commas, `$` and whitespace ignored). `example(seed)` is
-  training example number `seed`, read from `records()`, the tfds training
-  records (`mtcot_jax.data.get_task` and `task_for` supply it: the data must be
-  prepared in array_record format, see `builders.gsm8k_source`); `data_dir` ""
-  means the default data directory.
-  """
-  name = "gsm8k"
-  DIFFICULTY = {}
-
-  def __init__(self, data_dir: str = "", records: Callable[[], Any] | None = None):
-    super().__init__()
-    self.data_dir = data_dir
-    self._records = records
-    self._train = None
-
-  @staticmethod
-  def from_record(record: dict[str, Any]) -> Example:
-    """An Example from a tfds `gsm8k` record (str or bytes fields)."""
-    def text(key):
-      value = record[key]
-      return (value.decode("utf-8") if isinstance(value, bytes) else str(value)).strip()
-    cot = _CALCULATOR.sub("", text("annotation")).strip()
-    return Example(question=text("question"), cot=cot, answer=text("short_answer"))
-
-  def example(self, seed):
-    if self._train is None:
-      if self._records is None:
-        raise ValueError("task 'gsm8k' was built without its records; accepted: "
-                         "mtcot_jax.data.get_task('gsm8k', ...) or task_for(cfg.data), "
-                         "which read them from tensorflow-datasets")
-      self._train = self._records()
-    if not 0 <= seed < len(self._train):
-      raise ValueError(f"task 'gsm8k': seed={seed} is out of range; accepted: "
-                       f"[0, {len(self._train)}) (the training examples)")
-    return self.from_record(self._train[int(seed)])
-
-  def grade(self, answer_text, example):
-    got, want = _number(answer_text), _number(example.answer)
-    return float(got is not None and want is not None and got == want)
-
-
 def registry() -> dict[str, Callable[..., Task]]:
   """`TASKS`, {name: Task class} of every task, made on first use: it has the
   word problems too, whose modules import this one."""
   global TASKS
   if "TASKS" not in globals():
-    from mtcot_jax.data.gsm8k_jsonl import Jsonl
+    from mtcot_jax.data.gsm8k_jsonl import GSM8K, Jsonl
     from mtcot_jax.data.word_problems import WordProblems
     TASKS = {t.name: t for t in (Mult, Perm, Reach, GSM8K, WordProblems, Jsonl)}
   return TASKS
