@@ -26,7 +26,8 @@ def _files(root):
 
 
 @pytest.mark.parametrize("name,difficulty", [("mult", {"digits": 2}), ("perm", {"num_perms": 3}),
-                                             ("reach", {"nodes": 8, "depth": 2})])
+                                             ("reach", {"nodes": 8, "depth": 2}),
+                                             ("sumorder", {"terms": 3})])
 def test_prepare_read_back_and_reuse(tmp_path, no_network, monkeypatch, name, difficulty):
   task = get_task(name, **difficulty)
   builder = builders.prepare(task, str(tmp_path), train_size=60, test_size=20)
@@ -46,6 +47,7 @@ def test_prepare_read_back_and_reuse(tmp_path, no_network, monkeypatch, name, di
   assert all(int(r["seed"]) >= builders.VALIDATION_SEED_OFFSET for r in validation)
   questions = [{r["question"] for r in split} for split in (train, validation, test)]
   assert sum(map(len, questions)) == len(set.union(*questions))
+  assert len(questions[1]) == len(validation) and len(questions[2]) == len(test)
 
   before = _files(tmp_path)
   def fail(self, seed):

@@ -129,12 +129,17 @@ class MtcotReach(_TaskBuilder):
   """Reachability in a DAG (`mtcot_jax.data.tasks.Reach`)."""
 
 
+class MtcotSumorder(_TaskBuilder):
+  """Sums whose CoT adds the terms in any order (`mtcot_jax.data.sumorder.SumOrder`)."""
+
+
 class MtcotWordprob(_TaskBuilder):
   """Generated word problems (`mtcot_jax.data.word_problems.WordProblems`)."""
 
 
 BUILDERS: dict[str, type[_TaskBuilder]] = {"mult": MtcotMult, "perm": MtcotPerm,
-                                           "reach": MtcotReach, "wordprob": MtcotWordprob}
+                                           "reach": MtcotReach, "sumorder": MtcotSumorder,
+                                           "wordprob": MtcotWordprob}
 
 
 def prepare(task: Task, data_dir: str, train_size: int, test_size: int) -> _TaskBuilder:

@@ -5,8 +5,9 @@ deterministic `Example(question, cot, answer)` and `task.grade(text, example)`
 is 1.0 or 0.0. The synthetic tasks (`mult`, `perm`, `reach`) write only digits,
 a few punctuation marks and short words, so that a sentencepiece model with
 `split_digits=True` tokenizes every number digit by digit and the token
-sequence is as regular as the text. Word problems: word_problems.py; GSM8K (tfds)
-and GSM8K-format files (`jsonl`): gsm8k_jsonl.py.
+sequence is as regular as the text. A sum with many valid CoTs: sumorder.py. Word
+problems: word_problems.py; GSM8K (tfds) and GSM8K-format files (`jsonl`):
+gsm8k_jsonl.py.
 """
 
 from __future__ import annotations
@@ -78,6 +79,12 @@ class Task:
     By default the grade itself; tasks with structured answers refine it."""
     return self.grade(answer_text, example)
 
+  def valid_cot(self, question: str, cot: str) -> bool | None:
+    """Whether `cot` is a valid derivation of `question`'s answer, for tasks with
+    several valid CoTs (`sumorder`); None where the task has one CoT per question
+    and does not check others."""
+    return None
+
   def reference(self, question: str) -> tuple[str, str] | None:
     """(the right answer, "" or why the question is outside what training showed)
     for a question in this task's format; None if it is not one (or the task
@@ -95,6 +102,18 @@ def _rev(n: int, width: int) -> str:
 
 def _no_space(text: str) -> str:
   return re.sub(r"\s+", "", text)
+
+
+def digit_share(answer_text: str, ref: str) -> float:
+  """The share of the digits of the number `ref` that `answer_text` (whitespace
+  ignored) gets right, aligned from the least significant one: a longer or
+  shorter answer loses the unmatched places; 0 for anything but digits."""
+  text = _no_space(answer_text)
+  if not re.fullmatch(r"\d+", text):
+    return 0.0
+  text = text.lstrip("0") or "0"
+  hits = sum(a == b for a, b in zip(reversed(text), reversed(ref)))
+  return hits / max(len(text), len(ref))
 
 
 class Mult(Task):
@@ -165,14 +184,8 @@ class Mult(Task):
     return float(int(text) == int(example.answer))
 
   def partial_credit(self, answer_text, example):
-    """The share of the product's digits that are right, aligned from the least
-    significant one (a longer or shorter answer loses the unmatched places)."""
-    text, ref = _no_space(answer_text), example.answer
-    if not re.fullmatch(r"\d+", text):
-      return 0.0
-    text = text.lstrip("0") or "0"
-    hits = sum(a == b for a, b in zip(reversed(text), reversed(ref)))
-    return hits / max(len(text), len(ref))
+    """The share of the product's digits that are right (`digit_share`)."""
+    return digit_share(answer_text, example.answer)
 
 
 class Perm(Task):
@@ -324,8 +337,9 @@ def registry() -> dict[str, Callable[..., Task]]:
   global TASKS
   if "TASKS" not in globals():
     from mtcot_jax.data.gsm8k_jsonl import GSM8K, Jsonl
+    from mtcot_jax.data.sumorder import SumOrder
     from mtcot_jax.data.word_problems import WordProblems
-    TASKS = {t.name: t for t in (Mult, Perm, Reach, GSM8K, WordProblems, Jsonl)}
+    TASKS = {t.name: t for t in (Mult, Perm, Reach, SumOrder, GSM8K, WordProblems, Jsonl)}
   return TASKS
 
 
