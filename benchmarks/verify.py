@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/verify.py            # runs/demo, batch 1 and 8 (~1-2 min)
     .venv/bin/python benchmarks/verify.py --run runs/channel/perm4/ctx-k5/seed0 --examples 64
 
-For each batch size, the same held-out problems (the run's test split) are
+For each batch size, the same held-out problems (the run's data.eval_split) are
 decoded greedily by every mode below, interleaved round by round (the machine is
 noisy), each call warm (compiled beforehand) and ended by `block_until_ready`;
 the time of a mode is the median over rounds of the sum over its batches. Rows:

@@ -146,7 +146,8 @@ class DataConfig:
   pack: bool = False
   on_too_long: str = "skip"    # skip (and count) | error
   train_size: int = 20000
-  eval_size: int = 500
+  eval_size: int = 500         # problems in each held-out split (validation, test)
+  eval_split: str = "validation"  # what evaluation reads: validation | test (final tables only)
   seed: int = 0
   cot: bool = True             # train with the chain of thought
   no_cot_fraction: float = 0.0 # share of training examples given no CoT

@@ -15,6 +15,7 @@ _REMAT = ("none", "full", "dots")
 _ATTENTION = ("auto", "xla", "cudnn", "splash")
 _DISTRIBUTED = ("auto", "on", "off")
 MAX_MARKER_TOKENS = 8          # decode.answer_markers: tokens per marker
+EVAL_SPLITS = ("validation", "test")   # data.eval_split: the held-out splits (data/builders.py)
 
 
 def _check(ok: bool, key: str, value: Any, accepted: str) -> None:
@@ -129,6 +130,11 @@ def _check_data(d) -> None:
   _check(d.train_size >= 1, "data.train_size", d.train_size, "an int >= 1")
   _check(d.eval_size >= 1, "data.eval_size", d.eval_size, "an int >= 1")
   _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "an int >= 0 (0: no worker processes)")
+  _check(d.eval_split in EVAL_SPLITS, "data.eval_split", d.eval_split,
+         f"one of {EVAL_SPLITS} (validation: for choosing settings; test: a final table)")
+  _check(not (d.task == "jsonl" and d.eval_split == "test"), "data.eval_split", d.eval_split,
+         "validation with data.task=jsonl (the file's last `validation` problems); a jsonl "
+         "file has no test split (GSM8K's test set is kept outside the project)")
 
 
 def _check_train(t, m) -> None:

@@ -99,7 +99,7 @@ def train_steps(cfg, mesh, batch_fn):
 
 
 def evaluation(cfg, params, mesh, data_dir):
-  """train.py's evaluation (k=0 and k=head.k, greedy) of `params` on 8 test problems."""
+  """train.py's evaluation (k=0 and k=head.k, greedy) of `params` on 8 validation problems."""
   from mtcot_jax.data import tokenizer_for
   from mtcot_jax.train.loop import run_evals
   cfg = cfg.replace(data={"task_args": [["digits", 1]], "train_size": 64, "eval_size": 8,

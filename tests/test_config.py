@@ -52,11 +52,19 @@ def test_repo_presets_load():
     ("decode.k=6", "decode.k=6 is not accepted"),
     ("model.dtype=float8", "one of ('float32', 'bfloat16', 'float16')"),
     ("headk=3", "expected section.key=value"),
+    ("data.eval_split=dev", "data.eval_split='dev' is not accepted: one of ('validation', 'test')"),
 ])
 def test_errors_name_the_key(override, needle):
   with pytest.raises(ConfigError) as e:
     load_config(None, [override])
   assert needle in str(e.value)
+
+
+def test_jsonl_has_no_test_split():
+  with pytest.raises(ConfigError, match="data.eval_split='test' is not accepted: validation "
+                                        "with data.task=jsonl"):
+    load_config(None, ["data.task=jsonl", "data.task_args={path: x.jsonl}",
+                       "data.eval_split=test"])
 
 
 def test_file_errors(tmp_path):

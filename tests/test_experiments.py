@@ -1,5 +1,6 @@
-"""The experiment runner end to end on the smoke spec, its resumption, the
-equal-passes baseline, and the disjointness of evaluation and training seeds."""
+"""The experiment runner end to end on the smoke spec, its resumption, a test-split
+table on the same training runs, the equal-passes baseline, and the disjointness of
+the train, validation and test seeds."""
 
 import json
 import os
@@ -11,11 +12,14 @@ from mtcot_jax.config import ConfigError
 from mtcot_jax.data import builders
 from mtcot_jax.data.tasks import get_task
 from mtcot_jax.experiments import report, runner
-from mtcot_jax.experiments.spec import cells, load_spec, stage_config, stage_dir
+from mtcot_jax.experiments.spec import cell_config, cells, load_spec, stage_config, stage_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "experiments", "smoke.yaml")
 PAPER = os.path.join(ROOT, "configs", "experiments", "paper.yaml")
+
+
+_VAL = runner.cell_file("validation")
 
 
 def _lines(path):
@@ -26,7 +30,8 @@ def _lines(path):
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
   """The smoke grid, run as a user would meet it: a training run killed halfway,
-  then the runner interrupted after one cell, then run to the end, then again."""
+  then the runner interrupted after one cell, then run to the end, then again;
+  then one cell evaluated on the test split."""
   from mtcot_jax.train import loop
   out = str(tmp_path_factory.mktemp("smoke"))
   spec = load_spec(SMOKE)
@@ -39,9 +44,10 @@ def smoke(tmp_path_factory):
   run_dir = stage_dir(out, first, stage)
   log["first_done"] = json.load(open(os.path.join(run_dir, runner.DONE_FILE)))
   log["first_metrics"] = _lines(os.path.join(run_dir, "metrics.jsonl"))
-  log["first_cell"] = json.load(open(os.path.join(out, first.id, runner.CELL_FILE)))
+  log["first_cell"] = json.load(open(os.path.join(out, first.id, _VAL)))
   log["rest"] = runner.run(SMOKE, out, progress=False)
   log["again"] = runner.run(SMOKE, out, progress=False)
+  log["test"] = runner.run(SMOKE, out, only=first.id, split="test", progress=False)
   log["report"] = report.write_report(out)
   return spec, out, log
 
@@ -59,26 +65,37 @@ def test_smoke_spec_end_to_end(smoke):
   first = all_cells[0]
   run_dir = stage_dir(out, first, first.method.stages[0])
   assert _lines(os.path.join(run_dir, "metrics.jsonl")) == log["first_metrics"]
-  assert json.load(open(os.path.join(out, first.id, runner.CELL_FILE))) == log["first_cell"]
+  assert json.load(open(os.path.join(out, first.id, _VAL))) == log["first_cell"]
   assert log["again"] == {"cells": 8, "skipped": 8, "evaluated": 0, "trained": 0}
+  # The test table of one cell: its training run reused, its validation rows kept.
+  assert log["test"] == {"cells": 1, "skipped": 0, "evaluated": 1, "trained": 0}
 
   rows = [json.loads(line) for line in _lines(os.path.join(out, runner.RESULTS_FILE))]
   for c in all_cells:
-    got = sorted(r["eval"] for r in rows if r["workdir"] == c.id)
-    assert got == sorted(e.name for e in c.method.evals), c.id
-    assert sum(r["primary"] for r in rows if r["workdir"] == c.id) == 1
+    for split in ("validation", "test"):
+      got = sorted(r["eval"] for r in rows if r["workdir"] == c.id and r["split"] == split)
+      want = [] if split == "test" and c != first else sorted(e.name for e in c.method.evals)
+      assert got == want, (c.id, split)
+    assert sum(r["primary"] for r in rows if r["workdir"] == c.id and
+               r["split"] == "validation") == 1
   for r in rows:
     assert r["examples"] == spec.eval_examples
     assert r["eval_seeds"][0] > r["train_seeds"][1]
+    offset = {"validation": builders.VALIDATION_SEED_OFFSET, "test": builders.TEST_SEED_OFFSET}
+    assert offset[r["split"]] <= r["eval_seeds"][0] <= r["eval_seeds"][1] < 2 * offset[
+        r["split"]]
+    assert r["config"]["data"]["eval_split"] == r["split"]
     assert 0.0 <= r["accuracy"] <= 1.0 and r["forward_passes"] >= 1
     assert len(r["head_accept"]) == 2 and len(r["head_acc"]) == 2
     assert r["commit"] and r["config"]["data"]["eval_size"] == spec.eval_examples
 
   md = open(log["report"]).read()
+  assert f"## {first.task.name} (mult, digits=2): test split" in md
   for t in spec.tasks:
-    assert f"## {t.name}" in md
+    assert f"## {t.name} ({t.task}, " in md and md.count(f"## {t.name} ") == (
+        2 if t == first.task else 1)
     for name in ("accuracy_vs_passes", "head_acceptance"):
-      png = os.path.join(out, "plots", f"{t.name}_{name}.png")
+      png = os.path.join(out, "plots", f"{t.name}_validation_{name}.png")
       assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
@@ -86,10 +103,10 @@ def test_equal_passes_baseline_within_one_pass(smoke):
   spec, out, _ = smoke
   rows = [json.loads(line) for line in _lines(os.path.join(out, runner.RESULTS_FILE))]
   for r in rows:
-    if r["eval"] != "trunc-paired":
+    if r["eval"] != "trunc-paired" or r["split"] != "validation":
       continue
     pair = next(p for p in rows if p["task"] == r["task"] and p["seed"] == r["seed"]
-                and p["method"] == "mtcot-k2" and p["primary"])
+                and p["method"] == "mtcot-k2" and p["primary"] and p["split"] == r["split"])
     assert abs(r["forward_passes"] - pair["forward_passes"]) < 1.0
     assert r["budget"]["target_passes"] == pair["forward_passes"]
     assert r["max_cot_tokens"] == r["budget"]["max_cot_tokens"] < r["config"]["decode"][
@@ -104,6 +121,28 @@ def test_cells_are_ordinary_workdirs(smoke):
   assert run.cfg.decode.k == 2 and run.step == 40
   trunc = next(c for c in cells(spec) if c.method.name == "cot-truncated")
   assert mt.load_run(os.path.join(out, trunc.id)).cfg.decode.k == 0
+
+
+def test_collect_reads_each_split_and_old_cell_files(tmp_path):
+  """results.jsonl holds a cell's rows of both splits; an old cell.json (before the
+  validation split) is read as the test rows it was, and counts as the test cell."""
+  out = str(tmp_path)
+  for cell, name, rows in (("a/m/seed0", "cell.validation.json", [{"eval": "k0"}]),
+                           ("a/m/seed0", "cell.test.json", [{"eval": "k0"}]),
+                           ("b/m/seed0", "cell.json", [{"eval": "k5"}])):
+    os.makedirs(os.path.join(out, cell), exist_ok=True)
+    for r in rows:
+      r.update(task=cell.split("/")[0], method="m", seed=0)
+      if name != "cell.json":
+        r["split"] = name.split(".")[1]
+    json.dump({"rows": rows}, open(os.path.join(out, cell, name), "w"))
+  got = [(r["task"], r["split"]) for r in runner.collect(out)]
+  assert got == [("a", "validation"), ("a", "test"), ("b", "test")]
+  assert [(r["task"], r["split"]) for r in map(json.loads, _lines(
+      os.path.join(out, runner.RESULTS_FILE)))] == got
+  assert runner.cell_path(out, "b/m/seed0", "test").endswith("cell.json")
+  assert runner.cell_path(out, "b/m/seed0", "validation") is None
+  assert runner.cell_path(out, "a/m/seed0", "test").endswith("cell.test.json")
 
 
 def test_paired_budget_search():
@@ -121,8 +160,9 @@ def test_paired_budget_search():
 @pytest.mark.parametrize("task,args", [("mult", {"digits": 2}), ("perm", {"num_perms": 2}),
                                        ("reach", {"nodes": 6, "depth": 2})])
 def test_eval_seeds_disjoint_from_training(task, args, tmp_path):
-  """The test split's seeds lie outside the training seeds, and no test question is
-  a training question (regenerated from the task itself, not read back)."""
+  """The validation and test splits' seeds lie outside the training seeds and each
+  other's, and no two splits share a question (regenerated from the task itself,
+  not read back)."""
   import yaml
   cfg = mt.load_config(None, [f"data.task={task}",
                               f"data.task_args={yaml.safe_dump(args, default_flow_style=True)}",
@@ -130,13 +170,17 @@ def test_eval_seeds_disjoint_from_training(task, args, tmp_path):
                               f"data.data_dir={tmp_path}"])
   train = builders.split_seeds(cfg.data, "train")
   test = builders.split_seeds(cfg.data, "test")
+  val = builders.split_seeds(cfg.data, "validation")
   assert sorted(train) == list(range(300))   # tfds stores the records shuffled
-  assert len(test) == 40 and test.min() >= builders.TEST_SEED_OFFSET > train.max()
+  assert len(test) == 40 and test.min() >= 2 ** 40 > train.max()
+  assert len(val) == 40 and val.min() >= 2 ** 41 > test.max()
   t = get_task(task, **args)
-  train_q = {t.example(int(s)).question for s in train}
-  assert not train_q & {t.example(int(s)).question for s in test}
-  source = builders.split_source(cfg.data, "test")
-  assert [source[i] for i in range(3)] == [t.example(int(s)) for s in test[:3]]
+  train_q, test_q, val_q = ({t.example(int(s)).question for s in seeds}
+                            for seeds in (train, test, val))
+  assert not train_q & test_q and not train_q & val_q and not test_q & val_q
+  for split, seeds in (("test", test), ("validation", val)):
+    source = builders.split_source(cfg.data, split)
+    assert [source[i] for i in range(3)] == [t.example(int(s)) for s in seeds[:3]]
 
 
 def test_bad_specs_fail_before_training(tmp_path):
@@ -157,6 +201,25 @@ def test_bad_specs_fail_before_training(tmp_path):
     load_spec(spec("tasks: {m: {task: mult, args: {digits: 0}}}\nmethods: [cot]\n"))
   with pytest.raises(ConfigError, match="seeds"):
     load_spec(spec(tasks + "methods: [cot]\nseeds: 0\n"))
+  with pytest.raises(ConfigError, match=r"split='dev' is not accepted: one of \('validation', "
+                                        r"'test'\)"):
+    load_spec(spec(tasks + "methods: [cot]\nsplit: dev\n"))
+
+
+def test_spec_split_reaches_the_cells_not_the_training_runs(tmp_path):
+  p = tmp_path / "s.yaml"
+  p.write_text(f"base: {os.path.join(ROOT, 'configs', 'small.yaml')}\n"
+               "tasks: {m: {task: mult, args: {digits: 2}}}\nmethods: [mtcot-k5]\n")
+  default, final = load_spec(str(p)), load_spec(str(p), split="test")
+  assert (default.split, final.split) == ("validation", "test")
+  cell = cells(final)[0]
+  out = str(tmp_path / "out")
+  assert cell_config(default, cell, out).data.eval_split == "validation"
+  assert cell_config(final, cell, out).data.eval_split == "test"
+  stage = cell.method.stages[0]
+  assert stage_config(default, cell, stage, out) == stage_config(final, cell, stage, out)
+  p.write_text(p.read_text() + "split: test\n")
+  assert load_spec(str(p)).split == "test"
 
 
 def test_paper_spec_loads():

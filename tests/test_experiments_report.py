@@ -22,7 +22,7 @@ TRUNC = {"trunc-paired": 12.0, "trunc-8": 8.0, "trunc-24": 24.0}
 
 
 def _row(task, method, seed, name, primary, acc, passes, *, k=0, accept=None, budget=None,
-         max_cot=64, stage="sft"):
+         max_cot=64, stage="sft", split="validation"):
   task_name, task_args = TASKS[task]
   return {
       "task": task, "task_name": task_name, "task_args": task_args, "method": method,
@@ -32,7 +32,7 @@ def _row(task, method, seed, name, primary, acc, passes, *, k=0, accept=None, bu
       "tokens_per_pass": float(max(k, 1)), "finished": 1.0, "examples": 100,
       "head_acc": accept, "head_accept": accept, "main_acc": 0.95, "train_seconds": 60.0,
       "workdir": f"{task}/{method}/seed{seed}", "config": {"train": {"stage": stage}},
-      "commit": "abc1234", "eval_seeds": [1, 2],
+      "commit": "abc1234", "eval_seeds": [1, 2], "split": split,
   }
 
 
@@ -115,8 +115,8 @@ def test_write_report(tmp_path):
   for task in TASKS:
     for kind in ["accuracy_vs_passes", "accuracy_vs_passes_by_seed", "head_acceptance",
                  "rl_reward"]:
-      png = os.path.join(out, "plots", f"{task}_{kind}.png")
-      assert f"(plots/{task}_{kind}.png)" in text
+      png = os.path.join(out, "plots", f"{task}_validation_{kind}.png")
+      assert f"(plots/{task}_validation_{kind}.png)" in text
       assert os.path.getsize(png) > 1000
       with open(png, "rb") as f:
         assert f.read(8) == PNG
@@ -130,10 +130,30 @@ def test_single_seed_without_heads_or_rl(tmp_path):
     f.write("".join(json.dumps(r) + "\n" for r in rows))
   text = open(report.write_report(out)).read()
   assert _table_row(text, "mult3", "nocot")[2:5] == ["0.300", "5.0", "0.12"]
-  assert os.path.exists(os.path.join(out, "plots", "mult3_accuracy_vs_passes.png"))
-  assert not os.path.exists(os.path.join(out, "plots", "mult3_head_acceptance.png"))
-  assert not os.path.exists(os.path.join(out, "plots", "mult3_accuracy_vs_passes_by_seed.png"))
-  assert not os.path.exists(os.path.join(out, "plots", "mult3_rl_reward.png"))
+  assert os.path.exists(os.path.join(out, "plots", "mult3_validation_accuracy_vs_passes.png"))
+  for kind in ("head_acceptance", "accuracy_vs_passes_by_seed", "rl_reward"):
+    assert not os.path.exists(os.path.join(out, "plots", f"mult3_validation_{kind}.png"))
+
+
+def test_each_split_its_own_section(tmp_path):
+  """Validation and test rows of the same cells are never averaged together: a
+  section per split, named in its heading; a row from before splits is a test row."""
+  out = str(tmp_path)
+  rows = [_row("mult3", "cot", 0, "k0", True, 0.9, 40.0, split="validation"),
+          _row("mult3", "cot", 0, "k0", True, 0.7, 41.0, split="test")]
+  old = _row("mult3", "nocot", 0, "nocot", True, 0.3, 5.0)
+  del old["split"]
+  with open(os.path.join(out, "results.jsonl"), "w") as f:
+    f.write("".join(json.dumps(r) + "\n" for r in rows + [old]))
+  assert [r["split"] for r in report.load_rows(out)] == ["validation", "test", "test"]
+  text = open(report.write_report(out)).read()
+  val = text.split("## mult3 (mult, digits=3): validation split")[1].split("\n## ")[0]
+  test = text.split("## mult3 (mult, digits=3): test split")[1].split("\n## ")[0]
+  assert "Split: validation (task seeds 1..2)." in val and "Split: test" in test
+  assert "| cot | 1 | 0.900 |" in val and "nocot" not in val
+  assert "| cot | 1 | 0.700 |" in test and "| nocot | 1 | 0.300 |" in test
+  for split in ("validation", "test"):
+    assert os.path.exists(os.path.join(out, "plots", f"mult3_{split}_accuracy_vs_passes.png"))
 
 
 def test_report_does_not_import_jax():

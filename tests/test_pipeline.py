@@ -237,6 +237,41 @@ def test_eval_batches(data_dir, tok):
     make_eval_batches(cfg, tok, 17, 4, process_index=0, process_count=1)
 
 
+def _first_new(task, seed, n, seen):
+  """The examples of the first n seeds from `seed` whose question is not in `seen`."""
+  out = []
+  while len(out) < n:
+    ex = task.example(seed)
+    if ex.question not in seen:
+      seen.add(ex.question)
+      out.append(ex)
+    seed += 1
+  return out
+
+
+def test_eval_batches_read_data_eval_split(data_dir, tok):
+  """Validation by default, test when asked: each the split a naive rebuild gives
+  (test: seeds from 2**40 not in train; validation: from 2**41, in neither)."""
+  task = get_task("mult", digits=2)
+  seen = {task.example(s).question for s in range(64)}
+  want = {"test": _first_new(task, 2 ** 40, 16, seen)}
+  want["validation"] = _first_new(task, 2 ** 41, 16, seen)
+  for overrides, split in (((), "validation"), (("data.eval_split=validation",), "validation"),
+                           (("data.eval_split=test",), "test")):
+    cfg = _cfg(data_dir, *overrides)
+    batches = make_eval_batches(cfg, tok, 16, 16, process_index=0, process_count=1)
+    assert set(batches[0]["examples"]) == set(want[split]), overrides
+  with pytest.raises(ValueError, match="data.eval_split='train' is not accepted: one of "
+                                       r"\('validation', 'test'\)"):
+    _cfg(data_dir, "data.eval_split=train")
+  from mtcot_jax.cli import decode as decode_cli    # decode.py --examples N [--split S]
+  for flags, split in (([], "validation"), (["--split", "test"], "test"),
+                       (["--split", "validation"], "validation")):
+    args = decode_cli.parse_args(["--config", "x.yaml", "--examples", "16", *flags])
+    questions, examples = decode_cli._questions(args, _cfg(data_dir), tok)
+    assert set(examples) == set(want[split]) and questions == [ex.question for ex in examples]
+
+
 def _gsm8k_records(self, split, **kwargs):
   del self, kwargs
   return [{"question": f"Tom has {i} apples and buys {i + 1} more. How many?".encode(),
@@ -245,8 +280,9 @@ def _gsm8k_records(self, split, **kwargs):
 
 
 def test_gsm8k_pipeline_with_mock_data(tmp_path):
-  cfg = load_config(None, [f"data.data_dir={tmp_path}", "data.task=gsm8k", "data.task_args={}",
-                           "data.seq_len=64", "train.batch_size=4", "model.vocab_size=512"])
+  cfg = load_config(None, [f"data.data_dir={tmp_path}", "data.task=gsm8k",
+                           "data.task_args={validation: 4}", "data.seq_len=64",
+                           "train.batch_size=4", "model.vocab_size=512"])
   with tfds.testing.mock_data(as_data_source_fn=_gsm8k_records):
     tok = tokenizer_for(cfg)
     batch = next(make_train_iterator(cfg, tok, process_index=0, process_count=1))
@@ -256,5 +292,5 @@ def test_gsm8k_pipeline_with_mock_data(tmp_path):
   assert text.startswith("<s>Tom has ") and "<think>" in text and "<<" not in text
   answer = batch["targets"][0][batch["answer_mask"][0] > 0]
   assert tok.decode(answer[:-1]).isdigit() and answer[-1] == 2
-  ex = evals[0]["examples"][1]
-  assert ex.cot == "1 + 2 = 3 apples." and ex.answer == "3"
+  ex = evals[0]["examples"][1]            # the validation split: records 8..11
+  assert ex.cot == "9 + 10 = 19 apples." and ex.answer == "19"

@@ -6,7 +6,8 @@ from collections import deque
 import numpy as np
 import pytest
 
-from mtcot_jax.data.tasks import GSM8K, Example, get_task
+from mtcot_jax.data.gsm8k_jsonl import GSM8K
+from mtcot_jax.data.tasks import Example, get_task
 
 SEEDS = range(40)
 ALPHABET = re.compile(r"[0-9a-z*+=>?,:| ]*")

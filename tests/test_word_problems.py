@@ -205,16 +205,21 @@ def test_training_splits(tmp_path):
   path = _write(tmp_path / "gsm.jsonl", [_line(i) for i in range(12)])
   data = load_config(None, ["data.task=jsonl", f"data.task_args={{path: '{path}', "
                             "validation: 4}", "data.train_size=5", "data.eval_size=10"]).data
-  train, test = builders.split_source(data, "train"), builders.split_source(data, "test")
-  assert len(train) == 5 and len(test) == 4      # train capped by data.train_size
-  assert train[1].answer == "2" and test[0].answer == "16"
-  assert test.__getitems__([3, 0]) == [test[3], test[0]]
+  train, val = builders.split_source(data, "train"), builders.split_source(data, "validation")
+  assert len(train) == 5 and len(val) == 4       # train capped by data.train_size
+  assert train[1].answer == "2" and val[0].answer == "16"
+  assert val.__getitems__([3, 0]) == [val[3], val[0]]
+  with pytest.raises(ValueError, match="split='test' is not accepted for task 'jsonl'.*"
+                                       "accepted: 'train', 'validation'"):
+    builders.split_source(data, "test")
 
   data = load_config(None, [f"data.data_dir={tmp_path}", "data.task=wordprob",
                             "data.task_args={ops: 3}", "data.train_size=40",
                             "data.eval_size=8"]).data
   train, test = builders.split_source(data, "train"), builders.split_source(data, "test")
-  assert len(train) == 40 and len(test) == 8
+  val = builders.split_source(data, "validation")
+  assert len(train) == 40 and len(test) == len(val) == 8
   task = get_task("wordprob", ops=3)
   assert {train[i] for i in range(40)} == {task.example(s) for s in range(40)}
-  assert not {train[i].question for i in range(40)} & {test[i].question for i in range(8)}
+  questions = [{split[i].question for i in range(len(split))} for split in (train, val, test)]
+  assert sum(map(len, questions)) == len(set.union(*questions))

@@ -2,7 +2,8 @@
 
   python decode.py --checkpoint runs/demo --prompt "20341:34012 03142 31204 32104" --k 5
   python decode.py --checkpoint runs/demo --prompts-file questions.txt --temperature 0.7
-  python decode.py --checkpoint runs/demo --examples 8        # test examples, graded
+  python decode.py --checkpoint runs/demo --examples 8        # validation examples, graded
+  python decode.py --checkpoint runs/demo --examples 500 --split test   # a final number
   python decode.py --checkpoint runs/demo --examples 64 --verify all   # lossless, fewer passes
   python decode.py --checkpoint runs/demo --examples 64 decode.max_cot_tokens=64 --output out.jsonl
   python decode.py --config configs/small.yaml --prompt "578*823"   # random parameters
@@ -52,8 +53,12 @@ def parse_args(argv=None):
   q = p.add_mutually_exclusive_group(required=True)
   q.add_argument("--prompt", action="append", help="a question (repeatable)")
   q.add_argument("--prompts-file", help="a file with one question per line")
-  q.add_argument("--examples", type=int, help="decode and grade the first N test examples")
+  q.add_argument("--examples", type=int, help="decode and grade the first N examples of "
+                 "--split")
   p.add_argument("--k", type=int, default=None, help="head tokens per CoT block (default: head.k)")
+  p.add_argument("--split", choices=["validation", "test"], default=None,
+                 help="the held-out split --examples reads (default data.eval_split: "
+                      "validation unless the run's config says test)")
   p.add_argument("--no-cot", action="store_true", help="prompt with <think> </think>: no CoT")
   p.add_argument("--temperature", type=float, default=None)
   p.add_argument("--top-k", type=int, default=None)
@@ -104,6 +109,8 @@ def _questions(args, cfg, tok):
   """The questions to decode (and their Examples with --examples)."""
   if args.examples:
     from mtcot_jax.data import make_eval_batches
+    if args.split:
+      cfg = cfg.replace(data={"eval_split": args.split})
     batch = make_eval_batches(cfg, tok, args.examples, args.examples, cot=not args.no_cot)[0]
     return [ex.question for ex in batch["examples"]], batch["examples"]
   if args.prompts_file:

@@ -1,4 +1,5 @@
-"""GSM8K-format word problems from a local JSON-lines file (the `jsonl` task).
+"""GSM8K: from tensorflow-datasets (the `gsm8k` task) or from a local JSON-lines
+file in its format (the `jsonl` task).
 
     task = get_task("jsonl", path="../shared/data/gsm8k/train.jsonl", split="validation")
 
@@ -12,9 +13,12 @@ import hashlib
 import json
 import os
 import re
+from typing import Any, Callable
 
-from mtcot_jax.data.tasks import _CALCULATOR, Example, Task
+from mtcot_jax.data.tasks import Example, Task, _number
 from mtcot_jax.data.word_problems import grade_first_number
+
+_CALCULATOR = re.compile(r"<<[^<>]*>>")
 
 _FORMAT = ("one JSON object a line with non-empty strings 'question' and 'answer', the "
            "answer a worked solution ending in '#### N', N a number (commas allowed)")
@@ -73,7 +77,9 @@ class Jsonl(Task):
   number `seed` of the split. The file is read once, on first use. The grader
   reads the first number of the answer text. In training (`data.task=jsonl`,
   `data.task_args={path: ...}`) the train split trains and the validation split
-  is the test split (`builders.split_source`), whatever `split` says.
+  evaluates (`builders.split_source`), whatever `split` says. There is no test
+  split (`data.eval_split=test` is refused): GSM8K's test set is kept outside the
+  project, to be measured with its own file.
   """
   name = "jsonl"
   DIFFICULTY = {}
@@ -132,3 +138,61 @@ class Jsonl(Task):
     return (f"get_task('jsonl', path={self.path!r}, split={self.split!r}, "
             f"validation={self.validation})")
 
+
+class GSM8K(Task):
+  """Grade-school math (GSM8K) from tensorflow-datasets (`tfds` name `gsm8k`).
+
+  question: the problem; cot: the worked solution with the `<<48/2=24>>`
+  calculator annotations removed; answer: the number after `####`. The grader
+  compares numbers (commas, `$` and whitespace ignored). `example(seed)` is
+  training example number `seed`, read from `records()`, the tfds training
+  records (`mtcot_jax.data.get_task` and `task_for` supply it: the data must be
+  prepared in array_record format, see `builders.gsm8k_source`); `data_dir` ""
+  means the default data directory. In training (`builders.split_source`) the
+  last `validation` training problems are the validation split and the others
+  the train split; the test split is tfds' test split.
+  """
+  name = "gsm8k"
+  DIFFICULTY = {}
+
+  def __init__(self, data_dir: str = "", records: Callable[[], Any] | None = None,
+               validation: int = 500):
+    super().__init__()
+    if isinstance(validation, bool) or not isinstance(validation, int) or validation < 1:
+      raise ValueError(f"task 'gsm8k': validation={validation!r}; accepted: an int >= 1 "
+                       "(the number of problems at the end of tfds' train split held out)")
+    self.data_dir, self.validation = data_dir, validation
+    self._records = records
+    self._train = None
+
+  def _accepted(self) -> str:
+    return "data_dir (default ''), validation: an int >= 1 (default 500)"
+
+  @property
+  def config_name(self) -> str:
+    return f"validation={self.validation}"
+
+  @staticmethod
+  def from_record(record: dict[str, Any]) -> Example:
+    """An Example from a tfds `gsm8k` record (str or bytes fields)."""
+    def text(key):
+      value = record[key]
+      return (value.decode("utf-8") if isinstance(value, bytes) else str(value)).strip()
+    cot = _CALCULATOR.sub("", text("annotation")).strip()
+    return Example(question=text("question"), cot=cot, answer=text("short_answer"))
+
+  def example(self, seed):
+    if self._train is None:
+      if self._records is None:
+        raise ValueError("task 'gsm8k' was built without its records; accepted: "
+                         "mtcot_jax.data.get_task('gsm8k', ...) or task_for(cfg.data), "
+                         "which read them from tensorflow-datasets")
+      self._train = self._records()
+    if not 0 <= seed < len(self._train):
+      raise ValueError(f"task 'gsm8k': seed={seed} is out of range; accepted: "
+                       f"[0, {len(self._train)}) (the training examples)")
+    return self.from_record(self._train[int(seed)])
+
+  def grade(self, answer_text, example):
+    got, want = _number(answer_text), _number(example.answer)
+    return float(got is not None and want is not None and got == want)

@@ -19,8 +19,9 @@ The prompt (BOS, question, `<think>`, and `</think>` when there is no CoT) has
 no target mask. Examples longer than seq_len are never cut: they are skipped
 and counted (`iterator.num_skipped`) or, with `data.on_too_long=error`, raise.
 
-Evaluation (`make_eval_batches`): prompts of the test split, left-aligned and
-padded, plus the Examples to grade the generations against.
+Evaluation (`make_eval_batches`): prompts of the held-out split that
+`data.eval_split` names (validation by default, test for a final table),
+left-aligned and padded, plus the Examples to grade the generations against.
 """
 
 from __future__ import annotations
@@ -242,7 +243,8 @@ def make_eval_batches(cfg, tokenizer: Tokenizer, num_examples: int | None = None
                       process_index: int | None = None,
                       process_count: int | None = None,
                       source: Sequence[Example] | None = None) -> list[dict[str, Any]]:
-  """Prompts of the first `num_examples` test examples, in batches.
+  """Prompts of the first `num_examples` examples of the `cfg.data.eval_split` split
+  (validation or test), in batches.
 
   num_examples defaults to train.eval_examples, batch_size to train.batch_size.
   Each host gets examples index, index + count, ... (defaults: jax's process
@@ -253,7 +255,7 @@ def make_eval_batches(cfg, tokenizer: Tokenizer, num_examples: int | None = None
     prompt_lengths  (b,)   int32
     examples        list of b Examples (for task.grade)
   with b = batch_size, except in a smaller last batch. source: Examples to use
-  instead of the task's test split.
+  instead of the task's split.
   """
   num_examples = cfg.train.eval_examples if num_examples is None else num_examples
   batch_size = cfg.train.batch_size if batch_size is None else batch_size
@@ -261,10 +263,10 @@ def make_eval_batches(cfg, tokenizer: Tokenizer, num_examples: int | None = None
     raise ValueError(f"batch_size={batch_size} is not accepted: an int >= 1")
   index, count = _host(process_index, process_count)
   if source is None:
-    source = builders.split_source(cfg.data, "test")
+    source = builders.split_source(cfg.data, cfg.data.eval_split)
   if not 1 <= num_examples <= len(source):
     raise ValueError(f"num_examples={num_examples} is not accepted: an int in "
-                     f"[1, {len(source)}] (the test split's size)")
+                     f"[1, {len(source)}] (the {cfg.data.eval_split} split's size)")
   examples = _read_all(source, 0, num_examples)
   prompts = [encode_prompt(tokenizer, ex.question, cot=cot) for ex in examples]
   width = max(len(p) for p in prompts)

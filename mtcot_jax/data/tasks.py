@@ -5,7 +5,9 @@ deterministic `Example(question, cot, answer)` and `task.grade(text, example)`
 is 1.0 or 0.0. The synthetic tasks (`mult`, `perm`, `reach`) write only digits,
 a few punctuation marks and short words, so that a sentencepiece model with
 `split_digits=True` tokenizes every number digit by digit and the token
-sequence is as regular as the text. Word problems: word_problems.py, gsm8k_jsonl.py.
+sequence is as regular as the text. A sum with many valid CoTs: sumorder.py. Word
+problems: word_problems.py; GSM8K (tfds) and GSM8K-format files (`jsonl`):
+gsm8k_jsonl.py.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import dataclasses
 import random
 import re
 from decimal import Decimal, InvalidOperation
-from typing import Any, Callable
+from typing import Callable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +79,12 @@ class Task:
     By default the grade itself; tasks with structured answers refine it."""
     return self.grade(answer_text, example)
 
+  def valid_cot(self, question: str, cot: str) -> bool | None:
+    """Whether `cot` is a valid derivation of `question`'s answer, for tasks with
+    several valid CoTs (`sumorder`); None where the task has one CoT per question
+    and does not check others."""
+    return None
+
   def reference(self, question: str) -> tuple[str, str] | None:
     """(the right answer, "" or why the question is outside what training showed)
     for a question in this task's format; None if it is not one (or the task
@@ -94,6 +102,18 @@ def _rev(n: int, width: int) -> str:
 
 def _no_space(text: str) -> str:
   return re.sub(r"\s+", "", text)
+
+
+def digit_share(answer_text: str, ref: str) -> float:
+  """The share of the digits of the number `ref` that `answer_text` (whitespace
+  ignored) gets right, aligned from the least significant one: a longer or
+  shorter answer loses the unmatched places; 0 for anything but digits."""
+  text = _no_space(answer_text)
+  if not re.fullmatch(r"\d+", text):
+    return 0.0
+  text = text.lstrip("0") or "0"
+  hits = sum(a == b for a, b in zip(reversed(text), reversed(ref)))
+  return hits / max(len(text), len(ref))
 
 
 class Mult(Task):
@@ -164,14 +184,8 @@ class Mult(Task):
     return float(int(text) == int(example.answer))
 
   def partial_credit(self, answer_text, example):
-    """The share of the product's digits that are right, aligned from the least
-    significant one (a longer or shorter answer loses the unmatched places)."""
-    text, ref = _no_space(answer_text), example.answer
-    if not re.fullmatch(r"\d+", text):
-      return 0.0
-    text = text.lstrip("0") or "0"
-    hits = sum(a == b for a, b in zip(reversed(text), reversed(ref)))
-    return hits / max(len(text), len(ref))
+    """The share of the product's digits that are right (`digit_share`)."""
+    return digit_share(answer_text, example.answer)
 
 
 class Perm(Task):
@@ -309,9 +323,6 @@ class Reach(Task):
     return float(answer_text.strip().lower() == example.answer)
 
 
-_CALCULATOR = re.compile(r"<<[^<>]*>>")
-
-
 def _number(text: str) -> Decimal | None:
   text = _no_space(text).replace(",", "").lstrip("$").rstrip(".")
   try:
@@ -320,60 +331,15 @@ def _number(text: str) -> Decimal | None:
     return None
 
 
-class GSM8K(Task):
-  """Grade-school math (GSM8K) from tensorflow-datasets (`tfds` name `gsm8k`).
-
-  question: the problem; cot: the worked solution with the `<<48/2=24>>`
-  calculator annotations removed; answer: the number after `####`. The grader
-  compares numbers (commas, `$` and whitespace ignored). `example(seed)` is
-  training example number `seed`, read from `records()`, the tfds training
-  records (`mtcot_jax.data.get_task` and `task_for` supply it: the data must be
-  prepared in array_record format, see `builders.gsm8k_source`); `data_dir` ""
-  means the default data directory.
-  """
-  name = "gsm8k"
-  DIFFICULTY = {}
-
-  def __init__(self, data_dir: str = "", records: Callable[[], Any] | None = None):
-    super().__init__()
-    self.data_dir = data_dir
-    self._records = records
-    self._train = None
-
-  @staticmethod
-  def from_record(record: dict[str, Any]) -> Example:
-    """An Example from a tfds `gsm8k` record (str or bytes fields)."""
-    def text(key):
-      value = record[key]
-      return (value.decode("utf-8") if isinstance(value, bytes) else str(value)).strip()
-    cot = _CALCULATOR.sub("", text("annotation")).strip()
-    return Example(question=text("question"), cot=cot, answer=text("short_answer"))
-
-  def example(self, seed):
-    if self._train is None:
-      if self._records is None:
-        raise ValueError("task 'gsm8k' was built without its records; accepted: "
-                         "mtcot_jax.data.get_task('gsm8k', ...) or task_for(cfg.data), "
-                         "which read them from tensorflow-datasets")
-      self._train = self._records()
-    if not 0 <= seed < len(self._train):
-      raise ValueError(f"task 'gsm8k': seed={seed} is out of range; accepted: "
-                       f"[0, {len(self._train)}) (the training examples)")
-    return self.from_record(self._train[int(seed)])
-
-  def grade(self, answer_text, example):
-    got, want = _number(answer_text), _number(example.answer)
-    return float(got is not None and want is not None and got == want)
-
-
 def registry() -> dict[str, Callable[..., Task]]:
   """`TASKS`, {name: Task class} of every task, made on first use: it has the
   word problems too, whose modules import this one."""
   global TASKS
   if "TASKS" not in globals():
-    from mtcot_jax.data.gsm8k_jsonl import Jsonl
+    from mtcot_jax.data.gsm8k_jsonl import GSM8K, Jsonl
+    from mtcot_jax.data.sumorder import SumOrder
     from mtcot_jax.data.word_problems import WordProblems
-    TASKS = {t.name: t for t in (Mult, Perm, Reach, GSM8K, WordProblems, Jsonl)}
+    TASKS = {t.name: t for t in (Mult, Perm, Reach, SumOrder, GSM8K, WordProblems, Jsonl)}
   return TASKS
 
 

@@ -1,10 +1,11 @@
-"""`python -m mtcot_jax.experiments run SPEC.yaml [--out DIR] [--seeds N] [--only PATTERN]`
-trains and evaluates a grid of tasks x methods x seeds (one line per cell, an
-estimate of the time left), then writes the report;
+"""`python -m mtcot_jax.experiments run SPEC.yaml [--out DIR] [--seeds N] [--only PATTERN]
+[--split validation|test]` trains and evaluates a grid of tasks x methods x seeds
+(one line per cell, an estimate of the time left), then writes the report;
 `python -m mtcot_jax.experiments report DIR` rewrites DIR/report.md and its plots.
 
   python -m mtcot_jax.experiments run configs/experiments/smoke.yaml --out runs/smoke
   python -m mtcot_jax.experiments run configs/experiments/paper.yaml --only 'mult3/*'
+  python -m mtcot_jax.experiments run configs/experiments/paper.yaml --split test   # final table
   python -m mtcot_jax.experiments report runs/experiments/paper
 
 Re-running `run` skips finished cells and resumes interrupted training runs.
@@ -28,6 +29,9 @@ def parse_args(argv=None):
   r.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 instead of the spec's")
   r.add_argument("--only", default=None,
                  help="a glob on cell ids <task>/<method>/seed<i>, e.g. 'mult3/*'")
+  r.add_argument("--split", choices=("validation", "test"), default=None,
+                 help="the held-out split to evaluate on (default: the spec's `split`, "
+                 "validation); test once, for a final table: training runs are reused")
   r.add_argument("--no-report", action="store_true", help="do not write the report")
   rep = sub.add_parser("report", help="write DIR/report.md and DIR/plots/*.png")
   rep.add_argument("dir")
@@ -51,7 +55,8 @@ def main(argv=None):
     sys.exit(f"error: --seeds={args.seeds}; accepted: an int >= 1")
   from mtcot_jax.train import preemption
   try:
-    stats = runner.run(args.spec, args.out, seeds=args.seeds, only=args.only)
+    stats = runner.run(args.spec, args.out, seeds=args.seeds, only=args.only,
+                       split=args.split)
   except ConfigError as e:
     sys.exit(f"error: {e}")
   except preemption.Preempted as e:   # SIGTERM: running the same command resumes

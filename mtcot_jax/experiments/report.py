@@ -21,7 +21,7 @@ PLOTS = "plots"
 DASH = "–"
 
 # The last row wins when a cell's evaluation was appended twice (a rerun).
-_KEY = ("task", "method", "seed", "eval")
+_KEY = ("task", "method", "seed", "eval", "split")
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "*", "p"]
 
 
@@ -33,7 +33,8 @@ EVAL_COLUMNS = ["method", "eval", "n", "k", "accuracy", "passes", "max CoT token
 
 
 def load_rows(out_dir: str) -> list[dict]:
-  """The rows of out_dir/results.jsonl, in file order, reruns deduplicated (last wins)."""
+  """The rows of out_dir/results.jsonl, in file order, reruns deduplicated (last wins).
+  A row without `split` (written before the validation split existed) is a test row."""
   path = os.path.join(out_dir, RESULTS)
   if not os.path.exists(path):
     raise FileNotFoundError(f"no {RESULTS} in {out_dir}: run the experiments first")
@@ -47,6 +48,7 @@ def load_rows(out_dir: str) -> list[dict]:
         row = json.loads(line)
       except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{n}: not JSON ({e})") from None
+      row.setdefault("split", "test")
       rows[tuple(row.get(k) for k in _KEY)] = row
   return list(rows.values())
 
@@ -103,6 +105,13 @@ def _task_title(rows: list[dict]) -> str:
   name = row.get("task_name")
   detail = f"{name}, {args}" if name and args else (name or args)
   return f"{row['task']} ({detail})" if detail else row["task"]
+
+
+def _split_line(split: str, rows: list[dict]) -> str:
+  """`Split: test (task seeds a..b).`: where a section's numbers come from."""
+  seeds = [s for r in rows for s in (r.get("eval_seeds") or [])]
+  where = f" (task seeds {min(seeds)}..{max(seeds)})" if seeds else ""
+  return f"Split: {split}{where}."
 
 
 def _safe(name: str) -> str:
@@ -313,26 +322,29 @@ def write_report(out_dir: str) -> str:
       f"Regenerate with `python -m mtcot_jax.experiments report {out_dir}`.", "",
       "Primary rows are each method's headline evaluation. Values are mean ± sample std over "
       "seeds (a bare value when n = 1). Ratios are taken per seed against the `cot` cell of "
-      "the same task and seed. Passes are serial main-model forward passes per problem.",
+      "the same task and seed. Passes are serial main-model forward passes per problem.", "",
+      "Each section's numbers come from one held-out split, named in its heading: "
+      "`validation` (for choosing settings) or `test` (a final table, computed once).",
   ]
-  for task in _ordered(r["task"] for r in rows):
-    mine = [r for r in rows if r["task"] == task]
+  for task, split in _ordered((r["task"], r["split"]) for r in rows):
+    mine = [r for r in rows if r["task"] == task and r["split"] == split]
     title = _task_title(mine)
-    lines += ["", f"## {title}", "", "### Primary evaluations", ""] + primary_table(mine)
+    lines += ["", f"## {title}: {split} split", "", _split_line(split, mine), "",
+              "### Primary evaluations", ""] + primary_table(mine)
     lines += ["", "### Other evaluations", ""] + eval_table(mine)
     budget = budget_lines(mine)
     if budget:
       lines += ["", "### Equal-passes budgets", ""] + budget
     made = []
-    name = _safe(task)
+    name, plot_title = _safe(f"{task}_{split}"), f"{title}, {split} split"
     for kind, label, draw in [
         ("accuracy_vs_passes", "accuracy vs passes",
-         lambda p: _plot_accuracy(mine, title, p)),
+         lambda p: _plot_accuracy(mine, plot_title, p)),
         ("accuracy_vs_passes_by_seed", "accuracy vs passes, each seed",
-         lambda p: _plot_accuracy_by_seed(mine, title, p)),
+         lambda p: _plot_accuracy_by_seed(mine, plot_title, p)),
         ("head_acceptance", "head acceptance",
-         lambda p: _plot_head_acceptance(mine, title, p)),
-        ("rl_reward", "RL reward", lambda p: _plot_rl_reward(mine, out_dir, title, p)),
+         lambda p: _plot_head_acceptance(mine, plot_title, p)),
+        ("rl_reward", "RL reward", lambda p: _plot_rl_reward(mine, out_dir, plot_title, p)),
     ]:
       rel = f"{PLOTS}/{name}_{kind}.png"
       if draw(os.path.join(out_dir, rel)):

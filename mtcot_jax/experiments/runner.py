@@ -4,17 +4,21 @@ held-out problems, and keeps `results.jsonl` whole.
 Layout of the output directory:
 
     DIR/spec.yaml                          the spec as run
-    DIR/results.jsonl                      one row per cell and evaluation (rebuilt from
-                                           the cells' cell.json after each cell)
+    DIR/results.jsonl                      one row per cell, split and evaluation (rebuilt
+                                           from the cells' cell files after each cell)
     DIR/<task>/_train/<stage>/seed<i>/     training runs (ordinary workdirs), with
                                            done.json once finished
     DIR/<task>/<method>/seed<i>/           the cells: ordinary workdirs (config.yaml with
                                            the method's decode settings, the tokenizer,
                                            checkpoints/ and metrics.jsonl linking to
-                                           their last training run) and cell.json
+                                           their last training run) and
+                                           cell.<split>.json (their rows on that split)
 
-Re-running skips cells that have cell.json and training runs that have
-done.json; an interrupted training run resumes from its last checkpoint.
+Cells are evaluated on the spec's `split` (validation unless a final table asks
+for test); every row says which. Re-running skips cells that have the split's
+cell file and training runs that have done.json (training does not depend on
+the split: a test table reuses the runs validation chose from); an interrupted
+training run resumes from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -29,13 +33,14 @@ from typing import Any
 import numpy as np
 
 from mtcot_jax.config import Config, save_config
+from mtcot_jax.config_checks import EVAL_SPLITS
 from mtcot_jax.experiments import methods as mm
 from mtcot_jax.experiments.spec import Cell, Spec, cell_config, cells, load_spec, stage_config, \
     stage_dir
 from mtcot_jax.train.metrics import METRICS_FILE
 
 DONE_FILE = "done.json"
-CELL_FILE = "cell.json"
+CELL_FILE = "cell.json"   # before the validation split: rows evaluated on test
 RESULTS_FILE = "results.jsonl"
 EVAL_WORK = 50            # an evaluation's weight in training steps, for the time estimate
 _PAIRED_TRIES = 5         # evaluations tried to bring cot-truncated's passes within 1 of its pair
@@ -51,6 +56,21 @@ def _write_json(path: str, obj: Any) -> None:
 def _read_json(path: str) -> Any:
   with open(path) as f:
     return json.load(f)
+
+
+def cell_file(split: str) -> str:
+  """The name of a cell's file of rows on `split`: cell.validation.json, cell.test.json."""
+  return f"cell.{split}.json"
+
+
+def cell_path(out: str, cell_id: str, split: str) -> str | None:
+  """The cell's existing file of rows on `split` (a test cell may be an old CELL_FILE,
+  whose rows were all on test), or None."""
+  for name in (cell_file(split),) + ((CELL_FILE,) if split == "test" else ()):
+    path = os.path.join(out, cell_id, name)
+    if os.path.exists(path):
+      return path
+  return None
 
 
 def commit() -> str:
@@ -149,12 +169,12 @@ def evaluate_cell(spec: Spec, cell: Cell, out: str, train_records: list[dict]) -
   ecfg, params, tok = _eval_cfg(run.cfg), run.params, run.tokenizer
   task = builders.task_for(cfg.data)
   n = spec.eval_examples
-  test_seeds = builders.split_seeds(cfg.data, "test")[:n]
-  if len(test_seeds) < n:
-    raise ValueError(f"{cell.id}: the test split has {len(test_seeds)} problems, fewer than "
-                     f"eval_examples={n}")
-  if test_seeds.min() < cfg.data.train_size:     # by construction; checked, not assumed
-    raise AssertionError(f"{cell.id}: test seeds overlap the training seeds")
+  seeds = builders.split_seeds(cfg.data, spec.split)[:n]
+  if len(seeds) < n:
+    raise ValueError(f"{cell.id}: the {spec.split} split has {len(seeds)} problems, fewer "
+                     f"than eval_examples={n}")
+  if seeds.min() < cfg.data.train_size:          # by construction; checked, not assumed
+    raise AssertionError(f"{cell.id}: {spec.split} seeds overlap the training seeds")
   bsz = -(-n // -(-n // 128))                    # <= 128 a batch, equal batches
   batches = {c: make_eval_batches(cfg, tok, n, bsz, cot=c, process_index=0, process_count=1)
              for c in {e.cot for e in cell.method.evals}}
@@ -180,8 +200,8 @@ def evaluate_cell(spec: Spec, cell: Cell, out: str, train_records: list[dict]) -
     full = next((results[x.name] for x in cell.method.evals if x.budget is None and x.k == 0
                  and x.cot), None) or run_eval(mm.Eval("k0", 0))
     if e.budget == "paired":
-      pair = _read_json(os.path.join(out, cell.task.name, cell.method.pair, f"seed{cell.seed}",
-                                     CELL_FILE))
+      pair = _read_json(cell_path(out, os.path.join(cell.task.name, cell.method.pair,
+                                                    f"seed{cell.seed}"), spec.split))
       target = next(r for r in pair["rows"] if r["primary"])["forward_passes"]
       m, r = _paired_budget(lambda b: run_eval(e, b), target, full["answer_tokens"])
       budgets[e.name] = {"max_cot_tokens": m, "target_passes": target}
@@ -198,7 +218,7 @@ def evaluate_cell(spec: Spec, cell: Cell, out: str, train_records: list[dict]) -
             "train_runs": [os.path.relpath(stage_dir(out, cell, s), out)
                            for s in cell.method.stages],
             "workdir": cell.id, "config": cfg.to_dict(), "commit": commit(),
-            "eval_seeds": [int(test_seeds.min()), int(test_seeds.max())],
+            "split": spec.split, "eval_seeds": [int(seeds.min()), int(seeds.max())],
             "train_seeds": [0, cfg.data.train_size - 1]}
   rows = []
   for e in cell.method.evals:
@@ -224,20 +244,24 @@ def _jsonify(obj):
 
 
 def collect(out: str, spec: Spec | None = None) -> list[dict]:
-  """Every finished cell's rows, in the spec's order (`spec`, else DIR/spec.yaml's),
-  rewritten to results.jsonl."""
+  """Every finished cell's rows on every split, in the spec's order (`spec`, else
+  DIR/spec.yaml's), rewritten to results.jsonl. Rows of an old CELL_FILE get
+  `split: test` (what they were evaluated on)."""
   rows = []
   for root, dirs, files in os.walk(out):
     dirs[:] = sorted(d for d in dirs if d not in ("_train", "plots", ".jax_cache")
                      and not os.path.islink(os.path.join(root, d)))  # not the checkpoints
-    if CELL_FILE in files:
-      rows.extend(_read_json(os.path.join(root, CELL_FILE))["rows"])
+    for split in EVAL_SPLITS:
+      path = cell_path(out, os.path.relpath(root, out), split)
+      if path is not None:
+        rows.extend({"split": split, **r} for r in _read_json(path)["rows"])
   if spec is None and os.path.exists(os.path.join(out, "spec.yaml")):
     spec = load_spec(os.path.join(out, "spec.yaml"))
   if spec is not None:   # the spec's order: tasks, methods, seeds
     t_idx = {t.name: i for i, t in enumerate(spec.tasks)}
     m_idx = {m.name: i for i, m in enumerate(spec.methods)}
-    rows.sort(key=lambda r: (t_idx.get(r["task"], 99), m_idx.get(r["method"], 99), r["seed"]))
+    rows.sort(key=lambda r: (t_idx.get(r["task"], 99), m_idx.get(r["method"], 99), r["seed"],
+                             EVAL_SPLITS.index(r["split"])))
   tmp = os.path.join(out, RESULTS_FILE + ".tmp")
   with open(tmp, "w") as f:
     for r in rows:
@@ -254,17 +278,18 @@ def _setup_jax(out: str) -> None:
 
 
 def run(spec_path: str, out: str | None = None, *, seeds: int | None = None,
-        only: str | None = None, progress: bool = True,
+        only: str | None = None, split: str | None = None, progress: bool = True,
         stop_after_cells: int | None = None) -> dict:
   """Runs (or resumes) the spec's cells in `out` (default runs/experiments/<spec name>).
 
   only: a glob on cell ids (`mult3/*`); a cot-truncated cell also runs its pair.
+  split: the held-out split to evaluate on instead of the spec's (`test`: a final table).
   stop_after_cells: leave after this many cells (simulates an interruption; tests).
   Returns counts: cells, skipped, evaluated, trained (training runs).
   """
   from tqdm import tqdm
 
-  spec = load_spec(spec_path, seeds)
+  spec = load_spec(spec_path, seeds, split)
   if out is None:
     out = os.path.join("runs", "experiments",
                        os.path.splitext(os.path.basename(spec_path))[0])
@@ -282,7 +307,7 @@ def run(spec_path: str, out: str | None = None, *, seeds: int | None = None,
     needed = c.id in ids or any(
         o.method.pair == c.method.name and o.task == c.task and o.seed == c.seed
         for o in selected)
-    if needed and not os.path.exists(os.path.join(out, c.id, CELL_FILE)):
+    if needed and cell_path(out, c.id, spec.split) is None:
       todo.append(c)
   pending_stages: dict[str, int] = {}
   for c in todo:
@@ -310,13 +335,13 @@ def run(spec_path: str, out: str | None = None, *, seeds: int | None = None,
         stats["trained"] += 1
         bar.update(pending_stages.pop(d))
     rows = evaluate_cell(spec, c, out, records)
-    _write_json(os.path.join(out, c.id, CELL_FILE),
+    _write_json(os.path.join(out, c.id, cell_file(spec.split)),
                 {"cell": c.id, "rows": _jsonify(rows), "seconds": time.perf_counter() - t0})
     collect(out, spec)
     stats["evaluated"] += 1
     bar.update(EVAL_WORK * len(c.method.evals))
     primary = next(r for r in rows if r["primary"])
-    line = (f"{c.id}: {primary['eval']} accuracy {primary['accuracy']:.3f}, "
+    line = (f"{c.id}: {primary['eval']} {spec.split} accuracy {primary['accuracy']:.3f}, "
             f"{primary['forward_passes']:.1f} passes, {primary['tokens_per_pass']:.2f} "
             f"tokens/pass ({time.perf_counter() - t0:.0f}s)")
     if progress:
@@ -334,6 +359,7 @@ def _write_spec_copy(spec: Spec, path: str) -> None:
   with open(spec.path) as f:
     raw = yaml.safe_load(f)
   raw["base"] = spec.base
+  raw["split"] = spec.split      # as run (the --split flag may have set it)
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     f.write(f"# copied from {spec.path}\n")

@@ -5,6 +5,7 @@
     overrides: [train.steps=50]     # every run of every cell
     seeds: 2                        # experiment seeds 0..N-1 (or a list)
     eval_examples: 500              # held-out problems per evaluation
+    split: validation               # what cells are evaluated on; test: a final table
     tasks:
       mult3: {task: mult, args: {digits: 3}, overrides: []}
     methods: [cot, mtcot-k5, cot-truncated, nocot, frozen-main, rl,
@@ -28,11 +29,12 @@ from typing import Any
 import yaml
 
 from mtcot_jax.config import Config, ConfigError, load_config
+from mtcot_jax.config_checks import EVAL_SPLITS
 from mtcot_jax.data.tasks import get_task
 from mtcot_jax.experiments import methods as mm
 
-_KEYS = {"base", "overrides", "seeds", "eval_examples", "tasks", "methods", "truncated",
-         "frozen_main", "rl"}
+_KEYS = {"base", "overrides", "seeds", "eval_examples", "split", "tasks", "methods",
+         "truncated", "frozen_main", "rl"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +54,7 @@ class Spec:
   eval_examples: int
   tasks: tuple[Task, ...]
   methods: tuple[mm.Method, ...]
+  split: str = "validation"        # the held-out split cells are evaluated on
 
   def method(self, name: str) -> mm.Method:
     return next(m for m in self.methods if m.name == name)
@@ -81,8 +84,9 @@ def _str_list(path: str, key: str, value: Any) -> tuple[str, ...]:
   return tuple(value)
 
 
-def load_spec(path: str, seeds: int | None = None) -> Spec:
-  """Reads and checks a spec; `seeds` (the --seeds flag) replaces its seeds by 0..N-1."""
+def load_spec(path: str, seeds: int | None = None, split: str | None = None) -> Spec:
+  """Reads and checks a spec; `seeds` (the --seeds flag) replaces its seeds by 0..N-1,
+  `split` (the --split flag) its split."""
   raw = _read(path)
   if "base" not in raw or not isinstance(raw["base"], str):
     raise _err(path, "base", raw.get("base"), "a preset path, relative to the spec")
@@ -92,6 +96,10 @@ def load_spec(path: str, seeds: int | None = None) -> Spec:
   n_eval = raw.get("eval_examples", 500)
   if not isinstance(n_eval, int) or isinstance(n_eval, bool) or n_eval < 1:
     raise _err(path, "eval_examples", n_eval, "an int >= 1")
+  split = raw.get("split", "validation") if split is None else split
+  if split not in EVAL_SPLITS:
+    raise _err(path, "split", split, f"one of {EVAL_SPLITS} (validation: for choosing "
+               "settings; test: once, for a final table)")
   tasks = _tasks(path, raw.get("tasks"))
   trunc, frozen, rl = _stage_sections(path, raw)
   kw = dict(head_k=load_config(base, overrides).head.k, pair=trunc.get("pair"),
@@ -100,7 +108,7 @@ def load_spec(path: str, seeds: int | None = None) -> Spec:
             rl=_str_list(path, "rl.overrides", rl.get("overrides")))
   methods = _methods(path, raw.get("methods"), kw)
   spec = Spec(path=os.path.abspath(path), base=base, overrides=overrides, seeds=seed_list,
-              eval_examples=n_eval, tasks=tasks, methods=methods)
+              eval_examples=n_eval, tasks=tasks, methods=methods, split=split)
   for cell in cells(spec):        # every run's config is valid before anything runs
     for stage in cell.method.stages:
       stage_config(spec, cell, stage, "/tmp/_check")
@@ -254,12 +262,14 @@ def stage_config(spec: Spec, cell: Cell, stage: mm.Stage, out: str) -> Config:
 
 
 def cell_config(spec: Spec, cell: Cell, out: str) -> Config:
-  """The cell's config: its last stage's, with the method's decode settings and the
-  cell as the workdir (so `decode.py --checkpoint <cell>` decodes as the method does)."""
+  """The cell's config: its last stage's, with the method's decode settings, the
+  spec's split and the cell as the workdir (so `decode.py --checkpoint <cell>`
+  decodes as the method does, on the split the cell was evaluated on). Training
+  runs do not depend on the split: one run serves validation and test."""
   cfg = stage_config(spec, cell, cell.method.stages[-1], out)
   return _with(cfg, list(cell.method.decode) + [
       f"train.workdir={os.path.join(out, cell.id)}",
-      f"train.eval_examples={spec.eval_examples}"])
+      f"train.eval_examples={spec.eval_examples}", f"data.eval_split={spec.split}"])
 
 
 def _with(cfg: Config, overrides: list[str]) -> Config:

@@ -146,7 +146,9 @@ def eval_settings(cfg: Config) -> list[tuple[str, int, bool]]:
 
 def run_evals(cfg: Config, params, tok, mesh, seed: int) -> dict:
   """Every process decodes the same global evaluation batches (sharded over the
-  mesh's batch axes) and grades all of them, so all report the same figures."""
+  mesh's batch axes) and grades all of them, so all report the same figures.
+  Each setting's results name the split they were measured on (`split`:
+  `data.eval_split`, validation unless a final table asks for test)."""
   task = builders.task_for(cfg.data)
   n = cfg.train.eval_examples
   split = shd.batch_shards(cfg, tuple(mesh.devices.shape)) if mesh is not None else 1
@@ -162,7 +164,7 @@ def run_evals(cfg: Config, params, tok, mesh, seed: int) -> dict:
     batches = mdata.make_eval_batches(cfg, tok, n, bsz, cot=cot, process_index=0,
                                       process_count=1)
     r = evaluate(cfg, params, tok, task, batches, k=k, key=jax.random.key(seed), mesh=use_mesh)
-    results[name] = r
+    results[name] = {**r, "split": cfg.data.eval_split}
   return results
 
 
@@ -293,8 +295,9 @@ def summary_table(cfg: Config, summary: dict) -> str:
       if name in f:
         lines.append(f"  {name:11s} per depth: " + " ".join(f"{x:.3f}" for x in f[name]))
   if summary.get("eval"):
+    split = next(iter(summary["eval"].values())).get("split", "")
     lines.append(f"  {'eval':8s} {'accuracy':>9s} {'fwd passes':>11s} {'CoT tokens':>11s} "
-                 f"{'finished':>9s} {'tokens/s':>9s}")
+                 f"{'finished':>9s} {'tokens/s':>9s}   ({split} split)")
     for name, r in summary["eval"].items():
       lines.append(f"  {name:8s} {r['accuracy']:9.3f} {r['forward_passes']:11.2f} "
                    f"{r['cot_tokens']:11.2f} {r['finished']:9.3f} {r['tokens_per_s']:9.1f}")
