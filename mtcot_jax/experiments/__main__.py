@@ -1,7 +1,9 @@
 """`python -m mtcot_jax.experiments run SPEC.yaml [--out DIR] [--seeds N] [--only PATTERN]
 [--split validation|test]` trains and evaluates a grid of tasks x methods x seeds
 (one line per cell, an estimate of the time left), then writes the report;
-`python -m mtcot_jax.experiments report DIR` rewrites DIR/report.md and its plots.
+`python -m mtcot_jax.experiments report DIR` rewrites DIR/report.md and its plots;
+`python -m mtcot_jax.experiments budget RUN... --budgets B...` measures accuracy
+against a CoT pass budget (experiments/budget.py).
 
   python -m mtcot_jax.experiments run configs/experiments/smoke.yaml --out runs/smoke
   python -m mtcot_jax.experiments run configs/experiments/paper.yaml --only 'mult3/*'
@@ -35,6 +37,16 @@ def parse_args(argv=None):
   r.add_argument("--no-report", action="store_true", help="do not write the report")
   rep = sub.add_parser("report", help="write DIR/report.md and DIR/plots/*.png")
   rep.add_argument("dir")
+  b = sub.add_parser("budget", help="accuracy against a CoT pass budget (experiments/budget.py)")
+  b.add_argument("runs", nargs="+", help="trained workdirs (e.g. one per seed)")
+  b.add_argument("--budgets", nargs="+", type=int, default=[2, 3, 4, 6, 0],
+                 help="pass budgets B (0: none; default 2 3 4 6 0)")
+  b.add_argument("--examples", type=int, default=256, help="held-out problems per run")
+  b.add_argument("--tau", type=float, default=None,
+                 help="the unverified rows' adaptive threshold (default: the run's)")
+  b.add_argument("--split", choices=("validation", "test"), default=None,
+                 help="default: the run's data.eval_split (validation)")
+  b.add_argument("--out", default="runs/budget")
   return p.parse_args(argv)
 
 
@@ -44,6 +56,14 @@ def main(argv=None):
   absl_logging.set_verbosity(absl_logging.ERROR)   # tfds/orbax info lines drown the output
   from mtcot_jax.config import ConfigError
   from mtcot_jax.experiments import report
+  if args.command == "budget":
+    from mtcot_jax.experiments import budget
+    try:
+      print(budget.main(args.runs, args.budgets, examples=args.examples, tau=args.tau,
+                        out=args.out, split=args.split))
+    except (ValueError, FileNotFoundError) as e:
+      sys.exit(f"error: {e}")
+    return
   if args.command == "report":
     if not os.path.exists(os.path.join(args.dir, "results.jsonl")):
       sys.exit(f"error: {args.dir} has no results.jsonl; accepted: a directory written by "
