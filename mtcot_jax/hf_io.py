@@ -123,6 +123,14 @@ def _to_devices(x: np.ndarray, sharding) -> jax.Array:
   return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
+def _zeros(shape, dtype, sharding) -> jax.Array:
+  """Zeros on the devices from the host's (calloc'd pages: nothing compiled)."""
+  zeros = np.zeros(shape, dtype)
+  if sharding is None:
+    return jax.device_put(zeros)
+  return jax.make_array_from_callback(shape, sharding, lambda index: zeros[index])
+
+
 @functools.lru_cache(maxsize=None)
 def _set_layer(sharding):
   """stacked.at[i].set(layer), `stacked` donated: no second copy on the devices."""
@@ -156,7 +164,7 @@ def place_main(cfg: Config, weights, new_ids=(), mesh=None) -> dict:
       node[path[-1]] = _to_devices(x, sharding)
       continue
     if path[-1] not in node:
-      node[path[-1]] = jnp.zeros((L, *x.shape), pdt, device=sharding)
+      node[path[-1]] = _zeros((L, *x.shape), pdt, sharding)
     one = None if sharding is None else NamedSharding(
         sharding.mesh, PartitionSpec(*tuple(sharding.spec)[1:]))
     node[path[-1]] = _set_layer(sharding)(node[path[-1]], _to_devices(x, one), layer)
