@@ -147,11 +147,21 @@ class _Stage:
     if self.writer:
       os.makedirs(self.dir)
 
-  def write(self, name: str, fn) -> None:
-    """fn(file) fills `name`, then it is synced to disk."""
+  def _run(self, fn) -> None:
+    """fn() on process 0 (after no failure); with several processes a failure
+    is kept for `finish`."""
     if not self.writer or self.error is not None:
       return
     try:
+      fn()
+    except Exception as e:
+      if jax.process_count() == 1:
+        raise
+      self.error = e
+
+  def write(self, name: str, fn) -> None:
+    """fn(file) fills `name`, then it is synced to disk."""
+    def make():
       file = os.path.join(self.dir, name)
       fn(file)
       fd = os.open(file, os.O_RDONLY)
@@ -159,10 +169,7 @@ class _Stage:
         os.fsync(fd)
       finally:
         os.close(fd)
-    except Exception as e:
-      if jax.process_count() == 1:
-        raise
-      self.error = e
+    self._run(make)
 
   def text(self, name: str, text: str, mode: str = "w") -> None:
     def fill(file):
@@ -175,10 +182,10 @@ class _Stage:
 
   def finish(self) -> None:
     """Renames the directory onto `path`, or raises the first failure everywhere."""
-    if self.writer and self.error is None:
+    if self.writer:
       # rename(2) replaces an empty directory and fails on a non-empty one (one
       # made meanwhile), so nothing at `path` is ever overwritten.
-      os.replace(self.dir, self.path)
+      self._run(lambda: os.replace(self.dir, self.path))
     if not _on_process_0(self.error is None):
       raise self.error or RuntimeError(f"save_hf: process 0 failed writing {self.path}")
 

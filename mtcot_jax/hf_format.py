@@ -145,7 +145,7 @@ def _weight_files(path: str) -> list[str]:
   """The checkpoint's safetensors files (one, or the shards of its index)."""
   index = os.path.join(path, "model.safetensors.index.json")
   if os.path.exists(index):
-    return sorted(set(_read_json(index)["weight_map"].values()))
+    return sorted(set((_read_json(index).get("weight_map") or {}).values()))  # hf_io checks it
   if os.path.exists(os.path.join(path, "model.safetensors")):
     return ["model.safetensors"]
   raise FileNotFoundError(f"{path} has no model.safetensors (or its index); accepted: "

@@ -182,7 +182,8 @@ def main(process_id, num_processes, port, outdir):
     flat = {jax.tree_util.keystr(p): np.asarray(x)
             for p, x in jax.tree_util.tree_leaves_with_path(final)}
     np.savez(os.path.join(outdir, "results.npz"), loss=np.array(loss),
-             rows=np.array(rows), hf_files=np.array(hf_files), **{f"gen_{k}": np.asarray(v) for k, v in res._asdict().items()},
+             rows=np.array(rows), hf_files=np.array(hf_files),
+             **{f"gen_{k}": np.asarray(v) for k, v in res._asdict().items()},
              **{f"param_{k}": v for k, v in flat.items()},
              **{f"eval_{name}_{m}": np.asarray(v) for name, r in ev.items() for m, v in r.items()
                 if m != "tokens_per_s"})

@@ -61,7 +61,8 @@ def _shards(out: str, limit: int) -> dict[str, dict]:
     index = json.load(f)
   files = sorted(f for f in os.listdir(out) if f.startswith("model-"))
   assert len(files) >= 3 and "model.safetensors" not in os.listdir(out), files
-  assert files == [f"model-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)]
+  n = len(files)
+  assert files == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
   got, total = {}, 0
   for file in files:
     with safe_open(os.path.join(out, file), framework="numpy") as f:
@@ -185,3 +186,29 @@ def test_single_file_when_it_fits(source, tmp_path):
   (out / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
   assert transformers.AutoTokenizer.from_pretrained(str(out)).chat_template == \
       "{{ messages[0]['content'] }}" == hf.load_hf(str(out), HEAD).chat_template
+
+
+def test_a_failed_write_on_process_0_still_gathers_then_raises(source, tmp_path, monkeypatch):
+  """As with several processes (process_count patched to 2): the first shard's
+  write fails on process 0, which still takes its part in every later gather
+  (the others would be waiting in them), writes nothing more, then raises that
+  error; no directory is left."""
+  import safetensors.numpy
+  calls = []
+  copy, save = hf_io.host_copy, safetensors.numpy.save_file
+  monkeypatch.setattr(hf_io, "host_copy", lambda x: calls.append(1) or copy(x))
+  saves = []
+
+  def fail_first(tensors, file, metadata=None):
+    saves.append(file)
+    if len(saves) == 1:
+      raise OSError("disk full")
+    save(tensors, file, metadata=metadata)
+  monkeypatch.setattr(safetensors.numpy, "save_file", fail_first)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(hf, "_on_process_0", lambda value: value)
+  with pytest.raises(OSError, match="disk full"):
+    mt.save_hf(source, str(tmp_path / "out"), max_shard_size="20KB")
+  gathered = len(hf_format.tensor_table(source.cfg)) + len(jax.tree.leaves(source.params["head"]))
+  assert len(calls) == gathered and len(saves) == 1
+  assert os.listdir(tmp_path) == []
