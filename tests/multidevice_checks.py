@@ -304,6 +304,7 @@ def check_hf_shards_land_on_their_shardings():
   reads one tensor at a time and puts every parameter on the sharding its rules
   give, in the config's dtype (float32 or bfloat16, plain or scanned), with the
   values of the single-device load and of the model saved."""
+  import shutil
   import tempfile
   from types import SimpleNamespace
   from mtcot_jax import hf, hf_io
@@ -351,6 +352,7 @@ def check_hf_shards_land_on_their_shardings():
                    main, single)
   finally:
     hf_io.Checkpoint.__getitem__, hf_io._to_devices = read, put
+    shutil.rmtree(tmp)
 
 
 def main(names):
