@@ -47,6 +47,10 @@ class ModelConfig:
   norm_eps: float = 1e-6
   tie_embeddings: bool = True
   qkv_bias: bool = False       # biases on the q, k, v projections (Qwen2)
+  # The positions an imported checkpoint was made for (config.json's
+  # max_position_embeddings, GGUF's context_length), written back by save_hf;
+  # nothing else reads it. 0: not known (save_hf writes max(data.seq_len, 2048)).
+  max_position_embeddings: int = 0
   init_std: float = 0.02
   dtype: str = "float32"       # compute dtype
   param_dtype: str = "float32"

@@ -52,6 +52,8 @@ def _check_model(m) -> None:
     _check(getattr(m, key) >= 1, f"model.{key}", getattr(m, key), "an int >= 1")
   _check(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads", m.num_kv_heads,
          f"a divisor of model.num_heads={m.num_heads}")
+  _check(m.max_position_embeddings >= 0, "model.max_position_embeddings",
+         m.max_position_embeddings, "0 (not known) or an int >= 1")
   _check(m.head_dim >= 0, "model.head_dim", m.head_dim, "0 (d_model // num_heads) or an int >= 1")
   if m.head_dim == 0:
     _check(m.d_model % m.num_heads == 0, "model.num_heads", m.num_heads,

@@ -2,15 +2,19 @@
 
     hf = mt.load_hf("path/to/hf_dir", ["head.k=5"], key=jax.random.key(0))
     hf.cfg, hf.params, hf.tokenizer       # the main model from the checkpoint, a fresh head
-    mt.save_hf(run, "out_dir")            # config.json + model.safetensors (+ head, tokenizer)
+    mt.save_hf(run, "out_dir", dtype="bfloat16", max_shard_size="5GB")
 
 Import reads `config.json` and the safetensors weights (one file or an index of
-shards); export writes a `LlamaForCausalLM` directory that `transformers` loads.
+shards) a tensor at a time, each straight to its sharding in model.param_dtype;
+export writes a `LlamaForCausalLM` directory that `transformers` loads, in
+shards with an index when the model passes max_shard_size, gathering a tensor
+at a time (`hf_io.py`: how, and how several processes share the work).
 How the two formats map onto each other (names, layouts, RoPE, biases, the
 thinking tokens' rows) is `hf_format.py`'s; its functions are importable from
 here too. The head goes beside the model as `mtcot_head.safetensors` (its
-parameters by their path, `/`-joined) and `mtcot_head.json` (the head config,
-what it reads and how to load it back), with the run's tokenizer files.
+parameters by their path, `/`-joined, float32) and `mtcot_head.json` (the head
+config, what it reads and how to load it back), with the run's tokenizer files,
+its chat template and generation_config.json (its stop ids and sampling).
 """
 
 from __future__ import annotations
@@ -24,12 +28,14 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import save_file
 
+from mtcot_jax import hf_io
 from mtcot_jax.config import Config, load_config
 # The format's functions, also read as mtcot_jax.hf.* (save_hf looks up hf_config here).
 from mtcot_jax.hf_format import (ARCHITECTURES, _rope, config_for, config_with,  # noqa: F401
                                  hf_config, main_params_from_hf, main_params_to_hf, model_fields,
-                                 read_config, read_weights)
+                                 read_config)
 
 HEAD_WEIGHTS, HEAD_CONFIG = "mtcot_head.safetensors", "mtcot_head.json"
 
@@ -51,13 +57,14 @@ def load_hf(path: str, overrides: Sequence[str] = (), key: jax.Array | None = No
   object: `cfg` (the checkpoint's model section on `base` or the defaults, then
   `overrides`, e.g. "head.k=5"), `params` {"main": from the checkpoint, "head":
   initialised from `key` (default key 0)} and the tokenizer (None if the
-  directory has none) with the thinking tokens appended where missing. With a
-  `mesh` the parameters land on their shardings (the config's rules)."""
+  directory has none) with the thinking tokens appended where missing. The
+  weights (model.safetensors, or the shards its index lists) are read one
+  tensor at a time, each cast to model.param_dtype and put on its sharding (the
+  config's rules) with a `mesh`, on the default device without."""
   from mtcot_jax.data.hf_tokenizer import from_hf_dir
   cfg = config_for(path, base, overrides)
   tok, added = from_hf_dir(path)
-  template = _read_json_key(os.path.join(path, "tokenizer_config.json"), "chat_template")
-  return _model(cfg, read_weights(path), tok, added, key, mesh, path, template)
+  return _model(cfg, hf_io.Checkpoint(path), tok, added, key, mesh, path, _chat_template(path))
 
 
 def gguf_config(path: str, base: Config | None = None, overrides: Sequence[str] = ()):
@@ -84,35 +91,31 @@ def load_gguf(path: str, overrides: Sequence[str] = (), key: jax.Array | None = 
                 gguf_format.chat_template(meta))
 
 
-def _read_json_key(file: str, key: str):
-  if not os.path.exists(file):
+def _chat_template(path: str) -> str | None:
+  """The directory's chat template: chat_template.jinja (transformers 5 writes
+  it there, and reads it first) or tokenizer_config.json's chat_template."""
+  jinja, tcfg = os.path.join(path, "chat_template.jinja"), os.path.join(path,
+                                                                        "tokenizer_config.json")
+  if os.path.exists(jinja):
+    with open(jinja) as f:
+      return f.read()
+  if not os.path.exists(tcfg):
     return None
-  with open(file) as f:
-    return json.load(f).get(key)
+  with open(tcfg) as f:
+    return json.load(f).get("chat_template")
 
 
-def _model(cfg: Config, weights: dict, tok, added, key, mesh, path, template) -> HFModel:
-  """The HFModel of Hugging Face-named float32 `weights`: mapped on the host, cast
-  to the parameter dtype there, then put on the devices (sharded with a mesh)."""
+def _model(cfg: Config, weights, tok, added, key, mesh, path, template) -> HFModel:
+  """The HFModel of Hugging Face-named `weights` (hf_io.Checkpoint, or a dict):
+  each tensor mapped and cast on the host, then put on its device(s)."""
   from mtcot_jax.model import api
   from mtcot_jax.tokens import THINK
-  plain = cfg.replace(model={"scan_layers": False})
   new_ids = [tok.think_id if piece == THINK else tok.think_end_id for piece in added]
-  main = main_params_from_hf(plain, weights, new_ids)
-  weights.clear()                              # the float32 copies go as soon as mapped
-  pdt = np.dtype(jnp.dtype(cfg.model.param_dtype))
-  main = jax.tree.map(lambda x: np.asarray(x, pdt), main)
-  shapes = api.param_shapes(plain)
-  if jax.tree.structure(shapes["main"]) != jax.tree.structure(main):
-    raise ValueError("the imported parameter tree does not match the model's "
-                     f"({jax.tree.structure(shapes['main'])} vs {jax.tree.structure(main)})")
-  if cfg.model.scan_layers:
-    main = dict(main)
-    names = [f"layer_{i}" for i in range(cfg.model.num_layers)]
-    layers = [main.pop(n) for n in names]
-    main["layers"] = jax.tree.map(lambda *xs: np.stack(xs), *layers)
-  shardings = None if mesh is None else api.param_shardings(cfg, mesh)
-  main = jax.device_put(main, None if shardings is None else shardings["main"])
+  main = hf_io.place_main(cfg, weights, new_ids, mesh)
+  want = jax.tree.structure(api.param_shapes(cfg)["main"])
+  if want != jax.tree.structure(main):
+    raise ValueError(f"the imported parameter tree does not match the model's "
+                     f"({want} vs {jax.tree.structure(main)})")
   head = api.init_head_params(cfg, jax.random.key(0) if key is None else key, mesh)
   params = {"main": main, "head": head}
   return HFModel(cfg=cfg, params=params, tokenizer=tok, added_tokens=tuple(added), path=path,
@@ -120,87 +123,163 @@ def _model(cfg: Config, weights: dict, tok, added, key, mesh, path, template) ->
 
 
 def _flat(tree, prefix=()) -> dict[str, np.ndarray]:
+  """The head's leaves by their `/`-joined path, float32, gathered one at a time."""
   out = {}
   for k, v in tree.items():
     if isinstance(v, dict):
       out.update(_flat(v, prefix + (k,)))
     else:
-      out["/".join(prefix + (k,))] = np.ascontiguousarray(np.asarray(v, np.float32))
+      out["/".join(prefix + (k,))] = np.ascontiguousarray(hf_io.host_copy(v), np.float32)
   return out
 
 
-def save_hf(run, path: str) -> None:
+class _Stage:
+  """The directory an export fills beside `path` and renames onto it (process 0;
+  elsewhere nothing is written). With several processes a failed write is kept
+  and raised at the end, so that this process still takes its part in the
+  gathers the others are waiting in."""
+
+  def __init__(self, path: str):
+    self.path, self.error = path, None
+    self.writer = jax.process_index() == 0
+    self.dir = os.path.join(os.path.dirname(path),
+                            f".{os.path.basename(path)}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+    if self.writer:
+      os.makedirs(self.dir)
+
+  def _run(self, fn) -> None:
+    """fn() on process 0 (after no failure); with several processes a failure
+    is kept for `finish`."""
+    if not self.writer or self.error is not None:
+      return
+    try:
+      fn()
+    except Exception as e:
+      if jax.process_count() == 1:
+        raise
+      self.error = e
+
+  def write(self, name: str, fn) -> None:
+    """fn(file) fills `name`, then it is synced to disk."""
+    def make():
+      file = os.path.join(self.dir, name)
+      fn(file)
+      fd = os.open(file, os.O_RDONLY)
+      try:
+        os.fsync(fd)
+      finally:
+        os.close(fd)
+    self._run(make)
+
+  def text(self, name: str, text: str, mode: str = "w") -> None:
+    def fill(file):
+      with open(file, mode) as f:
+        f.write(text)
+    self.write(name, fill)
+
+  def json(self, name: str, obj) -> None:
+    self.text(name, json.dumps(obj, indent=2) + "\n")
+
+  def finish(self) -> None:
+    """Renames the directory onto `path`, or raises the first failure everywhere."""
+    if self.writer:
+      # rename(2) replaces an empty directory and fails on a non-empty one (one
+      # made meanwhile), so nothing at `path` is ever overwritten.
+      self._run(lambda: os.replace(self.dir, self.path))
+    if not _on_process_0(self.error is None):
+      raise self.error or RuntimeError(f"save_hf: process 0 failed writing {self.path}")
+
+  def discard(self) -> None:
+    if self.writer:
+      shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _on_process_0(value: bool) -> bool:
+  """Process 0's `value`, on every process (the value itself with one)."""
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils
+  return bool(multihost_utils.broadcast_one_to_all(np.array(value)))
+
+
+def save_hf(run, path: str, *, dtype: str | None = None, max_shard_size: int | str = "5GB"):
   """Writes `run` (a loaded run, `load_hf`'s result, or anything with `cfg`,
-  `params` and optionally `tokenizer`) to `path`: config.json and
-  model.safetensors of a `LlamaForCausalLM`, the head as mtcot_head.safetensors +
-  mtcot_head.json, and the tokenizer (tokenizer.json and tokenizer_config.json,
-  or the sentencepiece tokenizer.model). The directory appears whole or not at
-  all (written beside it, then renamed); an existing non-empty one is refused."""
-  from safetensors.numpy import save_file
+  `params` and optionally `tokenizer` and `chat_template`) to `path`: a
+  `LlamaForCausalLM` (config.json, generation_config.json, the weights in
+  `dtype`: "float32", "bfloat16" or "float16", default model.param_dtype), the
+  head (mtcot_head.safetensors, float32, + mtcot_head.json) and the tokenizer
+  (tokenizer.json or tokenizer.model, tokenizer_config.json with the chat
+  template). The weights are one model.safetensors when they fit
+  `max_shard_size` (bytes, or "5GB", "500MB"), else shards with an index, as
+  transformers writes them. Parameters are gathered one tensor at a time
+  (sharded or not, either layout); with several processes every process calls
+  save_hf (they all take part in the gathers) and process 0 writes. The
+  directory appears whole or not at all (written beside it, then renamed); an
+  existing non-empty one is refused."""
   from mtcot_jax.config import save_config
-  from mtcot_jax.model import api
-  cfg, params = run.cfg, jax.device_get(run.params)
-  tok = getattr(run, "tokenizer", None)
+  cfg, params = run.cfg, run.params
+  tok, template = getattr(run, "tokenizer", None), getattr(run, "chat_template", None)
+  dtype = hf_io.export_dtype(cfg, dtype)
+  hf_io.shard_bytes(max_shard_size)              # a bad size fails before anything is done
   path = os.path.normpath(path)
-  if os.path.lexists(path) and not (os.path.isdir(path) and not os.listdir(path)):
+  taken = os.path.lexists(path) and not (os.path.isdir(path) and not os.listdir(path))
+  if _on_process_0(taken):
     raise FileExistsError(f"{path} exists and is not an empty directory; accepted: a new "
                           "directory (save_hf never overwrites)")
-  if "layers" in params["main"]:
-    params = api.to_plain_layout(params)
-  stage = os.path.join(os.path.dirname(path),
-                       f".{os.path.basename(path)}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
-  os.makedirs(stage)
-
-  def write(name, fn):
-    file = os.path.join(stage, name)
-    fn(file)
-    fd = os.open(file, os.O_RDONLY)
-    try:
-      os.fsync(fd)
-    finally:
-      os.close(fd)
-
-  def write_text(file, text, mode="w"):
-    with open(file, mode) as f:
-      f.write(text)
-
-  def write_json(name, obj):
-    write(name, lambda p: write_text(p, json.dumps(obj, indent=2) + "\n"))
-
+  stage = _Stage(path)
   try:
-    write("model.safetensors", lambda p: save_file(main_params_to_hf(cfg, params["main"]), p,
-                                                   metadata={"format": "pt"}))
-    write(HEAD_WEIGHTS, lambda p: save_file(_flat(params["head"]), p))
-    write("mtcot_config.yaml", lambda p: save_config(cfg, p))
-    write_json(HEAD_CONFIG, {
+    hf_io.write_main(cfg, params["main"], dtype, max_shard_size,
+                     stage.write if stage.writer else None)
+    head = _flat(params["head"])
+    stage.write(HEAD_WEIGHTS, lambda p: save_file(head, p))
+    del head
+    stage.write("mtcot_config.yaml", lambda p: save_config(cfg, p))
+    stage.json(HEAD_CONFIG, {
         "format": "mtcot_jax head", "head": cfg.to_dict()["head"],
         "reads": "the main model's residual stream at head.source_layers (-1: the last "
                  "layer's output before the final norm) and its embedding/unembedding",
         "weights": HEAD_WEIGHTS, "full_config": "mtcot_config.yaml",
         "load": "mtcot_jax.hf.load_head(path)"})
-    write_json("config.json", hf_config(cfg, tok))
+    stage.json("config.json", hf_config(cfg, tok, dtype))
+    stage.json("generation_config.json", generation_config(cfg, tok))
     if tok is not None:
-      _save_tokenizer(tok, write, write_json, write_text)
-    # rename(2) replaces an empty directory and fails on a non-empty one (one
-    # made meanwhile), so nothing at `path` is ever overwritten.
-    os.replace(stage, path)
+      _save_tokenizer(tok, template, stage)
+    stage.finish()
   except BaseException:
-    shutil.rmtree(stage, ignore_errors=True)
+    stage.discard()
     raise
 
 
-def _save_tokenizer(tok, write, write_json, write_text) -> None:
+def generation_config(cfg: Config, tok=None) -> dict:
+  """generation_config.json: the ids `generate` stops at (decode.eos_id, a list
+  when it names several), the tokenizer's BOS and pad, and decode's sampling
+  (greedy: do_sample false; else temperature, top_k (0: off) and top_p)."""
+  from mtcot_jax import tokens
+  d = cfg.decode
+  eos = list(d.eos_id) if isinstance(d.eos_id, tuple) else (
+      d.eos_id if d.eos_id >= 0 else tokens.EOS_ID)
+  out: dict = {"eos_token_id": eos, "do_sample": d.temperature > 0}
+  if tok is not None:
+    out.update(bos_token_id=tok.bos_id, pad_token_id=tok.pad_id)
+  if d.temperature > 0:
+    out.update(temperature=d.temperature, top_k=d.top_k, top_p=d.top_p)
+  return out
+
+
+def _save_tokenizer(tok, template: str | None, stage: _Stage) -> None:
   names = {"bos_token": tok.bos_id, "eos_token": tok.eos_id, "pad_token": tok.pad_id}
   if tok.unk_id >= 0:
     names["unk_token"] = tok.unk_id
   tcfg = {k: tok.id_to_piece(i) for k, i in names.items()}
+  if template:
+    tcfg["chat_template"] = template
   if getattr(tok, "backend", "sentencepiece") == "tokenizers":
-    write("tokenizer.json", lambda p: write_text(p, tok._model))
-    write_json("tokenizer_config.json", {**tcfg, "tokenizer_class": "PreTrainedTokenizerFast"})
+    stage.text("tokenizer.json", tok._model)
+    stage.json("tokenizer_config.json", {**tcfg, "tokenizer_class": "PreTrainedTokenizerFast"})
   else:
-    write("tokenizer.model", lambda p: write_text(
-        p, tok._model if hasattr(tok, "backend") else tok.serialize(), "wb"))
-    write_json("tokenizer_config.json", {**tcfg, "tokenizer_class": "LlamaTokenizer"})
+    stage.text("tokenizer.model", tok._model if hasattr(tok, "backend") else tok.serialize(),
+               "wb")
+    stage.json("tokenizer_config.json", {**tcfg, "tokenizer_class": "LlamaTokenizer"})
 
 
 def load_head(path: str) -> tuple[Config, dict]:

@@ -1,10 +1,9 @@
 """The Hugging Face checkpoint format, both ways: a `LlamaForCausalLM` /
 `Qwen2ForCausalLM` config.json to our model config (`config_for`) and back
-(`hf_config`), its safetensors tensors to our parameter tree
-(`main_params_from_hf`) and back (`main_params_to_hf`). `hf.py` reads and writes
-the directories with these.
-
-The weights are read with the `safetensors` package; no torch. The main model
+(`hf_config`), its safetensors tensors to our parameters and back: which tensor
+is which parameter (`tensor_table`), one leaf at a time (`hf_leaves`, `to_hf`) or
+a whole tree (`main_params_from_hf`, `main_params_to_hf`). `hf.py` and `hf_io.py`
+read and write the directories with these; no torch. The main model
 maps one to one: both are pre-RMSNorm decoders with rotate-half RoPE,
 grouped-query attention and SwiGLU. A Hugging Face linear weight is (out, in)
 and is applied as x @ W.T; ours are (in, ...) einsum kernels, so q_proj
@@ -23,12 +22,12 @@ zeros.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import struct
 from typing import Any, Sequence
 
-import jax.numpy as jnp
 import numpy as np
 
 from mtcot_jax.config import Config, ConfigError, config_from_dict
@@ -102,6 +101,7 @@ def model_fields(hf: dict) -> dict[str, Any]:
       "mlp_dim": int(hf["intermediate_size"]), "rope_theta": theta,
       "rope_scaling": scaling, "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
       "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+      "max_position_embeddings": int(hf.get("max_position_embeddings") or 0),
       # A Llama with attention_bias has an o_proj bias too: accepted where it is
       # zero (what save_hf writes), checked when the weights are read.
       "qkv_bias": hf["_kind"] == "qwen2" or bool(hf.get("attention_bias"))}
@@ -145,23 +145,11 @@ def _weight_files(path: str) -> list[str]:
   """The checkpoint's safetensors files (one, or the shards of its index)."""
   index = os.path.join(path, "model.safetensors.index.json")
   if os.path.exists(index):
-    return sorted(set(_read_json(index)["weight_map"].values()))
+    return sorted(set((_read_json(index).get("weight_map") or {}).values()))  # hf_io checks it
   if os.path.exists(os.path.join(path, "model.safetensors")):
     return ["model.safetensors"]
   raise FileNotFoundError(f"{path} has no model.safetensors (or its index); accepted: "
                           "safetensors weights as save_pretrained writes them")
-
-
-def read_weights(path: str) -> dict[str, np.ndarray]:
-  """Every tensor of the checkpoint (model.safetensors, or the shards its
-  model.safetensors.index.json lists) as float32 numpy arrays."""
-  from safetensors import safe_open
-  out = {}
-  for name in _weight_files(path):
-    with safe_open(os.path.join(path, name), framework="flax") as f:
-      for key in f.keys():
-        out[key] = np.asarray(f.get_tensor(key).astype(jnp.float32))
-  return out
 
 
 def _raw_tensor(path: str, name: str) -> tuple | None:
@@ -185,103 +173,140 @@ def _unties(path: str) -> bool:
   return head is not None and head != _raw_tensor(path, "model.embed_tokens.weight")
 
 
-def main_params_from_hf(cfg: Config, weights: dict[str, np.ndarray],
-                        new_ids: Sequence[int] = ()) -> dict:
-  """The main model's parameters (plain layout, float32 numpy) from Hugging Face
-  tensors. Rows past the checkpoint's vocabulary (up to cfg.model.vocab_size) and
-  those of `new_ids` (tokens appended to the tokenizer, which in a padded
-  vocabulary take unused rows) are the mean of the rows below them."""
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+  """One Hugging Face tensor of the main model and the parameter it is: `path` in
+  the plain layout's main tree (None: the o_proj bias, zeros), `shape` the
+  file's, `ours` the parameter's. `transposed`: ours is the file's transpose,
+  reshaped (an (out, in) linear weight); else the same values reshaped."""
+  name: str
+  path: tuple[str, ...] | None
+  shape: tuple[int, ...]
+  ours: tuple[int, ...]
+  transposed: bool
+
+
+def tensor_table(cfg: Config, vocab: int | None = None) -> list[Tensor]:
+  """The main model's tensors in transformers' state-dict order (embedding,
+  layers, final norm, lm_head). `vocab`: the embedding rows the file holds
+  (default the model's; an import grows them to model.vocab_size)."""
   m = cfg.model
-  H, K, Dh, D = m.num_heads, m.num_kv_heads, m.dh, m.d_model
-  used = set()
-
-  def get(name, shape):
-    if name not in weights:
-      raise ValueError(f"the checkpoint has no tensor {name!r}; it does not match its "
-                       "config.json")
-    w = weights[name]
-    if w.shape != shape:
-      raise ValueError(f"tensor {name} has shape {w.shape}; config.json implies {shape}")
-    used.add(name)
-    return w
-
-  def grow(w_VxD):
-    V0 = w_VxD.shape[0]
-    mean_1xD = w_VxD[:min([V0, *new_ids])].mean(0, keepdims=True)
-    out = np.concatenate([w_VxD, np.repeat(mean_1xD, max(0, m.vocab_size - V0), 0)])
-    out[[i for i in new_ids if i < V0]] = mean_1xD
-    return out
-
-  V0 = weights["model.embed_tokens.weight"].shape[0] if "model.embed_tokens.weight" in \
-      weights else m.vocab_size
-  main = {"embed": grow(get("model.embed_tokens.weight", (V0, D))),
-          "final_norm": {"scale": get("model.norm.weight", (D,))}}
-  if not m.tie_embeddings:
-    main["unembed"] = grow(get("lm_head.weight", (V0, D))).T
+  H, K, Dh, D, F, V = m.num_heads, m.num_kv_heads, m.dh, m.d_model, m.mlp_dim, m.vocab_size
+  V0 = V if vocab is None else vocab
+  out = [Tensor("model.embed_tokens.weight", ("embed",), (V0, D), (V, D), False)]
   for i in range(m.num_layers):
-    p = f"model.layers.{i}."
+    p, layer = f"model.layers.{i}.", f"layer_{i}"
     a = p + "self_attn."
-    attn = {"q": get(a + "q_proj.weight", (H * Dh, D)).T.reshape(D, H, Dh),
-            "k": get(a + "k_proj.weight", (K * Dh, D)).T.reshape(D, K, Dh),
-            "v": get(a + "v_proj.weight", (K * Dh, D)).T.reshape(D, K, Dh),
-            "o": get(a + "o_proj.weight", (D, H * Dh)).T.reshape(H, Dh, D)}
+    out += [Tensor(a + "q_proj.weight", (layer, "attn", "q"), (H * Dh, D), (D, H, Dh), True),
+            Tensor(a + "k_proj.weight", (layer, "attn", "k"), (K * Dh, D), (D, K, Dh), True),
+            Tensor(a + "v_proj.weight", (layer, "attn", "v"), (K * Dh, D), (D, K, Dh), True),
+            Tensor(a + "o_proj.weight", (layer, "attn", "o"), (D, H * Dh), (H, Dh, D), True)]
     if m.qkv_bias:
-      attn.update(q_bias=get(a + "q_proj.bias", (H * Dh,)).reshape(H, Dh),
-                  k_bias=get(a + "k_proj.bias", (K * Dh,)).reshape(K, Dh),
-                  v_bias=get(a + "v_proj.bias", (K * Dh,)).reshape(K, Dh))
-    if a + "o_proj.bias" in weights and np.any(get(a + "o_proj.bias", (D,)) != 0):
-      raise ValueError(f"{a}o_proj.bias is not zero: an output-projection bias is not "
-                       "supported; accepted: Llama attention_bias checkpoints whose o_proj "
-                       "bias is zero, or Qwen2's q/k/v biases")
-    main[f"layer_{i}"] = {
-        "attn": attn,
-        "attn_norm": {"scale": get(p + "input_layernorm.weight", (D,))},
-        "mlp": {"gate": get(p + "mlp.gate_proj.weight", (m.mlp_dim, D)).T,
-                "up": get(p + "mlp.up_proj.weight", (m.mlp_dim, D)).T,
-                "down": get(p + "mlp.down_proj.weight", (D, m.mlp_dim)).T},
-        "mlp_norm": {"scale": get(p + "post_attention_layernorm.weight", (D,))}}
-  left = sorted(k for k in set(weights) - used - {"lm_head.weight"}   # a tied one may keep it
+      out += [Tensor(a + "q_proj.bias", (layer, "attn", "q_bias"), (H * Dh,), (H, Dh), False),
+              Tensor(a + "k_proj.bias", (layer, "attn", "k_bias"), (K * Dh,), (K, Dh), False),
+              Tensor(a + "v_proj.bias", (layer, "attn", "v_bias"), (K * Dh,), (K, Dh), False),
+              Tensor(a + "o_proj.bias", None, (D,), (D,), False)]
+    out += [Tensor(p + "mlp.gate_proj.weight", (layer, "mlp", "gate"), (F, D), (D, F), True),
+            Tensor(p + "mlp.up_proj.weight", (layer, "mlp", "up"), (F, D), (D, F), True),
+            Tensor(p + "mlp.down_proj.weight", (layer, "mlp", "down"), (D, F), (F, D), True),
+            Tensor(p + "input_layernorm.weight", (layer, "attn_norm", "scale"), (D,), (D,), False),
+            Tensor(p + "post_attention_layernorm.weight", (layer, "mlp_norm", "scale"), (D,),
+                   (D,), False)]
+  out.append(Tensor("model.norm.weight", ("final_norm", "scale"), (D,), (D,), False))
+  if not m.tie_embeddings:
+    out.append(Tensor("lm_head.weight", ("unembed",), (V0, D), (D, V), True))
+  return out
+
+
+def to_hf(t: Tensor, x) -> np.ndarray:
+  """Our parameter `x` (shape t.ours) as the file's tensor (shape t.shape)."""
+  x = np.asarray(x)
+  return np.ascontiguousarray(x.reshape(t.shape[::-1]).T if t.transposed else x.reshape(t.shape))
+
+
+def checked_table(cfg: Config, names, shape_of) -> list[Tensor]:
+  """tensor_table for a checkpoint whose tensors are `names` (shapes by
+  `shape_of(name)`; an o_proj bias where it has one), read from the headers
+  alone: a missing tensor, a shape
+  unlike config.json's or a tensor the model does not use is an error here,
+  before any is read."""
+  names = set(names)
+  embed = "model.embed_tokens.weight"
+  table = [t for t in tensor_table(cfg, tuple(shape_of(embed))[0] if embed in names else None)
+           if t.path is not None or t.name in names]   # an o_proj bias: Llama's, not Qwen2's
+  for t in table:
+    if t.name not in names:
+      raise ValueError(f"the checkpoint has no tensor {t.name!r}; it does not match its "
+                       "config.json")
+    if tuple(shape_of(t.name)) != t.shape:
+      raise ValueError(f"tensor {t.name} has shape {tuple(shape_of(t.name))}; config.json "
+                       f"implies {t.shape}")
+  left = sorted(k for k in names - {t.name for t in table} - {"lm_head.weight"}  # tied may keep it
                 if not k.endswith("rotary_emb.inv_freq"))   # old files; transformers skips them
   if left:
     raise ValueError(f"the checkpoint has tensors this model does not use: {left[:5]}"
                      f"{' ...' if len(left) > 5 else ''}")
+  return table
+
+
+def hf_leaves(cfg: Config, weights, new_ids: Sequence[int] = ()):
+  """(path, float32 numpy parameter) of the main model's every leaf (plain layout),
+  one at a time from `weights`: a mapping from Hugging Face names to arrays (a
+  dict, or hf_io.Checkpoint, which reads each tensor from its file when asked and
+  has `shape(name)` from the headers). Rows past the checkpoint's vocabulary (up
+  to cfg.model.vocab_size) and those of `new_ids` (tokens appended to the
+  tokenizer, which in a padded vocabulary take unused rows) are the mean of the
+  rows below them."""
+  m = cfg.model
+  shape_of = getattr(weights, "shape", lambda name: np.shape(weights[name]))
+  for t in checked_table(cfg, weights.keys(), shape_of):
+    w = np.asarray(weights[t.name], np.float32)
+    if t.path is None:
+      if np.any(w != 0):
+        raise ValueError(f"{t.name} is not zero: an output-projection bias is not supported; "
+                         "accepted: Llama attention_bias checkpoints whose o_proj bias is "
+                         "zero, or Qwen2's q/k/v biases")
+      continue
+    if t.path in (("embed",), ("unembed",)):   # (V0, D) -> (V, D), new rows the mean
+      V0 = w.shape[0]
+      mean_1xD = w[:min([V0, *new_ids])].mean(0, keepdims=True)
+      w = np.concatenate([w, np.repeat(mean_1xD, max(0, m.vocab_size - V0), 0)])
+      w[[i for i in new_ids if i < V0]] = mean_1xD
+    yield t.path, (w.T if t.transposed else w).reshape(t.ours)
+
+
+def main_params_from_hf(cfg: Config, weights, new_ids: Sequence[int] = ()) -> dict:
+  """The main model's parameters (plain layout, float32 numpy) from Hugging Face
+  tensors (`hf_leaves`, gathered into one tree)."""
+  main: dict = {}
+  for path, x in hf_leaves(cfg, weights, new_ids):
+    node = main
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = x
   return main
 
 
 def main_params_to_hf(cfg: Config, main: dict) -> dict[str, np.ndarray]:
-  """The inverse of `main_params_from_hf` (Llama names; an o_proj bias of zeros
-  when the model has q/k/v biases)."""
-  m = cfg.model
-  H, K, Dh, D = m.num_heads, m.num_kv_heads, m.dh, m.d_model
-  f32 = lambda x: np.ascontiguousarray(np.asarray(x, np.float32))  # noqa: E731
-  out = {"model.embed_tokens.weight": f32(main["embed"]),
-         "model.norm.weight": f32(main["final_norm"]["scale"])}
-  if not m.tie_embeddings:
-    out["lm_head.weight"] = f32(np.asarray(main["unembed"]).T)
-  for i in range(m.num_layers):
-    layer = main[f"layer_{i}"]
-    attn = layer["attn"]
-    p = f"model.layers.{i}."
-    a = p + "self_attn."
-    out[a + "q_proj.weight"] = f32(np.asarray(attn["q"]).reshape(D, H * Dh).T)
-    out[a + "k_proj.weight"] = f32(np.asarray(attn["k"]).reshape(D, K * Dh).T)
-    out[a + "v_proj.weight"] = f32(np.asarray(attn["v"]).reshape(D, K * Dh).T)
-    out[a + "o_proj.weight"] = f32(np.asarray(attn["o"]).reshape(H * Dh, D).T)
-    if m.qkv_bias:
-      out[a + "q_proj.bias"] = f32(np.asarray(attn["q_bias"]).reshape(-1))
-      out[a + "k_proj.bias"] = f32(np.asarray(attn["k_bias"]).reshape(-1))
-      out[a + "v_proj.bias"] = f32(np.asarray(attn["v_bias"]).reshape(-1))
-      out[a + "o_proj.bias"] = np.zeros((D,), np.float32)
-    out[p + "input_layernorm.weight"] = f32(layer["attn_norm"]["scale"])
-    out[p + "post_attention_layernorm.weight"] = f32(layer["mlp_norm"]["scale"])
-    out[p + "mlp.gate_proj.weight"] = f32(np.asarray(layer["mlp"]["gate"]).T)
-    out[p + "mlp.up_proj.weight"] = f32(np.asarray(layer["mlp"]["up"]).T)
-    out[p + "mlp.down_proj.weight"] = f32(np.asarray(layer["mlp"]["down"]).T)
+  """The inverse of `main_params_from_hf` (Llama names, float32; an o_proj bias
+  of zeros when the model has q/k/v biases)."""
+  out = {}
+  for t in tensor_table(cfg):
+    x = np.zeros(t.ours, np.float32) if t.path is None else _leaf(main, t.path)
+    out[t.name] = np.asarray(to_hf(t, x), np.float32)
   return out
 
 
-def hf_config(cfg: Config, tokenizer=None) -> dict:
-  """config.json of the exported `LlamaForCausalLM`."""
+def _leaf(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def hf_config(cfg: Config, tokenizer=None, dtype: str = "float32") -> dict:
+  """config.json of the exported `LlamaForCausalLM`, its weights stored in `dtype`.
+  max_position_embeddings is the imported checkpoint's (model.max_position_embeddings)
+  or, for a model trained here, max(data.seq_len, 2048)."""
   m = cfg.model
   rope = {"rope_theta": m.rope_theta, "rope_type": "default"}
   if m.rope_scaling:
@@ -296,8 +321,9 @@ def hf_config(cfg: Config, tokenizer=None) -> dict:
          "rope_scaling": None if not m.rope_scaling else {k: v for k, v in rope.items()
                                                           if k != "rope_theta"},
          "tie_word_embeddings": m.tie_embeddings, "attention_bias": m.qkv_bias,
-         "mlp_bias": False, "max_position_embeddings": max(cfg.data.seq_len, 2048),
-         "torch_dtype": "float32", "dtype": "float32"}
+         "mlp_bias": False,
+         "max_position_embeddings": m.max_position_embeddings or max(cfg.data.seq_len, 2048),
+         "torch_dtype": dtype, "dtype": dtype}
   if tokenizer is not None:
     out.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
                pad_token_id=tokenizer.pad_id)

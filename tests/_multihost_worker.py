@@ -5,8 +5,9 @@
 Starts JAX's distributed runtime through `mtcot_jax.distributed`, decodes a batch
 with the mesh, runs a few sharded SFT steps of the scanned, rematerialised model
 (each process feeding its own rows of one global batch), saves a checkpoint with
-orbax from both processes, and (process 0) writes what it saw to
-OUTDIR/results.npz. The helpers below are shared with
+orbax from both processes, exports the trained model to Hugging Face shards and
+imports them back onto the mesh (`hf_round_trip`), and (process 0) writes what it
+saw to OUTDIR/results.npz. The helpers below are shared with
 the test, which recomputes everything in one process.
 """
 
@@ -109,6 +110,26 @@ def evaluation(cfg, params, mesh, data_dir):
   return run_evals(cfg, params, tokenizer_for(cfg), mesh, seed=0)
 
 
+def hf_round_trip(cfg, params, mesh, path, want):
+  """mt.save_hf from every process (each gathers, process 0 writes) in 8 KB
+  shards, then mt.load_hf onto the mesh (each process puts its devices' slices):
+  the parameters trained, bit for bit, on the rules' shardings. Returns the
+  files written."""
+  from types import SimpleNamespace
+  import jax
+  from jax.experimental import multihost_utils
+  import mtcot_jax as mt
+  from mtcot_jax.model import api
+  mt.save_hf(SimpleNamespace(cfg=cfg, params=params), path, max_shard_size="8KB")
+  back = mt.load_hf(path, [o for o in TINY if o.startswith("head.")] + SCAN + MESH, mesh=mesh)
+  for got, sharding in zip(jax.tree.leaves(back.params["main"]),
+                           jax.tree.leaves(api.param_shardings(back.cfg, mesh)["main"])):
+    assert not got.is_fully_addressable and got.sharding.is_equivalent_to(sharding, got.ndim)
+  main = api.to_plain_layout(multihost_utils.process_allgather(back.params, tiled=True))["main"]
+  jax.tree.map(np.testing.assert_array_equal, main, want["main"])
+  return sorted(os.listdir(path))
+
+
 def main(process_id, num_processes, port, outdir):
   import time
   t0 = time.perf_counter()
@@ -155,11 +176,14 @@ def main(process_id, num_processes, port, outdir):
   ev = evaluation(cfg, state.params, mesh, os.path.join(outdir, f"data{process_id}"))
   log(f"evaluated: {ev}")
   final = api.to_plain_layout(multihost_utils.process_allgather(state.params, tiled=True))
+  hf_files = hf_round_trip(cfg, state.params, mesh, os.path.join(outdir, "hf"), final)
+  log(f"exported and imported in {len(hf_files)} files")
   if process_id == 0:
     flat = {jax.tree_util.keystr(p): np.asarray(x)
             for p, x in jax.tree_util.tree_leaves_with_path(final)}
     np.savez(os.path.join(outdir, "results.npz"), loss=np.array(loss),
-             rows=np.array(rows), **{f"gen_{k}": np.asarray(v) for k, v in res._asdict().items()},
+             rows=np.array(rows), hf_files=np.array(hf_files),
+             **{f"gen_{k}": np.asarray(v) for k, v in res._asdict().items()},
              **{f"param_{k}": v for k, v in flat.items()},
              **{f"eval_{name}_{m}": np.asarray(v) for name, r in ev.items() for m, v in r.items()
                 if m != "tokens_per_s"})

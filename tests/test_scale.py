@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import mtcot_jax as mt
-from conftest import assert_adam_params_close, subprocess_env
+from conftest import TINY, assert_adam_params_close, subprocess_env
 from mtcot_jax import decode, distributed
 from mtcot_jax.config import ConfigError, MeshConfig
 from mtcot_jax.model import api
@@ -160,6 +160,22 @@ def test_two_process_checkpoint_restores_in_one_process(two_process_run):
   # The optimizer state came back too: its moments are not the fresh zeros.
   assert any(np.abs(np.asarray(x)).sum() > 0 for x in jax.tree.leaves(restored.opt_state)
              if x.ndim > 1)
+
+
+def test_two_process_hf_export_loads_in_one_process(two_process_run):
+  """save_hf from two processes (process 0 wrote, both gathered; the workers
+  checked the import back onto their mesh): shards with an index, and one
+  process's load_hf of them gives the trained parameters, bit for bit."""
+  from mtcot_jax import hf, hf_io
+  out, got = two_process_run
+  files = list(got["hf_files"])
+  assert hf_io.INDEX in files and sum(f.startswith("model-") for f in files) >= 3, files
+  run = mt.load_hf(os.path.join(out, "hf"), [o for o in TINY if o.startswith("head.")])
+  for path, x in jax.tree_util.tree_leaves_with_path(run.params["main"]):
+    np.testing.assert_array_equal(np.asarray(x), got[f"param_['main']{jax.tree_util.keystr(path)}"])
+  cfg, head = hf.load_head(os.path.join(out, "hf"))
+  for path, x in jax.tree_util.tree_leaves_with_path(head):
+    np.testing.assert_array_equal(np.asarray(x), got[f"param_['head']{jax.tree_util.keystr(path)}"])
 
 
 # --- scan and remat ------------------------------------------------------------------

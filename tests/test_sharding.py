@@ -23,8 +23,8 @@ def test_eight_device_checks():
   assert {"forward_matches_one_device", "params_sharded_by_rules", "mesh_and_batch_errors",
           "decode_under_mesh", "train_step_matches_one_device", "restore_on_other_meshes",
           "memory_planner_matches_shards", "context_head_under_mesh",
-          "gguf_lands_on_its_shardings", "splash_under_mesh",
-          "vocab_chunks_under_mesh"} <= passed, proc.stdout
+          "gguf_lands_on_its_shardings", "splash_under_mesh", "vocab_chunks_under_mesh",
+          "hf_shards_land_on_their_shardings"} <= passed, proc.stdout
 
 
 @pytest.mark.parametrize("shape,devices,want", [

@@ -199,10 +199,10 @@ def _init_params(cfg: Config, mesh, mngr):
   if cfg.train.init_from_hf or cfg.train.init_from_gguf:
     from mtcot_jax import hf
     key = jax.random.split(jax.random.key(cfg.train.seed))[0]
-    if cfg.train.init_from_gguf:   # each weight put on its sharding as it is read
+    # Each weight is put on its sharding as it is read.
+    if cfg.train.init_from_gguf:
       return hf.load_gguf(cfg.train.init_from_gguf, base=cfg, key=key, mesh=mesh).params
-    params = hf.load_hf(cfg.train.init_from_hf, base=cfg, key=key).params
-    return params if mesh is None else jax.device_put(params, api.param_shardings(cfg, mesh))
+    return hf.load_hf(cfg.train.init_from_hf, base=cfg, key=key, mesh=mesh).params
   if not src:
     return None
   run = ckpt.load_run(src, mesh)
