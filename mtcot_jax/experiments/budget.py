@@ -12,7 +12,8 @@ validation unless --split test) are decoded greedily by:
 * `verified`: k = head.k, every CoT block checked by the main model (k=0's
   tokens, up to (k+1)B of them);
 * `unverified`: k = head.k, the head's tokens are the CoT (fixed blocks, or
-  adaptive at --tau);
+  adaptive at --tau), and the answer verified as in `verified` (so that the two
+  differ in their CoT only: the answer is k=0's given the CoT, in fewer passes);
 * `nocot` once (no CoT: the budget does not apply).
 
 Each row keeps every problem's correctness, so that methods can be compared
@@ -46,7 +47,7 @@ def decode_rows(run, budgets, *, examples: int, tau: float | None, batch: int = 
   tau = cfg.decode.head_threshold if tau is None else tau
   params = decode.prepare_params(cfg, run.params)
   settings = {"k0": dict(k=0), "verified": dict(k=k, verify="all"),
-              "unverified": dict(k=k, verify="none", head_threshold=tau)}
+              "unverified": dict(k=k, verify="answer", head_threshold=tau)}
   rows = []
 
   def run_mode(name, budget, cot, **kw):
