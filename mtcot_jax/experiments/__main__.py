@@ -46,6 +46,8 @@ def parse_args(argv=None):
                  help="the unverified rows' adaptive threshold (default: the run's)")
   b.add_argument("--split", choices=("validation", "test"), default=None,
                  help="default: the run's data.eval_split (validation)")
+  b.add_argument("--temperature", type=float, default=0.0,
+                 help="sample at this temperature (default 0: greedy)")
   b.add_argument("--out", default="runs/budget")
   return p.parse_args(argv)
 
@@ -60,7 +62,7 @@ def main(argv=None):
     from mtcot_jax.experiments import budget
     try:
       print(budget.main(args.runs, args.budgets, examples=args.examples, tau=args.tau,
-                        out=args.out, split=args.split))
+                        out=args.out, split=args.split, temperature=args.temperature))
     except (ValueError, FileNotFoundError) as e:
       sys.exit(f"error: {e}")
     return

@@ -6,7 +6,7 @@ verified decoding can differ (issue 27).
 For each trained run and each pass budget B (`decode.pass_budget`: the CoT may
 spend B main passes after the prefill, then its answer marker is written by
 force and the model answers), the run's held-out problems (`data.eval_split`,
-validation unless --split test) are decoded greedily by:
+validation unless --split test) are decoded greedily (or at --temperature) by:
 
 * `k0`: one token per pass (its CoT holds at most B tokens);
 * `verified`: k = head.k, every CoT block checked by the main model (k=0's
@@ -36,8 +36,9 @@ MODES = ("k0", "verified", "unverified")
 
 
 def decode_rows(run, budgets, *, examples: int, tau: float | None, batch: int = 128,
-                split: str | None = None) -> list[dict]:
-  """One row per (mode, budget) and one `nocot` row for a loaded run."""
+                split: str | None = None, temperature: float = 0.0) -> list[dict]:
+  """One row per (mode, budget) and one `nocot` row for a loaded run; greedy, or
+  sampled at `temperature` (verified rows: speculative sampling, k=0's distribution)."""
   from mtcot_jax import decode
   from mtcot_jax.data import make_eval_batches
   from mtcot_jax.data.catalog import task_for
@@ -58,7 +59,7 @@ def decode_rows(run, budgets, *, examples: int, tau: float | None, batch: int = 
     for i, b in enumerate(batches):
       res = jax.tree.map(np.asarray, decode.generate(
           cfg, params, b["prompt_tokens"], b["prompt_lengths"], jax.random.key(i),
-          temperature=0.0, eos_id=tok.eos_id, think_end_id=tok.think_end_id,
+          temperature=temperature, eos_id=tok.eos_id, think_end_id=tok.think_end_id,
           pass_budget=budget, **kw))
       for r, ex in enumerate(b["examples"]):
         text = answer_text(tok, res.tokens[r], res.phase[r], res.lengths[r])
@@ -67,6 +68,7 @@ def decode_rows(run, budgets, *, examples: int, tau: float | None, batch: int = 
         cot_len.append(int(np.sum(res.phase[r] == 0)))
     rows.append({"mode": name, "budget": budget, "k": kw.get("k", 0), "tau": kw.get(
         "head_threshold", 0.0), "split": cfg.data.eval_split, "examples": len(correct),
+        "temperature": temperature,
         "accuracy": float(np.mean(correct)), "forward_passes": float(np.mean(passes)),
         "cot_tokens": float(np.mean(cot_len)), "correct": correct,
         "seconds": round(time.perf_counter() - t0, 2)})
@@ -164,13 +166,16 @@ def plot(rows: list[dict], path: str) -> None:
     ax.set_ylim(-0.03, 1.05)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-  fig.suptitle("Accuracy against a CoT pass budget B (greedy)", fontsize=10)
+  t = rows[0].get("temperature", 0.0) if rows else 0.0
+  fig.suptitle("Accuracy against a CoT pass budget B " + (f"(temperature {t})" if t else
+                                                          "(greedy)"), fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
 
 
-def main(run_dirs, budgets, *, examples: int, tau, out: str, split: str | None) -> str:
+def main(run_dirs, budgets, *, examples: int, tau, out: str, split: str | None,
+         temperature: float = 0.0) -> str:
   from mtcot_jax.train.checkpoint import load_run
   for b in budgets:
     if b < 0:
@@ -179,7 +184,8 @@ def main(run_dirs, budgets, *, examples: int, tau, out: str, split: str | None) 
   rows = []
   for d in run_dirs:
     run = load_run(d)
-    for r in decode_rows(run, budgets, examples=examples, tau=tau, split=split):
+    for r in decode_rows(run, budgets, examples=examples, tau=tau, split=split,
+                         temperature=temperature):
       rows.append({"run": d, **r})
       print(f"{d} {r['mode']:10s} B={r['budget']:3d} acc {r['accuracy']:.3f} "
             f"passes {r['forward_passes']:.2f}", flush=True)
