@@ -272,7 +272,8 @@ def train_section(log: Log, mode: Mode, repeats: int, peak) -> None:
 
 def decode_config(mode: Mode) -> mt.Config:
   """bf16 weights (stored so: no copy by prepare_params), activations and KV cache;
-  unrolled layers (a scanned model copies its stacked cache every pass)."""
+  unrolled layers (a scanned model reads each layer's weights and cache through
+  dynamic-slices: docs/scaling.md, "The decode KV cache on accelerators")."""
   return mt.load_config(None, list(mode.model) + [
       "model.dtype=bfloat16", "model.param_dtype=bfloat16", "decode.weights_dtype=bfloat16"])
 

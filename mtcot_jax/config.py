@@ -256,6 +256,11 @@ class DecodeConfig:
   # run XLA's path either way. On the 2-core CPU it makes the one-token loops at
   # batch 1 ~1.3-1.4x as fast; see docs/results.md.
   cpu_kernel: str = "xla"
+  # The KV cache's value layout in the decode loops (model/kv_cache.py): "auto" (the
+  # platform's: "bkds", values (B, K, Dh, S), on a CPU, where XLA:CPU's dots and the
+  # native kernel read it; "bksd", (B, K, S, Dh) Dh minor like the keys, elsewhere),
+  # or either one named (e.g. the accelerators' layout on a CPU, for tests).
+  kv_layout: str = "auto"
   temperature: float = 0.0     # 0: greedy
   # The ids that end the sequence and the CoT when `generate` is not given them; -1:
   # mtcot_jax's tokenizers' (2, 5). train.init_from_hf records its tokenizer's here.

@@ -189,9 +189,13 @@ def _check_decode(dec, h, m) -> None:
          dec.weights_layout, "in_out (as stored) or out_in (a transposed copy; see config.py)")
   _check(dec.cpu_kernel in ("xla", "native"), "decode.cpu_kernel", dec.cpu_kernel,
          "xla or native (a C++ kernel a pass on the CPU; see config.py)")
+  _check(dec.kv_layout in ("auto", "bkds", "bksd"), "decode.kv_layout", dec.kv_layout,
+         "auto (the platform's), bkds (values (B, K, Dh, S)) or bksd (values (B, K, S, Dh))")
   if dec.cpu_kernel == "native":
     _check(dec.weights_layout == "out_in", "decode.weights_layout", dec.weights_layout,
            "out_in with decode.cpu_kernel=native (the layout the kernel reads)")
+    _check(dec.kv_layout in ("auto", "bkds"), "decode.kv_layout", dec.kv_layout,
+           "auto or bkds with decode.cpu_kernel=native (the layout the kernel reads)")
     _check(m.dtype == "float32", "model.dtype", m.dtype,
            "float32 with decode.cpu_kernel=native (the kernel computes in float32)")
   _check(dec.verify in ("none", "answer", "all"), "decode.verify", dec.verify,

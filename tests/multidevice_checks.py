@@ -147,6 +147,12 @@ def check_decode_under_mesh():
   n = plain.tokens.shape[1]
   np.testing.assert_array_equal(np.asarray(verified.tokens)[:, :n], plain.tokens)
   np.testing.assert_array_equal(verified.lengths, plain.lengths)
+  # Scanned layers: the stacked cache (kv_cache.py), sharded, in the accelerators' layout.
+  scanned = cfg.replace(model={"scan_layers": True}, decode={"kv_layout": "bksd"})
+  scan = decode.generate(scanned, mt.model.api.to_scan_layout(params), prompt, lens,
+                         jax.random.key(3), mesh=mesh, k=0, **kw)
+  for name in ("tokens", "lengths", "forward_passes"):
+    np.testing.assert_array_equal(getattr(scan, name), getattr(plain, name), err_msg=name)
 
 
 def check_context_head_under_mesh():

@@ -1,5 +1,6 @@
 """The machine-specific seam of decoding: the weights as the loops read them and
-the function that runs a cached main pass. The only module of the decoder that
+the function that runs a cached main pass. It picks the KV cache's layout for the
+platform (`empty_cache`). The only module of the decoder that
 knows about the native CPU kernel (`mtcot_jax/native`), which it builds and loads
 only when the pass will run on a CPU; the model's own CPU variants (the one-token
 attention split, the out_in layout) are in `model/cpu.py`.
@@ -16,7 +17,8 @@ from jax.sharding import Mesh
 
 from mtcot_jax import sharding as shd
 from mtcot_jax.config import Config
-from mtcot_jax.model import api, cpu
+from mtcot_jax.model import api, cpu, kv_cache
+from mtcot_jax.model.kv_cache import KVCache
 
 
 @flax.struct.dataclass
@@ -77,14 +79,42 @@ def uses_native(cfg: Config, mesh: Mesh | None) -> bool:
   return cfg.decode.cpu_kernel == "native" and target_platform(mesh) == "cpu"
 
 
-def extend_fn(cfg: Config, mesh: Mesh | None):
-  """extend(params, cache, block_BxT, n_B, logits_at_B=None) -> MainOutput: the
-  cached main pass as the decode loops run it, on parameters from
-  `prepare_params(cfg, ...)`; with logits_at_B (B,), the logits (B, 1, V) at that
-  position of each row only (the native kernel computes all and takes that one)."""
+def _decode_model(cfg: Config) -> Config:
+  """The config the cached passes run: with decode.cpu_kernel=native the plain
+  layer layout (`prepare_params` unstacks scanned layers for the kernel)."""
+  return cfg.replace(model={"scan_layers": False}) if cfg.decode.cpu_kernel == "native" else cfg
+
+
+def cache_layout(cfg: Config, mesh: Mesh | None) -> str:
+  """The decode loops' KV value layout: decode.kv_layout, or where "auto" the
+  platform's the loops compile for (`kv_cache.layout_for`: (B, K, Dh, S) on a
+  CPU, (B, K, S, Dh) elsewhere)."""
+  layout = cfg.decode.kv_layout
+  return kv_cache.layout_for(target_platform(mesh)) if layout == "auto" else layout
+
+
+def empty_cache(cfg: Config, mesh: Mesh | None, batch: int, capacity: int) -> KVCache:
+  """The decode loops' empty KV cache: values in `cache_layout`, stacked where the
+  passes scan their layers, sharded over the batch and kv-head axes."""
+  cache = KVCache.empty(_decode_model(cfg).model, batch, capacity,
+                        layout=cache_layout(cfg, mesh))
   shard = shd.sharder(cfg, mesh)
-  if cfg.decode.cpu_kernel == "native":   # prepare_params made the layout plain
-    cfg = cfg.replace(model={"scan_layers": False})
+  spec = ("batch", "act_kv_heads", None, None)
+  if cache.stacked:
+    return cache.replace(k=shard(cache.k, (None, *spec)), v=shard(cache.v, (None, *spec)))
+  return cache.replace(k=tuple(shard(a, spec) for a in cache.k),
+                       v=tuple(shard(a, spec) for a in cache.v))
+
+
+def extend_fn(cfg: Config, mesh: Mesh | None):
+  """extend(params, cache, block_BxT, n_B, logits_at_B=None, aligned=False) ->
+  MainOutput: the cached main pass as the decode loops run it, on parameters from
+  `prepare_params(cfg, ...)` and a cache from `empty_cache`; with logits_at_B
+  (B,), the logits (B, 1, V) at that position of each row only (the native
+  kernel computes all and takes that one); `aligned`: every row of the cache
+  has the same length (`api.extend`)."""
+  shard = shd.sharder(cfg, mesh)
+  cfg = _decode_model(cfg)
   xla = functools.partial(api.extend, cfg, shard=shard,
                           out_in=cfg.decode.weights_layout == "out_in")
   if not uses_native(cfg, mesh):
@@ -92,9 +122,9 @@ def extend_fn(cfg: Config, mesh: Mesh | None):
   from mtcot_jax import native   # built on first use; registered before the loops are traced
   native.load()
 
-  def extend(params, cache, block_BxT, n_B, logits_at_B=None):
+  def extend(params, cache, block_BxT, n_B, logits_at_B=None, aligned=False):
     if block_BxT.shape[0] * block_BxT.shape[1] > native.MAX_ROWS:
-      return xla(params, cache, block_BxT, n_B, logits_at_B=logits_at_B)
+      return xla(params, cache, block_BxT, n_B, logits_at_B=logits_at_B, aligned=aligned)
 
     def fast(params, cache, block_BxT, n_B):
       out = native.extend(cfg, params, cache, block_BxT, n_B, cfg.head.source_layers)
@@ -103,5 +133,5 @@ def extend_fn(cfg: Config, mesh: Mesh | None):
       return out._replace(logits=jnp.take_along_axis(out.logits, logits_at_B[:, None, None], 1))
     return jax.lax.platform_dependent(
         params, cache, block_BxT, n_B, cpu=fast,
-        default=functools.partial(xla, logits_at_B=logits_at_B))
+        default=functools.partial(xla, logits_at_B=logits_at_B, aligned=aligned))
   return extend

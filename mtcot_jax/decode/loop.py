@@ -134,14 +134,15 @@ class Decoder:
     return head_for(self.cfg, shd.sharder(self.cfg, self.mesh))
 
   def main_pass(self, params, cache: KVCache, block_BxT, n_B, head_state,
-                last_only: bool = False) -> PassOutput:
+                last_only: bool = False, aligned: bool = False) -> PassOutput:
     """One main pass over a (B, T) block (its first n_B tokens real; n_B None: all),
     the head's memory of every new position written at the same slots.
     `last_only`: the logits at each row's last real token only, (B, 1, V) (what
-    `advance` reads: an unverified block needs no others)."""
+    `advance` reads: an unverified block needs no others). `aligned`: every row
+    of the cache has the same length (the prefill's empty cache)."""
     at = None if not last_only or block_BxT.shape[1] == 1 else (
         jnp.maximum(n_B, 1) - 1).astype(jnp.int32)
-    out = self._extend(params, cache, block_BxT, n_B, logits_at_B=at)
+    out = self._extend(params, cache, block_BxT, n_B, logits_at_B=at, aligned=aligned)
     if head_state:
       slots_BxT = cache.lengths[:, None] + jnp.arange(block_BxT.shape[1], dtype=jnp.int32)
       head_state = self.head.remember(params, head_state, out.sources, slots_BxT)
@@ -152,13 +153,9 @@ class Decoder:
     `sample` the sampling values (see `sample_values`)."""
     B, P = prompt_BxP.shape
     capacity = self.capacity(P)
-    shard = shd.sharder(self.cfg, self.mesh)
-    cache = KVCache.empty(self.cfg.model, B, capacity)
-    spec = ("batch", "act_kv_heads", None, None)
-    cache = cache.replace(k=tuple(shard(a, spec) for a in cache.k),
-                          v=tuple(shard(a, spec) for a in cache.v))
+    cache = backend.empty_cache(self.cfg, self.mesh, B, capacity)
     head_state = self.head.decode_state(B, capacity) if self.k > 0 else ()
-    out = self.main_pass(params, cache, prompt_BxP, lens_B, head_state)
+    out = self.main_pass(params, cache, prompt_BxP, lens_B, head_state, aligned=True)
     # A prompt that ends with a marker has no CoT to write.
     window = markers_.prompt_window(prompt_BxP, lens_B, markers_.tail_len(self.markers) + 1)
     zeros_BxL, zeros_B = jnp.zeros((B, self.out_len), jnp.int32), jnp.zeros((B,), jnp.int32)

@@ -263,12 +263,14 @@ def forward(cfg: Config, params, tokens_BxT, *, positions=None, segment_ids=None
 
 def extend(cfg: Config, params, cache: KVCache, tokens_BxT, num_new_B=None,
            shard: shd.Sharder = shd.Sharder(), out_in: bool = False,
-           logits_at_B=None) -> MainOutput:
+           logits_at_B=None, aligned: bool = False) -> MainOutput:
   """Cached main pass: append T tokens per sequence (the first num_new_B[b] real).
 
   Returns logits/residual/sources of the T new positions and the new cache;
   with `logits_at_B` (B,) the logits (B, 1, V) at that new position of each row only.
-  `out_in`: the main blocks' matrices are in `to_out_in`'s layout.
+  `out_in`: the main blocks' matrices are in `to_out_in`'s layout. `aligned`:
+  every row of `cache` has the same length (a promise, not checked inside jit:
+  the new tokens are then written by dynamic-update-slice, as at B = 1 off the CPU).
   Raises if a concrete cache would overflow (inside jit the caller sizes it).
   """
   if not isinstance(cache.lengths, jax.core.Tracer):
@@ -280,4 +282,4 @@ def extend(cfg: Config, params, cache: KVCache, tokens_BxT, num_new_B=None,
                        f"{cache.capacity}. Accepted: lengths + new tokens <= capacity")
   return main_module(cfg, shard, out_in, decode=True).apply({"params": params["main"]}, tokens_BxT,
                                                cache=cache, num_new_B=num_new_B,
-                                               logits_at_B=logits_at_B)
+                                               logits_at_B=logits_at_B, aligned=aligned)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from mtcot_jax.config import HeadConfig, ModelConfig
+from mtcot_jax.model.kv_cache import LayerCache
 from mtcot_jax.model.layers import Block, BlockDims, RMSNorm, SwiGLU, _param, rope
 from mtcot_jax.sharding import Sharder
 
@@ -78,16 +79,14 @@ class MultiTokenHead(nn.Module):
     pos_NxC = jnp.broadcast_to(start + jnp.arange(C, dtype=jnp.int32), (N, C))
     slots = jnp.arange(C if chain_kv is None else chain_kv[0][0].shape[2])
     mask_NxCxS = jnp.broadcast_to(pos_NxC[:, :, None] >= slots[None, None, :], (N, C, len(slots)))
-    write = None if chain_kv is None else (
-        jnp.arange(N)[:, None, None], jnp.arange(dims.num_kv_heads)[None, :, None],
-        pos_NxC[:, None, :])
     # Chains are short and many: only the chain (batch) axis is sharded.
     block_shard = Sharder()
     new_kv = []
     for i in range(h.num_layers):
+      layer_kv = None if chain_kv is None else LayerCache(*chain_kv[i], slots_BxT=pos_NxC)
       x_NxCxW, layer_kv = Block(dims, block_shard, name=f"layer_{i}")(
-          x_NxCxW, pos_NxC, mask_NxCxS, None if chain_kv is None else chain_kv[i], write)
-      new_kv.append(layer_kv)
+          x_NxCxW, pos_NxC, mask_NxCxS, layer_kv)
+      new_kv.append(None if layer_kv is None else (layer_kv.k, layer_kv.v))
 
     if W != D:
       w_o = _param(self, "w_o", (W, D), ("head_embed", "embed"), m.init_std, m.param_dtype)

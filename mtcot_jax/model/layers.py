@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from mtcot_jax.model.attention import fused_attention
+from mtcot_jax.model.kv_cache import LayerCache
 from mtcot_jax.sharding import Sharder
 
 
@@ -113,12 +114,11 @@ class Attention(nn.Module):
   """Grouped-query attention of T new tokens over themselves and, optionally, a cache.
 
   Without a cache `mask_BxTxS` is (B, T, T), or with a fused `dims.attention` the
-  `attention.CausalSegments` it stands for. With `cache_kv = (k_BxKxSxDh,
-  v_BxKxDhxS)` (kv-head-major, the layouts attention reads without a transpose)
-  and `write = (b, k, s)` (index arrays broadcasting to (B, K, T): the slots the
+  `attention.CausalSegments` it stands for. With a `kv_cache.LayerCache` (this
+  layer's keys (B, K, S, Dh) and values in the cache's layout, and the slots the
   new tokens take), the new keys and values are written into the cache first and
   the tokens attend over the whole cache: `mask_BxTxS` is (B, T, S) over its
-  slots. Returns the output and the updated (k, v) cache (None without one).
+  slots. Returns the output and the updated LayerCache (None without one).
 
   `project` and `attend` are the two places a variant changes: `model/cpu.py`
   holds the CPU decode variants (a transposed weight layout, a one-token split).
@@ -145,7 +145,7 @@ class Attention(nn.Module):
     return attention_einsum(q_BxTxKxGxDh, keys, values, mask_BxTxS, kspec, vspec)
 
   @nn.compact
-  def __call__(self, x_BxTxD, pos_BxT, mask_BxTxS, cache_kv=None, write=None):
+  def __call__(self, x_BxTxD, pos_BxT, mask_BxTxS, cache: LayerCache | None = None):
     d = self.dims
     H, K, Dh = d.num_heads, d.num_kv_heads, d.head_dim
     dt = jnp.dtype(d.dtype)
@@ -165,23 +165,17 @@ class Attention(nn.Module):
 
     G = H // K
     q_BxTxKxGxDh = q_BxTxHxDh.reshape(B, T, K, G, Dh) * jnp.asarray(Dh ** -0.5, dt)
-    if cache_kv is None and d.attention != "xla":
+    if cache is None and d.attention != "xla":
       out_BxTxHxDh = fused_attention(d.attention, q_BxTxKxGxDh.reshape(B, T, H, Dh), k_BxTxKxDh,
                                      v_BxTxKxDh, mask_BxTxS, self.shard)
       return out_proj(out_BxTxHxDh), None
-    new_cache = None
-    if cache_kv is None:
+    if cache is None:
       keys, values, kspec, vspec = k_BxTxKxDh, v_BxTxKxDh, "bskd", "bskd"
     else:
-      # Values (B, K, Dh, S): the Dh slice between the indices puts the indexed
-      # dimensions first, so both updates are (B, K, T, Dh) (NumPy's rule).
-      b, k, s = write
-      to_cache = lambda x, c: x.transpose(0, 2, 1, 3).astype(c.dtype)  # noqa: E731  (B,K,T,Dh)
-      new_cache = (cache_kv[0].at[b, k, s].set(to_cache(k_BxTxKxDh, cache_kv[0]), mode="drop"),
-                   cache_kv[1].at[b, k, :, s].set(to_cache(v_BxTxKxDh, cache_kv[1]), mode="drop"))
-      keys, values, kspec, vspec = new_cache[0], new_cache[1], "bksd", "bkds"
+      cache = cache.write(k_BxTxKxDh, v_BxTxKxDh)
+      (keys, values), kspec, vspec = cache.read(), "bksd", cache.layout
     out_BxTxKxGxDh = self.attend(q_BxTxKxGxDh, keys, values, mask_BxTxS, kspec, vspec)
-    return out_proj(out_BxTxKxGxDh.reshape(B, T, H, Dh)), new_cache
+    return out_proj(out_BxTxKxGxDh.reshape(B, T, H, Dh)), cache
 
 
 class SwiGLU(nn.Module):
@@ -215,13 +209,13 @@ class Block(nn.Module):
   parts: tuple = (Attention, SwiGLU)
 
   @nn.compact
-  def __call__(self, x_BxTxD, pos_BxT, mask_BxTxS, cache_kv=None, write=None):
+  def __call__(self, x_BxTxD, pos_BxT, mask_BxTxS, cache: LayerCache | None = None):
     d = self.dims
     norm = lambda name: RMSNorm(d.norm_eps, d.dtype, d.param_dtype, name=name)  # noqa: E731
     attention, mlp = self.parts
-    h, new_kv = attention(d, self.shard, name="attn")(
-        norm("attn_norm")(x_BxTxD), pos_BxT, mask_BxTxS, cache_kv, write)
+    h, cache = attention(d, self.shard, name="attn")(
+        norm("attn_norm")(x_BxTxD), pos_BxT, mask_BxTxS, cache)
     x_BxTxD = x_BxTxD + h
     x_BxTxD = x_BxTxD + mlp(d, self.shard, name="mlp")(norm("mlp_norm")(x_BxTxD))
     x_BxTxD = self.shard(x_BxTxD, ("batch", "length", "act_embed"))
-    return x_BxTxD, new_kv
+    return x_BxTxD, cache

@@ -8,58 +8,30 @@ Teacher-forced mode runs over a whole (possibly packed) sequence. Cached mode
 appends T new tokens per sequence at that sequence's own length; `num_new_B`
 says how many of the T are real (the rest are written past the new length,
 where later calls overwrite them). Positions in cached mode are cache slots,
-so prompts are left-aligned from slot 0.
+so prompts are left-aligned from slot 0. The cache (`kv_cache.KVCache`) is one
+array per layer, or with scan_layers stacked arrays carried through the scan.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from mtcot_jax.config import ModelConfig
 from mtcot_jax.model.attention import CausalSegments, resolve_attention
+from mtcot_jax.model.kv_cache import KVCache, LayerCache
 from mtcot_jax.model.layers import Attention, Block, BlockDims, RMSNorm, SwiGLU, _param
 from mtcot_jax.sharding import Sharder
+
+__all__ = ["KVCache", "MainOutput", "Transformer"]
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block
     "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
-
-
-@flax.struct.dataclass
-class KVCache:
-  """Keys and values of every layer, one array per layer, and each sequence's
-  filled length.
-
-  One array per layer (not one stacked (L, ...) array): each layer writes its new
-  keys and values into its own array and then attends over it, so that inside the
-  decode loop's `while_loop` XLA updates every array in place. With a stacked
-  array, read by every layer and written once after the last, XLA copied the
-  whole cache in every pass. Keys are stored (S, Dh) and values (Dh, S): both
-  attention dots then contract the minor dimension, the operand layout XLA:CPU's
-  dot kernels take. With the opposite layouts (keys (Dh, S), values (S, Dh)) XLA
-  transposed both caches of every layer in every pass (`benchmarks/decode.py
-  --contexts` shows the cost: docs/results.md).
-  """
-  k: tuple[jax.Array, ...]   # L x (B, K, S, Dh)
-  v: tuple[jax.Array, ...]   # L x (B, K, Dh, S): values transposed
-  lengths: jax.Array         # (B,) int32
-
-  @property
-  def capacity(self) -> int:
-    return self.k[0].shape[2]
-
-  @classmethod
-  def empty(cls, cfg: ModelConfig, batch: int, capacity: int) -> "KVCache":
-    B, K, Dh, dt = batch, cfg.num_kv_heads, cfg.dh, jnp.dtype(cfg.dtype)
-    return cls(k=tuple(jnp.zeros((B, K, capacity, Dh), dt) for _ in range(cfg.num_layers)),
-               v=tuple(jnp.zeros((B, K, Dh, capacity), dt) for _ in range(cfg.num_layers)),
-               lengths=jnp.zeros((batch,), jnp.int32))
 
 
 class MainOutput(NamedTuple):
@@ -96,10 +68,13 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxT, positions_BxT=None, segment_ids_BxT=None,
-               cache: KVCache | None = None, num_new_B=None, logits_at_B=None) -> MainOutput:
+               cache: KVCache | None = None, num_new_B=None, logits_at_B=None,
+               aligned: bool = False) -> MainOutput:
     """logits_at_B (B,) int: the logits (B, 1, V) at that one position of each
     row only (a decode pass that reads one; the unembedding is then done once a
-    row, not T times); the residual and sources stay (B, T, D)."""
+    row, not T times); the residual and sources stay (B, T, D). `aligned`: the
+    caller promises every row of `cache` has the same length (the new tokens are
+    then written by dynamic-update-slice; so they are for B = 1 off the CPU)."""
     c = self.cfg
     B, T = tokens_BxT.shape
     dt = jnp.dtype(c.dtype)
@@ -126,8 +101,11 @@ class Transformer(nn.Module):
       slots_BxT = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
       positions_BxT = slots_BxT
       mask_BxTxS = jnp.arange(cache.capacity)[None, None, :] <= slots_BxT[:, :, None]
-      write = (jnp.arange(B)[:, None, None], jnp.arange(c.num_kv_heads)[None, :, None],
-               slots_BxT[:, None, :])
+      self._check_cache(cache)
+      # One layer's view; each layer fills in its own arrays (or its index). One
+      # row is aligned too, but for XLA:CPU (`kv_cache`: it would copy the cache).
+      aligned = aligned or (B == 1 and self._platform() != "cpu")
+      write = LayerCache(None, None, slots_BxT, layout=cache.layout, aligned=aligned)
 
     kv = None if cache is None else (cache.k, cache.v)
     want = {(l % c.num_layers) for l in self.source_layers}
@@ -153,8 +131,8 @@ class Transformer(nn.Module):
     new_cache = None
     if cache is not None:
       num_new_B = jnp.full((B,), T, jnp.int32) if num_new_B is None else num_new_B
-      new_cache = KVCache(k=new_kv[0], v=new_kv[1],
-                          lengths=cache.lengths + num_new_B.astype(jnp.int32))
+      new_cache = cache.replace(k=new_kv[0], v=new_kv[1],
+                                lengths=cache.lengths + num_new_B.astype(jnp.int32))
     sources = tuple(layer_out[l % c.num_layers] for l in self.source_layers)
     return MainOutput(logits_BxTxV, x_BxTxD, sources, new_cache)
 
@@ -165,6 +143,15 @@ class Transformer(nn.Module):
       return mesh.devices.flat[0].platform
     return jax.default_backend()
 
+  def _check_cache(self, cache: KVCache) -> None:
+    c = self.cfg
+    if cache.stacked != c.scan_layers or cache.num_layers != c.num_layers:
+      form = "stacked (L, ...) arrays" if cache.stacked else "a tuple of arrays"
+      raise ValueError(
+          f"a KV cache of {cache.num_layers} layers in {form} for a model of {c.num_layers} "
+          f"layers with scan_layers={c.scan_layers}. Accepted: KVCache.empty(cfg.model, ...) "
+          "for this model (stacked exactly when scan_layers)")
+
   def _block(self, scanned: bool):
     if self.cfg.remat == "none":
       return Block
@@ -173,18 +160,20 @@ class Transformer(nn.Module):
     return nn.remat(Block, policy=_REMAT_POLICIES[self.cfg.remat], prevent_cse=not scanned)
 
   def _unrolled(self, dims, x_BxTxD, positions_BxT, mask_BxTxS, kv, write, want):
-    """One `layer_{i}` per layer. Returns x, the layers' updated caches (tuples of
-    keys and values; None without a cache) and {i: layer i's output} for `want`."""
+    """One `layer_{i}` per layer. `kv`: the cache's (keys, values) tuples, and
+    `write` the LayerCache they are written through (None without a cache).
+    Returns x, the layers' updated caches (tuples of keys and values; None
+    without a cache) and {i: layer i's output} for `want`."""
     c = self.cfg
     block_cls = self._block(scanned=False)
     layer_out, new_k, new_v = {}, [], []
     for i in range(c.num_layers):
-      layer_kv = None if kv is None else (kv[0][i], kv[1][i])
+      layer_kv = None if kv is None else write.replace(k=kv[0][i], v=kv[1][i])
       x_BxTxD, layer_kv = block_cls(dims, self.shard, self.parts, name=f"layer_{i}")(
-          x_BxTxD, positions_BxT, mask_BxTxS, layer_kv, write)
+          x_BxTxD, positions_BxT, mask_BxTxS, layer_kv)
       if kv is not None:
-        new_k.append(layer_kv[0])
-        new_v.append(layer_kv[1])
+        new_k.append(layer_kv.k)
+        new_v.append(layer_kv.v)
       if i in want:
         layer_out[i] = x_BxTxD
     new_kv = None if kv is None else (tuple(new_k), tuple(new_v))
@@ -192,29 +181,32 @@ class Transformer(nn.Module):
 
   def _scanned(self, dims, x_BxTxD, positions_BxT, mask_BxTxS, kv, write, want):
     """`nn.scan` over one block whose parameters are stacked under `layers` with a
-    leading (L,) axis, logical name "layers"; same returns as `_unrolled`.
+    leading (L,) axis, logical name "layers"; same arguments and returns as
+    `_unrolled`, but `kv` holds stacked (L, ...) keys and values.
 
-    The layers' caches are stacked to be scanned over (a copy per call: decode
-    with the unrolled layout, `api.to_plain_layout`, for speed); the residual
-    stream of every layer is kept as a scan output only when a head source layer
-    is not the last.
+    The stacked cache is the scan's carry, and layer i writes into and reads its
+    slice i (`LayerCache.layer`): nothing is stacked or unstacked per call, and
+    inside the decode loop the caches are updated in place. The residual stream
+    of every layer is kept as a scan output only when a head source layer is
+    not the last.
     """
     c = self.cfg
     last = c.num_layers - 1
     emit = bool(want - {last})
 
-    def body(block, x_BxTxD, layer_kv, pos_BxT, mask, write):
-      x_BxTxD, new_kv = block(x_BxTxD, pos_BxT, mask, layer_kv, write)
-      return x_BxTxD, (new_kv if layer_kv is not None else None, x_BxTxD if emit else None)
+    def body(block, carry, layer, pos_BxT, mask, write):
+      x_BxTxD, kv = carry
+      cache = None if kv is None else write.replace(k=kv[0], v=kv[1], layer=layer)
+      x_BxTxD, cache = block(x_BxTxD, pos_BxT, mask, cache)
+      kv = None if cache is None else (cache.k, cache.v)
+      return (x_BxTxD, kv), (x_BxTxD if emit else None)
 
     scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
                    in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers,
                    metadata_params={nn.PARTITION_NAME: "layers"})
     block = self._block(scanned=True)(dims, self.shard, self.parts, name="layers")
-    stacked = None if kv is None else (jnp.stack(kv[0]), jnp.stack(kv[1]))
-    x_BxTxD, (new_kv, outs_LxBxTxD) = scan(block, x_BxTxD, stacked, positions_BxT, mask_BxTxS,
-                                           write)
-    if new_kv is not None:
-      new_kv = tuple(tuple(a[i] for i in range(c.num_layers)) for a in new_kv)
+    (x_BxTxD, new_kv), outs_LxBxTxD = scan(block, (x_BxTxD, kv),
+                                           jnp.arange(c.num_layers, dtype=jnp.int32),
+                                           positions_BxT, mask_BxTxS, write)
     layer_out = {i: (x_BxTxD if i == last else outs_LxBxTxD[i]) for i in want}
     return x_BxTxD, new_kv, layer_out

@@ -38,7 +38,8 @@ import numpy as np
 
 from mtcot_jax.config import Config
 from mtcot_jax.model.layers import rope_frequencies
-from mtcot_jax.model.transformer import KVCache, MainOutput
+from mtcot_jax.model.kv_cache import CPU_LAYOUT, KVCache
+from mtcot_jax.model.transformer import MainOutput
 
 TARGET = "mtcot_native_decode_step"
 # Passes of more rows (batch x new tokens) run XLA's path: the kernel computes
@@ -125,6 +126,11 @@ def extend(cfg: Config, params, cache: KVCache, tokens_BxT, num_new_B=None,
   load()
   m = cfg.model
   main = params["main"]
+  if cache.stacked or cache.layout != CPU_LAYOUT:
+    raise ValueError(
+        f"decode.cpu_kernel=native reads one cache array a layer with values (B, K, Dh, S) "
+        f"(layout {CPU_LAYOUT!r}); got stacked={cache.stacked}, layout={cache.layout!r}. "
+        "Accepted: decode.backend.empty_cache with the native config")
   if "layer_0" not in main:
     raise ValueError(
         f"decode.cpu_kernel=native reads the plain layer layout (layer_0, layer_1, ...); the "
@@ -167,6 +173,6 @@ def extend(cfg: Config, params, cache: KVCache, tokens_BxT, num_new_B=None,
   sources = tuple(outs[2:first_cache])
   new_k, new_v = outs[first_cache:first_cache + L], outs[first_cache + L:]
   num_new_B = jnp.full((B,), T, jnp.int32) if num_new_B is None else num_new_B
-  new_cache = KVCache(k=tuple(new_k), v=tuple(new_v),
-                      lengths=cache.lengths + num_new_B.astype(jnp.int32))
+  new_cache = cache.replace(k=tuple(new_k), v=tuple(new_v),
+                            lengths=cache.lengths + num_new_B.astype(jnp.int32))
   return MainOutput(logits, x, sources, new_cache)
