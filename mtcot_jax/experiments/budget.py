@@ -16,7 +16,8 @@ validation unless --split test) are decoded greedily (or at --temperature) by:
   differ in their CoT only: the answer is k=0's given the CoT, in fewer passes);
 * `nocot` once (no CoT: the budget does not apply).
 
-Each row keeps every problem's correctness, so that methods can be compared
+Each row keeps every problem's correctness (and, for tasks with several valid
+CoTs, the share of CoTs that are valid derivations), so that methods can be compared
 problem by problem: `verdict` gives unverified minus verified accuracy at each
 budget with a 95% interval from a paired bootstrap over problems, resampled
 within each run (several runs = several seeds). Writes results.jsonl,
@@ -54,7 +55,7 @@ def decode_rows(run, budgets, *, examples: int, tau: float | None, batch: int = 
   def run_mode(name, budget, cot, **kw):
     batches = make_eval_batches(cfg, tok, examples, batch, cot=cot, process_index=0,
                                 process_count=1)
-    correct, passes, cot_len = [], [], []
+    correct, passes, cot_len, valid = [], [], [], []
     t0 = time.perf_counter()
     for i, b in enumerate(batches):
       res = jax.tree.map(np.asarray, decode.generate(
@@ -64,6 +65,12 @@ def decode_rows(run, budgets, *, examples: int, tau: float | None, batch: int = 
       for r, ex in enumerate(b["examples"]):
         text = answer_text(tok, res.tokens[r], res.phase[r], res.lengths[r])
         correct.append(bool(task.grade(text, ex)))
+        cot_ids = [int(t) for t, p in zip(res.tokens[r, :res.lengths[r]],
+                                          res.phase[r, :res.lengths[r]]) if p == 0]
+        if cot_ids and cot_ids[-1] == tok.think_end_id:
+          cot_ids = cot_ids[:-1]
+        if cot:   # tasks with several valid CoTs check the one written (None: not checked)
+          valid.append(task.valid_cot(ex.question, tok.decode(cot_ids)))
         passes.append(int(res.forward_passes[r]))
         cot_len.append(int(np.sum(res.phase[r] == 0)))
     rows.append({"mode": name, "budget": budget, "k": kw.get("k", 0), "tau": kw.get(
@@ -71,6 +78,7 @@ def decode_rows(run, budgets, *, examples: int, tau: float | None, batch: int = 
         "temperature": temperature,
         "accuracy": float(np.mean(correct)), "forward_passes": float(np.mean(passes)),
         "cot_tokens": float(np.mean(cot_len)), "correct": correct,
+        "valid_cot": (None if not valid or valid[0] is None else float(np.mean(valid))),
         "seconds": round(time.perf_counter() - t0, 2)})
 
   for budget in budgets:
@@ -122,14 +130,17 @@ def verdict(rows: list[dict]) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
   runs = sorted({r["run"] for r in rows})
-  lines = ["| run | budget B | mode | accuracy | passes | CoT tokens |", "|---|---|---|---|---|---|"]
+  lines = ["| run | budget B | mode | accuracy | passes | CoT tokens | valid CoTs |",
+           "|---|---|---|---|---|---|---|"]
   for run in runs:
     for r in sorted((r for r in rows if r["run"] == run),
                     key=lambda r: (r["mode"] == "nocot", r["budget"], MODES.index(r["mode"])
                                    if r["mode"] in MODES else 9)):
       b = "-" if r["mode"] == "nocot" else (str(r["budget"]) if r["budget"] else "none")
+      v = r.get("valid_cot")
       lines.append(f"| {run} | {b} | {r['mode']} | {r['accuracy']:.3f} | "
-                   f"{r['forward_passes']:.2f} | {r['cot_tokens']:.1f} |")
+                   f"{r['forward_passes']:.2f} | {r['cot_tokens']:.1f} | "
+                   f"{'-' if v is None else f'{v:.3f}'} |")
   lines += ["", "| budget B | runs | unverified - verified accuracy [95% paired bootstrap] | "
             "passes unverified / verified |", "|---|---|---|---|"]
   for v in verdict(rows):
