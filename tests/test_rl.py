@@ -210,7 +210,9 @@ def test_pass_cost_and_k_schedule(tiny_cfg, rparams):
     eos_id, think_end_id = EOS_ID, decode.THINK_END_ID
     def decode(self, ids):
       return "x"
-  k0 = rl_loop.reference_passes(cfg, rparams, Tok(), prompt, lengths, G)
+  assert cfg.rl.group_size != G   # the prompts come in groups of G here
+  k0 = rl_loop.reference_passes(cfg.replace(rl={"group_size": G}), rparams, Tok(), prompt,
+                                lengths)
   greedy = jax.tree.map(np.asarray, decode.generate(cfg, rparams, prompt, lengths,
                                                     jax.random.key(0), k=0, temperature=0.0))
   np.testing.assert_array_equal(k0, greedy.forward_passes)

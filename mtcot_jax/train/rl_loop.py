@@ -68,12 +68,12 @@ def pass_fraction(res, k0_passes) -> np.ndarray:
   return (np.asarray(res.forward_passes) / k0).astype(np.float32)
 
 
-def reference_passes(cfg: Config, params, tok, prompt, lengths, group_size: int,
-                     mesh=None) -> np.ndarray:
+def reference_passes(cfg: Config, params, tok, prompt, lengths, mesh=None) -> np.ndarray:
   """Per rollout row, the passes the reference `params` take to answer its prompt
   at k=0, greedy (the rollouts' limits): the pass cost's normaliser. The rows of
-  a group share a prompt, so one row in `group_size` is decoded where the mesh's
-  batch shards divide that many."""
+  a group (rl.group_size) share a prompt, so one row a group is decoded where the
+  mesh's batch shards divide that many."""
+  group_size = cfg.rl.group_size
   rows = np.arange(0, len(prompt), group_size)
   if mesh is not None and len(rows) % shd.batch_shards(cfg, tuple(mesh.devices.shape)):
     rows = np.arange(len(prompt))
@@ -146,8 +146,7 @@ def _train_rl(cfg: Config, stop_after: int | None, progress: bool) -> dict:
                           eos_id=tok.eos_id, think_end_id=tok.think_end_id, mesh=mesh,
                           verify="none")
     res = jax.tree.map(host_array, res)
-    k0 = (reference_passes(cfg, ref_params, tok, prompt, lengths, r.group_size, mesh)
-          if r.pass_cost else None)
+    k0 = reference_passes(cfg, ref_params, tok, prompt, lengths, mesh) if r.pass_cost else None
     rew, correct = rewards(cfg, tok, task, res, examples, k0)
     roll = rl.build_rollouts(prompt, lengths, res)
     ref_lp = np.asarray(ref_fn(ref_params, roll.tokens, roll.source))
@@ -170,7 +169,7 @@ def _train_rl(cfg: Config, stop_after: int | None, progress: bool) -> dict:
                  forward_passes=float(res.forward_passes.mean()),
                  # the optimizer counts updates, rl.updates_per_batch per step
                  lr=float(optim.schedule(cfg)(step * r.updates_per_batch)))
-      if k0 is not None:   # passes / the reference's k=0 passes, what the reward pays
+      if r.pass_cost:   # passes / the reference's k=0 passes, what the reward pays
         out["pass_fraction"] = float(pass_fraction(res, k0).mean())
       return out
     return state, record
