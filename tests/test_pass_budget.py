@@ -9,20 +9,9 @@ import pytest
 import mtcot_jax as mt
 from mtcot_jax import decode
 
-B, P, MAX_COT, MAX_ANS, EOS = 4, 6, 12, 4, 63
-LENS = np.array([6, 3, 5, 2])
+from test_decode import B, LENS, P, dparams, prompt  # noqa: F401  (the same fixtures)
 
-
-@pytest.fixture(scope="module")
-def prompt(tiny_cfg):
-  p = np.random.default_rng(0).integers(6, tiny_cfg.model.vocab_size, (B, P))
-  return np.where(np.arange(P)[None] < LENS[:, None], p, 0)
-
-
-@pytest.fixture(scope="module")
-def dparams(tiny_params):
-  """Larger weights: a random model whose greedy output is diverse."""
-  return jax.tree.map(lambda x: x * 10.0 if x.ndim > 1 else x, tiny_params)
+MAX_COT, MAX_ANS, EOS = 12, 4, 63
 
 
 def _gen(cfg, params, prompt, lens=LENS, **kw):
