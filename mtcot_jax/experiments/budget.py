@@ -152,7 +152,7 @@ def table(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], path: str) -> None:
   """Accuracy against mean passes, one panel per run: a line per mode through
-  its budgets, nocot as a point."""
+  its budgets in increasing order (no budget last), nocot as a point."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -162,8 +162,9 @@ def plot(rows: list[dict], path: str) -> None:
            "unverified": ("tab:red", "^"), "nocot": ("black", "x")}
   for ax, run in zip(axes[0], runs):
     for mode, (color, marker) in style.items():
-      pts = sorted((r["forward_passes"], r["accuracy"], r["budget"]) for r in rows
-                   if r["run"] == run and r["mode"] == mode)
+      pts = sorted(((r["forward_passes"], r["accuracy"], r["budget"]) for r in rows
+                    if r["run"] == run and r["mode"] == mode),
+                   key=lambda p: (p[2] == 0, p[2]))   # joined in budget order, none last
       if pts:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color,
                 label=mode, linestyle="-" if len(pts) > 1 else "none")
