@@ -51,10 +51,11 @@ def decode_rows(run, budgets, *, examples: int, tau: float | None, batch: int = 
   settings = {"k0": dict(k=0), "verified": dict(k=k, verify="all"),
               "unverified": dict(k=k, verify="answer", head_threshold=tau)}
   rows = []
+  prompts = {cot: make_eval_batches(cfg, tok, examples, batch, cot=cot, process_index=0,
+                                    process_count=1) for cot in (True, False)}
 
   def run_mode(name, budget, cot, **kw):
-    batches = make_eval_batches(cfg, tok, examples, batch, cot=cot, process_index=0,
-                                process_count=1)
+    batches = prompts[cot]
     correct, passes, cot_len, valid = [], [], [], []
     t0 = time.perf_counter()
     for i, b in enumerate(batches):
